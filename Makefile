@@ -1,0 +1,40 @@
+# Set-up is part of every target: a fresh machine needs only python3.11 and this Makefile.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+REALDATA ?= $(or $(PRUNEGRAPH_REALDATA),$(HOME)/.cache/prunegraph-realdata)
+FETCH  := ../shared/realdata/fetch.sh
+
+.PHONY: run test lint bench realdata clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build, so nothing later resolves a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+realdata: $(STAMP)
+	@if [ -x $(FETCH) ]; then PYTHON=$(BIN)/python PRUNEGRAPH_REALDATA=$(REALDATA) $(FETCH) >/dev/null \
+	  || echo "warning: real checkpoints could not be fetched; tests marked 'real' will skip" >&2; \
+	else echo "warning: $(FETCH) not found; tests marked 'real' will skip" >&2; fi
+
+run: $(STAMP) realdata
+	$(BIN)/prunegraph analyze $(REALDATA)/mobilenet_v2_imagenet.pth
+
+lint: $(STAMP)
+	$(BIN)/ruff check graphs service clients prunegraph tests benchmarks
+	$(BIN)/ruff format --check graphs service clients prunegraph tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: $(STAMP) realdata lint
+	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python -m pytest -q
+
+bench: $(STAMP) realdata
+	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/speed.py --out benchmarks/results-latest.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,61 @@
+"""Which layers are scored together (design §2 Manifest, §4 filter vectors).
+
+Without a manifest every layer is its own group with coupling ``unknown``, except depthwise
+convs: they have no channel count of their own (their width is fixed by their input), so they
+are scored inside the group of their producer, the nearest preceding non-depthwise layer with
+the same number of output channels (coupling ``inferred``), and never alone from their 9- or
+25-value kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from graphs.layers import LayerGroup, LayerWeights
+from graphs.report import SkippedLayer
+
+
+def build_groups(
+    layers: Sequence[LayerWeights],
+) -> tuple[list[LayerGroup], list[SkippedLayer]]:
+    """Group layers for scoring.
+
+    Args:
+        layers: prunable layers in checkpoint (data-flow) order.
+
+    Returns:
+        ``(groups, skipped)``: groups in the order of their producers; depthwise convs with no
+        producer are skipped with the reason.
+    """
+    members: dict[str, list[LayerWeights]] = {}
+    order: list[str] = []
+    skipped: list[SkippedLayer] = []
+    last_producer: LayerWeights | None = None
+    for layer in layers:
+        if not layer.is_depthwise:
+            members[layer.name] = [layer]
+            order.append(layer.name)
+            last_producer = layer
+            continue
+        if last_producer is not None and last_producer.n_filters == layer.n_filters:
+            members[last_producer.name].append(layer)
+        else:
+            skipped.append(
+                SkippedLayer(
+                    name=layer.name,
+                    reason=(
+                        "depthwise conv with no preceding layer of "
+                        f"{layer.n_filters} channels to be scored with; pass a manifest that "
+                        "names its producer"
+                    ),
+                )
+            )
+    groups = [
+        LayerGroup(
+            name=name,
+            members=tuple(members[name]),
+            coupling="inferred" if len(members[name]) > 1 else "unknown",
+        )
+        for name in order
+    ]
+    return groups, skipped

@@ -1,0 +1,149 @@
+"""The report format: versioned, frozen pydantic models, defined once (design §2).
+
+JSON produced by :meth:`Report.to_json` is byte-identical for the same checkpoint, methods,
+parameters and seed: floats are rounded on construction, keys keep declaration order, and no
+timing or path is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1.0"
+
+Method = Literal["mrp", "srr", "hsc", "l1", "fpgm"]
+ALL_METHODS: tuple[Method, ...] = ("mrp", "srr", "hsc", "l1", "fpgm")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MrpResult(_Frozen):
+    """RMCD: Leiden communities of the null-calibrated cosine graph."""
+
+    method: Literal["mrp"] = "mrp"
+    redundancy: float = Field(ge=0, le=1, description="1 - K/N, K communities of N filters")
+    n_communities: int
+    modularity: float
+    threshold: float = Field(description="cosine above which two filters are joined")
+    null_dim: float = Field(description="dimension of the null fitted to the layer (≤ fan-in)")
+    n_edges: int
+    n_zero: int = Field(description="all-zero filters (dead; counted as redundant)")
+    communities: list[int] = Field(description="community label per filter, by first occurrence")
+    replaceability: list[float] = Field(
+        description="mean similarity to the other members of the filter's community"
+    )
+
+
+class SrrResult(_Frozen):
+    """Structural redundancy: quotient space size and ℓ-covering number of the γ-graph."""
+
+    method: Literal["srr"] = "srr"
+    redundancy: float = Field(ge=0, le=1, description="1 - 1/r")
+    ratio: float = Field(description="r = N / (0.35 k + 0.65 N^c)")
+    n_components: int = Field(description="quotient space size k")
+    covering_number: float = Field(description="N^c, mean of the ℓ=1 and ℓ=2 covering numbers")
+    covering_1: int
+    covering_2: int
+    gamma: float = Field(description="distance threshold between unit-normalized filters")
+    null_dim: float = Field(description="dimension of the null fitted to the layer (≤ fan-in)")
+    n_edges: int
+    components: list[int]
+    l1_norm: list[float]
+
+
+class HscResult(_Frozen):
+    """High-order spectral clustering of the kNN hypergraph."""
+
+    method: Literal["hsc"] = "hsc"
+    redundancy: float = Field(ge=0, le=1, description="1 - K/N, K clusters by eigengap")
+    n_clusters: int
+    eigengap: float
+    n_components: int
+    k: int = Field(description="neighbours per hyperedge")
+    threshold: float = Field(description="cosine a neighbour must exceed to join a hyperedge")
+    null_dim: float = Field(description="dimension of the null fitted to the layer (≤ fan-in)")
+    clusters: list[int]
+    representatives: list[int] = Field(description="the kept filter (medoid) of each cluster")
+
+
+class L1Result(_Frozen):
+    """Li et al. 2017: importance is the filter's L1 norm (no layer redundancy)."""
+
+    method: Literal["l1"] = "l1"
+    redundancy: None = None
+    l1_norm: list[float]
+
+
+class FpgmResult(_Frozen):
+    """He et al. 2019: filters nearest the geometric median are the most replaceable."""
+
+    method: Literal["fpgm"] = "fpgm"
+    redundancy: None = None
+    gm_distance: list[float] = Field(description="sum of distances to the layer's other filters")
+
+
+MethodResult = Annotated[
+    MrpResult | SrrResult | HscResult | L1Result | FpgmResult, Field(discriminator="method")
+]
+
+
+class CheckpointInfo(_Frozen):
+    sha256: str
+    format: Literal["pytorch", "safetensors", "onnx"]
+    size_bytes: int
+    n_tensors: int
+    n_params: int
+
+
+class LayerReport(_Frozen):
+    name: str = Field(description="the group's producer layer")
+    kind: str
+    shape: list[int]
+    n_filters: int
+    fan_in: int
+    groups: int
+    members: list[str] = Field(description="all layers of the group, producer first")
+    coupling: Literal["none", "inferred", "manifest", "unknown"]
+    bn: str | None
+    params: int
+    methods: dict[str, MethodResult]
+
+
+class SkippedLayer(_Frozen):
+    name: str
+    reason: str
+
+
+class MethodSummary(_Frozen):
+    redundancy_params_weighted: float | None
+    redundancy_flops_weighted: float | None = Field(
+        description="null when output sizes are unknown (no manifest)"
+    )
+    most_redundant: list[str] = Field(description="up to five layers, most redundant first")
+
+
+class Summary(_Frozen):
+    n_layers: int
+    n_skipped: int
+    params_total: int
+    params_analysed: int
+    flops: int | None
+    methods: dict[str, MethodSummary]
+
+
+class Report(_Frozen):
+    schema_version: str = SCHEMA_VERSION
+    checkpoint: CheckpointInfo
+    methods: list[str]
+    parameters: dict[str, dict[str, float | int | str]]
+    seed: int
+    layers: list[LayerReport]
+    skipped: list[SkippedLayer]
+    summary: Summary
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return self.model_dump_json(indent=indent)

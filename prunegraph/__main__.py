@@ -1,0 +1,3 @@
+from prunegraph.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""prunegraph service: ingestion, jobs, storage, executor, dashboard."""

@@ -1,0 +1,150 @@
+"""`prunegraph analyze`: output, determinism and every bad input (exit code 2, file named)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from prunegraph.cli import app
+
+runner = CliRunner()
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3)
+        self.fc = nn.Linear(32, 10)
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "small.pt"
+    torch.save(SmallNet().state_dict(), path)
+    return path
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    res = runner.invoke(app, list(args))
+    return res.exit_code, res.stdout, res.stderr
+
+
+def test_analyze_prints_a_table(ckpt: Path) -> None:
+    code, out, err = _run("analyze", str(ckpt), "--methods", "mrp,srr,l1")
+    assert code == 0, err
+    for name in ("conv1", "conv2", "fc", "mrp", "srr", "l1", "params-weighted redundancy"):
+        assert name in out
+    assert "analysed 3 groups" in err  # timings go to stderr
+
+
+def test_json_is_the_report_and_byte_identical(ckpt: Path, tmp_path: Path) -> None:
+    out_file = tmp_path / "r.json"
+    code, out1, _ = _run("analyze", str(ckpt), "--json", "--seed", "3", "-o", str(out_file))
+    assert code == 0
+    _, out2, _ = _run("analyze", str(ckpt), "--json", "--seed", "3")
+    assert out1 == out2
+    assert out_file.read_text() == out1
+    data = json.loads(out1)
+    assert data["schema_version"] == "1.0" and data["seed"] == 3
+    assert len(data["checkpoint"]["sha256"]) == 64
+    layer = data["layers"][0]
+    assert {"name", "kind", "shape", "n_filters", "methods"} <= set(layer)
+    assert set(layer["methods"]) == {"mrp", "srr", "hsc", "l1", "fpgm"}
+    assert layer["methods"]["l1"]["redundancy"] is None
+    assert 0 <= layer["methods"]["mrp"]["redundancy"] <= 1
+
+
+def _bad(path: Path, *args: str) -> str:
+    code, out, err = _run("analyze", str(path), *args)
+    assert code == 2, (out, err)
+    text = " ".join(err.split())  # rich may wrap long lines
+    assert "error:" in text and "what to do:" in text
+    return text
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert "missing.pt" in _bad(tmp_path / "missing.pt")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "empty.pt" in _bad(tmp_path / "empty.pt")
+
+
+def test_random_bytes(tmp_path: Path) -> None:
+    (tmp_path / "noise.bin").write_bytes(os.urandom(4096))
+    assert "noise.bin" in _bad(tmp_path / "noise.bin")
+
+
+def test_truncated_zip(ckpt: Path, tmp_path: Path) -> None:
+    data = ckpt.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    assert "cut.pt" in _bad(tmp_path / "cut.pt")
+
+
+class _Evil:
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
+    sentinel = tmp_path / "pwned"
+    raw = tmp_path / "evil.pkl"
+    raw.write_bytes(pickle.dumps({"w": _Evil(sentinel)}))
+    zipped = tmp_path / "evil.pt"
+    torch.save({"conv.weight": torch.zeros(4, 3, 3, 3), "x": _Evil(sentinel)}, zipped)
+    for path in (raw, zipped):
+        text = _bad(path)
+        assert path.name in text and "weights_only" in text
+    assert not sentinel.exists(), "the payload ran"
+
+
+def test_no_prunable_layer(tmp_path: Path) -> None:
+    path = tmp_path / "bn_only.pt"
+    torch.save(nn.BatchNorm2d(8).state_dict(), path)
+    assert "bn_only.pt" in _bad(path)
+
+
+def test_nan_layer_is_skipped_others_analysed(tmp_path: Path) -> None:
+    sd = SmallNet().state_dict()
+    sd["conv2.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(sd, path)
+    code, out, err = _run("analyze", str(path), "--json", "--methods", "mrp")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [s["name"] for s in data["skipped"]] == ["conv2"]
+    assert "NaN" in data["skipped"][0]["reason"]
+    assert {layer["name"] for layer in data["layers"]} == {"conv1", "fc"}
+
+
+def test_zero_filters_and_single_filter_layer(tmp_path: Path) -> None:
+    sd = SmallNet().state_dict()
+    sd["conv2.weight"][:4] = 0.0  # four dead filters
+    sd["head.weight"] = torch.randn(1, 10)  # a 1-filter linear layer
+    path = tmp_path / "odd.pt"
+    torch.save(sd, path)
+    code, out, err = _run("analyze", str(path), "--json", "--methods", "mrp,srr")
+    assert code == 0, err
+    data = json.loads(out)
+    conv2 = next(layer for layer in data["layers"] if layer["name"] == "conv2")
+    assert conv2["methods"]["mrp"]["n_zero"] == 4
+    assert conv2["methods"]["mrp"]["redundancy"] >= 4 / 32
+    assert any(s["name"] == "head" and "1 filter" in s["reason"] for s in data["skipped"])
+
+
+def test_unknown_method_is_a_usage_error(ckpt: Path) -> None:
+    assert "unknown" in _bad(ckpt, "--methods", "mrp,bogus")
