@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 
 def relabel_by_first_occurrence(labels: np.ndarray) -> np.ndarray:
@@ -33,15 +34,24 @@ def mean_cosine_to_group(U: np.ndarray, labels: np.ndarray) -> np.ndarray:
     Returns:
         float64 array of shape (n,). O(n·d): uses u_i · Σ_group u_j.
     """
-    K = int(labels.max()) + 1 if labels.size else 0
-    sums = np.zeros((K, U.shape[1]))
-    np.add.at(sums, labels, U)
-    sizes = np.bincount(labels, minlength=K)
-    self_sim = np.einsum("ij,ij->i", U, U)
-    total = np.einsum("ij,ij->i", U, sums[labels])
-    others = sizes[labels] - 1
-    out = np.zeros(U.shape[0])
-    np.divide(total - self_sim, others, out=out, where=others > 0)
+    n = U.shape[0]
+    out = np.zeros(n)
+    if n == 0:
+        return out
+    sizes = np.bincount(labels)
+    shared = np.flatnonzero(sizes[labels] > 1)  # singletons keep 0
+    if shared.size == 0:
+        return out
+    _, group = np.unique(labels[shared], return_inverse=True)
+    member = sp.csr_matrix(
+        (np.ones(shared.size), (group, np.arange(shared.size))),
+        shape=(group.max() + 1, shared.size),
+    )
+    sums = np.asarray(member @ U[shared])  # (groups, d): Σ of each group's rows
+    Us = U[shared]
+    total = np.einsum("ij,ij->i", Us, sums[group])
+    self_sim = np.einsum("ij,ij->i", Us, Us)
+    out[shared] = (total - self_sim) / (sizes[labels[shared]] - 1)
     return out
 
 

@@ -26,7 +26,8 @@ is exact for isotropic filters (near-duplicates that geometry alone produces are
 null accounts for). Crowded layers only show redundancy when their
 filters are more aligned than chance.
 
-All-zero (dead) filters are exact duplicates of each other: they form one cluster together.
+All-zero (dead) filters are redundant by definition (as in mrp and srr): they are left out of the
+hypergraph, get the cluster label -1 and never represent a cluster.
 """
 
 from __future__ import annotations
@@ -115,33 +116,46 @@ def hsc(
     n = A.shape[0]
     if k < 1 or n_rounds < 0:
         raise InvalidInputError(f"need k >= 1 and n_rounds >= 0, got k={k}, n_rounds={n_rounds}")
-    if n_clusters is not None and not 1 <= n_clusters <= n:
-        raise InvalidInputError(f"n_clusters must be in [1, {n}], got {n_clusters}")
-    k = min(k, n - 1)
     U, norms = unit_rows(A)
-    threshold, null_dim = calibrated_threshold(U[norms > 0], alpha=alpha, seed=seed)
-    H0 = knn_incidence(U, k=k, threshold=threshold)
+    live = np.flatnonzero(norms > 0)
+    if n_clusters is not None and not 1 <= n_clusters <= max(live.size, 1):
+        raise InvalidInputError(
+            f"n_clusters must be in [1, {live.size}] (the non-zero filters), got {n_clusters}"
+        )
+    # Dead (all-zero) filters are redundant by definition, as in mrp and srr: they are left out
+    # of the hypergraph, get the cluster label -1 and never represent a cluster.
+    labels = np.full(n, -1, dtype=np.int64)
+    k = min(k, max(live.size - 1, 1))
+    if live.size < 2:
+        labels[live] = 0
+        return HscLayerResult(
+            redundancy=1.0 - live.size / n, n_clusters=int(live.size), eigengap=0.0,
+            n_components=int(live.size), k=k, threshold=1.0, null_dim=float(A.shape[1]),
+            clusters=labels, representatives=live,
+        )  # fmt: skip
+    UL = U if live.size == n else U[live]
+    threshold, null_dim = calibrated_threshold(UL, alpha=alpha)
+    H0 = knn_incidence(UL, k=k, threshold=threshold)
     data = H0.data.copy()
-    dead = norms == 0
     for _ in range(n_rounds):
-        spec = _Spectrum(with_values(H0, data), dead, n_clusters, seed)
+        spec = _Spectrum(with_values(H0, data), n_clusters, seed)
         B = spec.embedding(np.asarray(with_values(H0, data).sum(axis=1)).ravel())
         if B.shape[1] == 0:
             break  # no component is being split: nothing to learn (H stays the kNN incidence)
         data = structure_step(H0, data, B, spec.comp, step=STEP, mu=MU)
-    spec = _Spectrum(with_values(H0, data), dead, n_clusters, seed)
-    labels = relabel_by_first_occurrence(spec.cluster(U, k, seed))
-    n_found = int(labels.max()) + 1
+    spec = _Spectrum(with_values(H0, data), n_clusters, seed)
+    labels[live] = relabel_by_first_occurrence(spec.cluster(UL, k, seed))
+    reps = live[_medoids(UL, norms[live], labels[live])]
     return HscLayerResult(
-        redundancy=1.0 - n_found / n,
-        n_clusters=n_found,
+        redundancy=1.0 - reps.size / n,
+        n_clusters=int(reps.size),
         eigengap=spec.gap,
         n_components=spec.n_comp,
         k=k,
         threshold=threshold,
         null_dim=null_dim,
         clusters=labels,
-        representatives=_medoids(U, norms, labels),
+        representatives=reps,
     )
 
 
@@ -150,7 +164,6 @@ class _Spectrum:
     """Per-component spectrum of Δ(H), the chosen K and each component's share of it."""
 
     H: sp.csr_matrix
-    dead: np.ndarray  # (n,) bool: all-zero filters, one cluster of exact duplicates
     n_clusters: int | None
     seed: int
     comp: np.ndarray = field(init=False)  # (n,) component by first occurrence
@@ -169,16 +182,12 @@ class _Spectrum:
         pattern.eliminate_zeros()
         pattern.data[:] = 1.0
         _, raw = connected_components(pattern @ pattern.T, directed=False)
-        if self.dead.any():
-            raw[self.dead] = raw[np.argmax(self.dead)]
         self.comp = relabel_by_first_occurrence(raw)
         self.n_comp = int(self.comp.max()) + 1
         self.members = np.argsort(self.comp, kind="stable")
         sizes = np.bincount(self.comp, minlength=self.n_comp)
         self.bounds = np.concatenate([[0], np.cumsum(sizes)])
-        dead_comp = int(self.comp[np.argmax(self.dead)]) if self.dead.any() else -1
-        trivial = (sizes == 1) | (np.arange(self.n_comp) == dead_comp)
-        self.nontrivial = [int(c) for c in np.flatnonzero(~trivial)]
+        self.nontrivial = [int(c) for c in np.flatnonzero(sizes > 1)]
         delta = zhou_laplacian(self.H)[self.members][:, self.members].tocsr()
         self.vals, self.vecs = {}, {}
         need = self.n_clusters
@@ -207,8 +216,6 @@ class _Spectrum:
             n_keep = n0 + int(np.argmax(np.diff(lam[n0 - 1 :])))
         self.gap = float(lam[n_keep] - lam[n_keep - 1]) if 1 <= n_keep < n_valid else 0.0
         self.share = np.bincount(owner[:n_keep], minlength=self.n_comp)
-        if need is not None and need > n_keep:  # only the dead filters are left to split
-            self.share[dead_comp] += need - n_keep
 
     def _merged(self) -> tuple[np.ndarray, np.ndarray]:
         """All computed eigenvalues sorted by (value, rank in component, component)."""

@@ -133,8 +133,9 @@ def mrp(
     zero = norms == 0
     n_zero = int(zero.sum())
     live = np.flatnonzero(~zero)
-    threshold, null_dim = calibrated_threshold(U[live], alpha=alpha, seed=seed)
-    G = cosine_threshold_graph(U[live], threshold)
+    UL = U if live.size == n else U[live]  # no copy of wide layers without dead filters
+    threshold, null_dim = calibrated_threshold(UL, alpha=alpha)
+    G = cosine_threshold_graph(UL, threshold)
     edges, cosines = upper_edges(G)
     weights = response_information(cosines)
     labels_live, modularity = leiden_communities(
@@ -142,13 +143,12 @@ def mrp(
     )
     k_live = int(labels_live.max()) + 1 if live.size else 0
 
-    # Dead filters share one extra label; they count as redundant (not in K).
-    labels = np.full(n, k_live, dtype=np.int64)
+    # Dead filters get the label -1 and count as redundant (not in K).
+    labels = np.full(n, -1, dtype=np.int64)
     labels[live] = labels_live
-    labels = relabel_by_first_occurrence(labels)
     replace = np.ones(n)
     if live.size:
-        replace[live] = mean_cosine_to_group(U[live], labels_live)
+        replace[live] = mean_cosine_to_group(UL, labels_live)
     return MrpLayerResult(
         redundancy=float(1.0 - k_live / n),
         n_communities=k_live,

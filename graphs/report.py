@@ -32,7 +32,9 @@ class MrpResult(_Frozen):
     null_dim: float = Field(description="dimension of the null fitted to the layer (≤ fan-in)")
     n_edges: int
     n_zero: int = Field(description="all-zero filters (dead; counted as redundant)")
-    communities: list[int] = Field(description="community label per filter, by first occurrence")
+    communities: list[int] = Field(
+        description="community per filter, numbered by first occurrence; -1 for dead filters"
+    )
     replaceability: list[float] = Field(
         description="mean similarity to the other members of the filter's community"
     )
@@ -51,7 +53,7 @@ class SrrResult(_Frozen):
     gamma: float = Field(description="distance threshold between unit-normalized filters")
     null_dim: float = Field(description="dimension of the null fitted to the layer (≤ fan-in)")
     n_edges: int
-    components: list[int]
+    components: list[int] = Field(description="component per filter; -1 for dead filters")
     l1_norm: list[float]
 
 
@@ -66,7 +68,7 @@ class HscResult(_Frozen):
     k: int = Field(description="neighbours per hyperedge")
     threshold: float = Field(description="cosine a neighbour must exceed to join a hyperedge")
     null_dim: float = Field(description="dimension of the null fitted to the layer (≤ fan-in)")
-    clusters: list[int]
+    clusters: list[int] = Field(description="cluster per filter; -1 for dead filters")
     representatives: list[int] = Field(description="the kept filter (medoid) of each cluster")
 
 

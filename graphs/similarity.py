@@ -26,7 +26,7 @@ NULL_QUANTILE = 0.25
 """Quantile of squared pairwise cosines that the layer's null is fitted to (robust to up to 75 %
 of pairs being near-duplicates)."""
 NULL_MIN_FILTERS = 8
-NULL_MAX_ROWS = 2048
+NULL_MAX_ROWS = 512
 
 
 def check_filters(X: np.ndarray, *, name: str = "filters", min_rows: int = 1) -> np.ndarray:
@@ -59,9 +59,9 @@ def unit_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Divide by the largest entry first so that tiny (even subnormal) rows do not underflow.
     scale = np.max(np.abs(X), axis=1) if X.size else np.zeros(X.shape[0])
     zero = scale == 0
-    Y = X / np.where(zero, 1.0, scale)[:, None]
-    inner = np.linalg.norm(Y, axis=1)
-    U = Y / np.where(zero, 1.0, inner)[:, None]
+    U = X / np.where(zero, 1.0, scale)[:, None]
+    inner = np.linalg.norm(U, axis=1)
+    U /= np.where(zero, 1.0, inner)[:, None]
     U[zero] = 0.0
     return U, np.where(zero, 0.0, scale * inner)
 
@@ -81,7 +81,7 @@ def null_cosine_threshold(n: int, dim: int, *, alpha: float = DEFAULT_ALPHA) -> 
     return _threshold_for_dim(n, float(dim), alpha)
 
 
-def null_dimension(U: np.ndarray, *, seed: int = 0, max_rows: int = NULL_MAX_ROWS) -> float:
+def null_dimension(U: np.ndarray, *, max_rows: int = NULL_MAX_ROWS) -> float:
     """Dimension of the isotropic null that matches the layer's own spread of filter directions.
 
     Trained filters are not isotropic: 3×3 kernels are smooth, input channels are correlated, so
@@ -95,8 +95,9 @@ def null_dimension(U: np.ndarray, *, seed: int = 0, max_rows: int = NULL_MAX_ROW
 
     Args:
         U: unit-norm rows of the non-zero filters, shape (n, d).
-        seed: picks the ``max_rows`` rows used when n is larger (all rows otherwise, which
-            keeps the fit invariant to filter order and scale).
+        max_rows: wider layers are fitted on this many evenly spaced rows (~130k pairs for
+            512, plenty for a quartile); narrower ones on all rows, which keeps the fit
+            invariant to filter order and scale.
 
     Returns:
         m in [2, d]; ``d`` itself when n < 8 or the layer is a few (< 8) groups of
@@ -108,8 +109,7 @@ def null_dimension(U: np.ndarray, *, seed: int = 0, max_rows: int = NULL_MAX_ROW
     if n < NULL_MIN_FILTERS or d < 2:
         return float(d)
     if n > max_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
-        U = U[rows]
+        U = U[np.linspace(0, n - 1, max_rows).round().astype(np.int64)]
         n = max_rows
     G = U @ U.T
     iu = np.triu_indices(n, 1)
@@ -135,9 +135,7 @@ def null_dimension(U: np.ndarray, *, seed: int = 0, max_rows: int = NULL_MAX_ROW
     return float(brentq(gap, 2.0, float(d), xtol=1e-6))
 
 
-def calibrated_threshold(
-    U: np.ndarray, *, alpha: float = DEFAULT_ALPHA, seed: int = 0
-) -> tuple[float, float]:
+def calibrated_threshold(U: np.ndarray, *, alpha: float = DEFAULT_ALPHA) -> tuple[float, float]:
     """Cosine threshold from the layer's own null (see :func:`null_dimension`).
 
     Args:
@@ -146,7 +144,7 @@ def calibrated_threshold(
     Returns:
         ``(threshold, null_dim)``.
     """
-    m = null_dimension(U, seed=seed)
+    m = null_dimension(U)
     return _threshold_for_dim(U.shape[0], m, alpha), m
 
 

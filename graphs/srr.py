@@ -122,8 +122,9 @@ def srr(X: np.ndarray, *, alpha: float = DEFAULT_ALPHA) -> SrrLayerResult:
     n = X.shape[0]
     U, norms = unit_rows(X)
     live = np.flatnonzero(norms > 0)
-    threshold, null_dim = calibrated_threshold(U[live], alpha=alpha)
-    A = cosine_threshold_graph(U[live], threshold)
+    UL = U if live.size == n else U[live]  # no copy of wide layers without dead filters
+    threshold, null_dim = calibrated_threshold(UL, alpha=alpha)
+    A = cosine_threshold_graph(UL, threshold)
     k, comp_live = connected_components(A, directed=False)
     c1 = greedy_covering_number(A, ell=1) if live.size else 0
     c2 = greedy_covering_number(A, ell=2) if live.size else 0
@@ -131,8 +132,8 @@ def srr(X: np.ndarray, *, alpha: float = DEFAULT_ALPHA) -> SrrLayerResult:
         k = 0
     denom = QUOTIENT_WEIGHT * k + COVERING_WEIGHT * (c1 + c2) / 2.0
     ratio = n / denom if denom > 0 else float("inf")
-    comps = np.full(n, k, dtype=np.int64)
-    comps[live] = comp_live
+    comps = np.full(n, -1, dtype=np.int64)  # dead filters: no component
+    comps[live] = relabel_by_first_occurrence(comp_live)
     return SrrLayerResult(
         redundancy=float(1.0 - denom / n),
         ratio=float(ratio) if np.isfinite(ratio) else float(n),
@@ -142,6 +143,6 @@ def srr(X: np.ndarray, *, alpha: float = DEFAULT_ALPHA) -> SrrLayerResult:
         gamma=float(np.sqrt(max(2.0 - 2.0 * threshold, 0.0))),
         null_dim=null_dim,
         n_edges=int(A.nnz // 2),
-        components=relabel_by_first_occurrence(comps),
+        components=comps,
         l1_norm=np.abs(X).sum(axis=1),
     )

@@ -37,12 +37,12 @@ def _fail(console: Console, err: PruneGraphError) -> typer.Exit:
 def _figure(result: MethodResult) -> str:
     """A method's redundancy with its defining raw figure, for the table."""
     if result.method == "mrp":
-        return f"{result.redundancy:.3f} (K={result.n_communities})"
+        return f"{result.redundancy:.3f} K={result.n_communities}"
     if result.method == "srr":
-        return f"{result.redundancy:.3f} (k={result.n_components}, Nc={result.covering_number:g})"
+        return f"{result.redundancy:.3f} k={result.n_components} Nc={result.covering_number:g}"
     if result.method == "hsc":
-        return f"{result.redundancy:.3f} (K={result.n_clusters})"
-    return "n/a"
+        return f"{result.redundancy:.3f} K={result.n_clusters}"
+    return "scores"
 
 
 def _layer_row(layer: LayerReport, methods: list[str]) -> list[str]:
@@ -57,9 +57,9 @@ def render_report(report: Report, console: Console) -> None:
     """Per-layer table, skipped layers and the model summary."""
     table = Table(title=f"prunegraph report · sha256 {report.checkpoint.sha256[:12]}…")
     for col in ("layer", "kind", "shape", "filters"):
-        table.add_column(col, justify="right" if col == "filters" else "left")
+        table.add_column(col, justify="right" if col == "filters" else "left", no_wrap=True)
     for m in report.methods:
-        table.add_column(m, justify="right")
+        table.add_column(m, justify="right", no_wrap=True)
     for layer in report.layers:
         table.add_row(*_layer_row(layer, report.methods))
     console.print(table)
@@ -87,6 +87,14 @@ def render_report(report: Report, console: Console) -> None:
         )
 
 
+def _console(*, stderr: bool = False) -> Console:
+    """A console that does not squeeze tables to 80 columns when output is piped."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=200)
+    return console
+
+
 def _parse_methods(methods: str) -> list[str]:
     return [m.strip() for m in methods.split(",") if m.strip()]
 
@@ -103,8 +111,8 @@ def analyze_cmd(
     ] = None,
 ) -> None:
     """Per-layer calibrated redundancy of a checkpoint (embedded: no server needed)."""
-    out = Console(soft_wrap=True)
-    err = Console(stderr=True)
+    out = _console()
+    err = _console(stderr=True)
     # Imported here: torch is only needed once a checkpoint is actually read.
     from service.ingest import read_checkpoint
 

@@ -10,6 +10,18 @@ def random_layer(n: int, d: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, d))
 
 
+def anisotropic_layer(n: int, d: int, seed: int, *, decay: float = 1.0) -> np.ndarray:
+    """Gaussian filters with a power-law covariance (eigenvalues k^-decay in a random basis).
+
+    Like trained filters (smooth kernels, correlated input channels), unrelated filters are more
+    similar than isotropic ones of the same fan-in. Shape (n, d).
+    """
+    rng = np.random.default_rng(seed)
+    scale = np.arange(1, d + 1) ** (-decay / 2.0)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (rng.standard_normal((n, d)) * scale) @ basis.T
+
+
 def planted_layer(
     m: int, r: int, d: int, seed: int, *, noise: float = 0.05, rescale: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:

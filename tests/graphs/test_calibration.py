@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from graphs import hsc, mrp, srr
-from tests.graphs.planted import planted_layer, random_layer, same_partition
+from graphs.similarity import null_cosine_threshold, unit_rows
+from tests.graphs.planted import anisotropic_layer, planted_layer, random_layer, same_partition
 
 Method = Callable[[np.ndarray], tuple[float, np.ndarray]]
 
@@ -85,3 +86,33 @@ def test_scaling_and_permutation_change_only_labels(method: str) -> None:
     red_p, labels_p = METHODS[method](X[perm])
     assert red_p == pytest.approx(red, abs=1e-12)
     assert same_partition(labels_p, labels[perm])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize(
+    ("n", "d", "decay"), [(64, 576, 1.0), (256, 576, 1.0), (512, 2304, 1.2), (256, 144, 2.0)]
+)
+def test_anisotropic_random_layers_have_no_redundancy(
+    method: str, n: int, d: int, decay: float
+) -> None:
+    """Unrelated but correlated filters (as trained ones are) are not redundant: the null is
+    fitted to the layer, where a fixed fan-in null would join a large share of all pairs."""
+    X = anisotropic_layer(n, d, seed=1, decay=decay)
+    U, _ = unit_rows(X)
+    cos = (U @ U.T)[np.triu_indices(n, 1)]
+    assert np.mean(cos > null_cosine_threshold(n, d)) > 0.1  # the isotropic null would fail
+    red, _ = METHODS[method](X)
+    assert red <= 0.05, f"{method} on anisotropic {n}x{d}: {red}"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_planted_duplicates_of_anisotropic_prototypes(method: str) -> None:
+    m, r = 32, 4
+    rng = np.random.default_rng(3)
+    protos = anisotropic_layer(m, 576, seed=2)
+    truth = np.repeat(np.arange(m), r)
+    X = protos[truth] * rng.uniform(0.5, 2, (m * r, 1))
+    X += 0.03 * np.linalg.norm(X, axis=1, keepdims=True) / 24 * rng.standard_normal(X.shape)
+    red, labels = METHODS[method](X)
+    assert abs(red - (1 - m / (m * r))) <= 0.05
+    assert same_partition(labels, truth)

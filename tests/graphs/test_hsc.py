@@ -171,14 +171,18 @@ def test_given_number_of_clusters() -> None:
         assert all(len(set(truth[r.clusters == c])) == 1 for c in range(n_clusters))
 
 
-def test_dead_filters_form_one_cluster() -> None:
+def test_dead_filters_are_all_redundant() -> None:
     X = random_layer(20, 144, seed=0)
     X[[3, 7, 11]] = 0.0
     r = hsc(X)
-    assert r.n_clusters == 18 and r.redundancy == pytest.approx(2 / 20)
-    assert len(set(r.clusters[[3, 7, 11]])) == 1 and 3 in r.representatives
-    assert hsc(X, n_clusters=20).n_clusters == 20
-    assert hsc(np.zeros((4, 3))).n_clusters == 1
+    # dead filters are left out (label -1), represent nothing and all count as redundant
+    assert r.n_clusters == 17 and r.redundancy == pytest.approx(3 / 20)
+    assert r.clusters[[3, 7, 11]].tolist() == [-1, -1, -1]
+    assert not {3, 7, 11} & set(r.representatives.tolist())
+    assert hsc(X, n_clusters=17).n_clusters == 17
+    with pytest.raises(InvalidInputError, match="non-zero filters"):
+        hsc(X, n_clusters=18)
+    assert hsc(np.zeros((4, 3))).redundancy == 1.0
 
 
 def test_medoid_and_norm_tie_break() -> None:
@@ -269,17 +273,18 @@ def test_invariants_on_arbitrary_small_layers(
     for i in rng.integers(n, size=rng.integers(0, n)):  # duplicates and rescaled copies
         X[i] = X[rng.integers(n)] * rng.choice([1.0, 0.3, 4.0])
     X[rng.integers(n, size=rng.integers(0, 3))] = 0.0  # dead filters
-    n_clusters = data.draw(st.none() | st.integers(1, n))
+    dead = ~np.any(X != 0, axis=1)
+    n_live = int((~dead).sum())
+    n_clusters = data.draw(st.none() | st.integers(1, max(n_live, 1)))
     r = hsc(X, k=k, alpha=0.5, n_clusters=n_clusters, seed=seed % 1000)
     n_keep = r.n_clusters
-    assert n_clusters is None or n_keep == n_clusters
-    _, first = np.unique(r.clusters, return_index=True)
-    assert r.clusters.shape == (n,) and np.array_equal(np.unique(r.clusters), np.arange(n_keep))
+    assert n_clusters is None or n_live < 2 or n_keep == n_clusters
+    assert np.all(r.clusters[dead] == -1)
+    live_labels = r.clusters[~dead]
+    _, first = np.unique(live_labels, return_index=True)
+    assert np.array_equal(np.unique(live_labels), np.arange(n_keep))
     assert np.all(np.diff(first) > 0)
     assert len(r.representatives) == n_keep and np.all(np.diff(r.representatives) > 0)
     assert np.array_equal(np.sort(r.clusters[r.representatives]), np.arange(n_keep))
-    assert r.redundancy == pytest.approx(1 - n_keep / n) and 0 <= r.redundancy < 1
-    assert r.eigengap >= 0 and 1 <= r.n_components <= n
-    dead = ~np.any(X != 0, axis=1)
-    if n_clusters is None and dead.sum() > 1:
-        assert len(set(r.clusters[dead])) == 1
+    assert r.redundancy == pytest.approx(1 - n_keep / n) and 0 <= r.redundancy <= 1
+    assert r.eigengap >= 0 and r.n_components <= n

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from graphs import InvalidInputError, fpgm, l1, mrp, srr
+from graphs import InvalidInputError, fpgm, hsc, l1, mrp, srr
 from graphs.mrp import response_information
 from graphs.srr import greedy_covering_number
 from tests.graphs.planted import planted_layer, random_layer
@@ -84,12 +84,14 @@ def test_weak_links_do_not_merge_duplicate_groups() -> None:
     assert r.n_communities == 2
 
 
-@pytest.mark.parametrize("method", ["mrp", "srr"])
+@pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
 def test_dead_filters_count_as_redundant(method: str) -> None:
     X = random_layer(20, 50, seed=4)
     X[[3, 7, 11]] = 0.0
-    r = mrp(X) if method == "mrp" else srr(X)
+    r = {"mrp": mrp, "srr": srr, "hsc": hsc}[method](X)
     assert r.redundancy == pytest.approx(3 / 20)
+    if method == "hsc":
+        assert not {3, 7, 11} & set(r.representatives.tolist())
     if method == "mrp":
         assert r.n_zero == 3
         assert np.all(r.replaceability[[3, 7, 11]] == 1.0)

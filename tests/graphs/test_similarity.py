@@ -114,3 +114,20 @@ def test_upper_edges_sorted_and_unique() -> None:
     edges, w = upper_edges(cosine_threshold_graph(U, 0.9))
     assert edges.tolist() == [[0, 1], [0, 2], [1, 2]]
     assert np.all(w > 0.9)
+
+
+def test_null_dimension_of_isotropic_and_anisotropic_layers() -> None:
+    from graphs.similarity import null_dimension
+    from tests.graphs.planted import anisotropic_layer, planted_layer
+
+    iso, _ = unit_rows(np.random.default_rng(0).standard_normal((256, 576)))
+    assert 0.8 * 576 <= null_dimension(iso) <= 576
+    X = anisotropic_layer(256, 576, seed=0, decay=1.0)
+    ev = np.arange(1, 577) ** -1.0
+    ratio = ev.sum() ** 2 / (ev**2).sum()  # participation ratio: the layer's effective dimension
+    m = null_dimension(unit_rows(X)[0])
+    assert ratio / 1.5 <= m <= ratio * 1.5
+    # a few groups of copies cannot be fitted: the fan-in is the null
+    P, _ = planted_layer(2, 300, 64, seed=0)
+    assert null_dimension(unit_rows(P)[0]) == 64
+    assert null_dimension(iso[:5]) == 576  # too few filters
