@@ -24,7 +24,7 @@ from graphs.report import (
     SkippedLayer,
     Summary,
 )
-from graphs.similarity import DEFAULT_ALPHA
+from graphs.similarity import DEFAULT_ALPHA, DEFAULT_MIN_EXPLAINED
 from graphs.srr import srr
 
 Progress = Callable[[int, int, str], None]
@@ -37,18 +37,24 @@ class AnalysisOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="null edge rate per layer")
+    min_explained: float = Field(
+        DEFAULT_MIN_EXPLAINED, ge=0, lt=1, description="least cos² between joined filters"
+    )
     resolution: float = Field(1.0, gt=0, description="Leiden resolution (mrp)")
     k: int = Field(5, ge=1, description="neighbours per hyperedge (hsc)")
     n_rounds: int = Field(3, ge=0, description="structure-learning rounds (hsc)")
 
     def parameters(self, method: str) -> dict[str, float | int | str]:
         if method == "mrp":
-            return {"alpha": self.alpha, "resolution": self.resolution}
+            return {**self._edges(), "resolution": self.resolution}
         if method == "srr":
-            return {"alpha": self.alpha}
+            return self._edges()
         if method == "hsc":
-            return {"alpha": self.alpha, "k": self.k, "n_rounds": self.n_rounds}
+            return {**self._edges(), "k": self.k, "n_rounds": self.n_rounds}
         return {}
+
+    def _edges(self) -> dict[str, float | int | str]:
+        return {"alpha": self.alpha, "min_explained": self.min_explained}
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -75,12 +81,23 @@ def analyze_group(
     out: dict[str, MethodResult] = {}
     for method in methods:
         if method == "mrp":
-            out[method] = mrp(X, alpha=opts.alpha, resolution=opts.resolution, seed=s).to_model()
+            out[method] = mrp(
+                X,
+                alpha=opts.alpha,
+                min_explained=opts.min_explained,
+                resolution=opts.resolution,
+                seed=s,
+            ).to_model()
         elif method == "srr":
-            out[method] = srr(X, alpha=opts.alpha).to_model()
+            out[method] = srr(X, alpha=opts.alpha, min_explained=opts.min_explained).to_model()
         elif method == "hsc":
             out[method] = hsc(
-                X, k=opts.k, alpha=opts.alpha, n_rounds=opts.n_rounds, seed=s
+                X,
+                k=opts.k,
+                alpha=opts.alpha,
+                min_explained=opts.min_explained,
+                n_rounds=opts.n_rounds,
+                seed=s,
             ).to_model()
         elif method == "l1":
             out[method] = l1(X).to_model()

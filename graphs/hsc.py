@@ -46,6 +46,7 @@ from graphs.hypergraph import DEFAULT_K, knn_incidence, structure_step, with_val
 from graphs.report import HscResult
 from graphs.similarity import (
     DEFAULT_ALPHA,
+    DEFAULT_MIN_EXPLAINED,
     calibrated_threshold,
     check_filters,
     cosine_knn,
@@ -95,6 +96,7 @@ def hsc(
     *,
     k: int = DEFAULT_K,
     alpha: float = DEFAULT_ALPHA,
+    min_explained: float = DEFAULT_MIN_EXPLAINED,
     n_rounds: int = 3,
     n_clusters: int | None = None,
     seed: int = 0,
@@ -105,6 +107,7 @@ def hsc(
         X: filter matrix, shape (n, d), n >= 2; compared by direction (cosine) only.
         k: neighbours per hyperedge, clipped to n - 1.
         alpha: family-wise false-edge rate of the null cosine threshold.
+        min_explained: least cos² between joined filters (effect-size floor).
         n_rounds: structure-learning rounds (0 disables learning).
         n_clusters: number of clusters to keep (planning); None picks it by eigengap.
         seed: seeds eigsh start vectors and k-means.
@@ -134,7 +137,7 @@ def hsc(
             clusters=labels, representatives=live,
         )  # fmt: skip
     UL = U if live.size == n else U[live]
-    threshold, null_dim = calibrated_threshold(UL, alpha=alpha)
+    threshold, null_dim = calibrated_threshold(UL, alpha=alpha, min_explained=min_explained)
     H0 = knn_incidence(UL, k=k, threshold=threshold)
     data = H0.data.copy()
     for _ in range(n_rounds):

@@ -38,6 +38,7 @@ from graphs._labels import mean_cosine_to_group, relabel_by_first_occurrence, ro
 from graphs.report import MrpResult
 from graphs.similarity import (
     DEFAULT_ALPHA,
+    DEFAULT_MIN_EXPLAINED,
     calibrated_threshold,
     check_filters,
     cosine_threshold_graph,
@@ -114,13 +115,19 @@ def leiden_communities(
 
 
 def mrp(
-    X: np.ndarray, *, alpha: float = DEFAULT_ALPHA, resolution: float = 1.0, seed: int = 0
+    X: np.ndarray,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    min_explained: float = DEFAULT_MIN_EXPLAINED,
+    resolution: float = 1.0,
+    seed: int = 0,
 ) -> MrpLayerResult:
     """Redundancy of one layer by community detection (RMCD).
 
     Args:
         X: filter matrix of shape (n_filters, fan_in), n_filters ≥ 2.
         alpha: family-wise rate of chance edges between random filters.
+        min_explained: least cos² between joined filters (effect-size floor).
         resolution: Leiden resolution (RB configuration model).
         seed: Leiden's seed.
 
@@ -134,7 +141,7 @@ def mrp(
     n_zero = int(zero.sum())
     live = np.flatnonzero(~zero)
     UL = U if live.size == n else U[live]  # no copy of wide layers without dead filters
-    threshold, null_dim = calibrated_threshold(UL, alpha=alpha)
+    threshold, null_dim = calibrated_threshold(UL, alpha=alpha, min_explained=min_explained)
     G = cosine_threshold_graph(UL, threshold)
     edges, cosines = upper_edges(G)
     weights = response_information(cosines)

@@ -22,6 +22,8 @@ from graphs.errors import InvalidInputError
 
 DEFAULT_ALPHA = 0.05
 DEFAULT_BLOCK = 2048
+DEFAULT_MIN_EXPLAINED = 0.5
+"""Least share of a filter's energy that another must explain (cos²) for the two to be joined."""
 NULL_QUANTILE = 0.25
 """Quantile of squared pairwise cosines that the layer's null is fitted to (robust to up to 75 %
 of pairs being near-duplicates)."""
@@ -135,17 +137,36 @@ def null_dimension(U: np.ndarray, *, max_rows: int = NULL_MAX_ROWS) -> float:
     return float(brentq(gap, 2.0, float(d), xtol=1e-6))
 
 
-def calibrated_threshold(U: np.ndarray, *, alpha: float = DEFAULT_ALPHA) -> tuple[float, float]:
-    """Cosine threshold from the layer's own null (see :func:`null_dimension`).
+def calibrated_threshold(
+    U: np.ndarray, *, alpha: float = DEFAULT_ALPHA, min_explained: float = DEFAULT_MIN_EXPLAINED
+) -> tuple[float, float]:
+    """The cosine above which two filters of a layer are joined as (possibly) redundant.
+
+    Two conditions, both needed:
+
+    * significance: the cosine is one that unrelated filters of this layer exceed with
+      probability at most α / #pairs (the layer's fitted null, :func:`null_dimension`); this is
+      what makes every method calibrated (random layers get no edge);
+    * effect size: one filter explains at least ``min_explained`` of the other's energy, i.e.
+      cos² ≥ min_explained (the best scaled copy leaves a residual 1 − cos²). Significance
+      alone is not replaceability: in trained layers, thousands of pairs are significantly
+      but weakly alike (cos ≈ 0.3, 9 % shared energy), e.g. the class vectors of similar
+      ImageNet classes. The default 0.5 (cos ≥ 0.707) asks that a replacement explain more of
+      the filter than it leaves out; 0 keeps significance alone. Far above the null in any
+      dimension where random filters are compared, it never affects calibration.
 
     Args:
         U: unit-norm rows of the non-zero filters, shape (n, d).
+        alpha: family-wise rate of chance edges.
+        min_explained: effect-size floor in [0, 1).
 
     Returns:
         ``(threshold, null_dim)``.
     """
+    if not 0 <= min_explained < 1:
+        raise InvalidInputError(f"min_explained must be in [0, 1), got {min_explained}")
     m = null_dimension(U)
-    return _threshold_for_dim(U.shape[0], m, alpha), m
+    return max(_threshold_for_dim(U.shape[0], m, alpha), float(np.sqrt(min_explained))), m
 
 
 def _threshold_for_dim(n: int, m: float, alpha: float) -> float:

@@ -30,6 +30,7 @@ from graphs._labels import relabel_by_first_occurrence, round_list
 from graphs.report import SrrResult
 from graphs.similarity import (
     DEFAULT_ALPHA,
+    DEFAULT_MIN_EXPLAINED,
     calibrated_threshold,
     check_filters,
     cosine_threshold_graph,
@@ -108,12 +109,15 @@ def greedy_covering_number(A: sp.csr_matrix, *, ell: int) -> int:
     return int(isolated.sum()) + chosen
 
 
-def srr(X: np.ndarray, *, alpha: float = DEFAULT_ALPHA) -> SrrLayerResult:
+def srr(
+    X: np.ndarray, *, alpha: float = DEFAULT_ALPHA, min_explained: float = DEFAULT_MIN_EXPLAINED
+) -> SrrLayerResult:
     """Structural redundancy of one layer.
 
     Args:
         X: filter matrix of shape (n_filters, fan_in), n_filters ≥ 2.
         alpha: family-wise rate of chance edges between random filters.
+        min_explained: least cos² between joined filters (effect-size floor).
 
     Returns:
         :class:`SrrLayerResult` (deterministic; no randomness is involved).
@@ -123,7 +127,7 @@ def srr(X: np.ndarray, *, alpha: float = DEFAULT_ALPHA) -> SrrLayerResult:
     U, norms = unit_rows(X)
     live = np.flatnonzero(norms > 0)
     UL = U if live.size == n else U[live]  # no copy of wide layers without dead filters
-    threshold, null_dim = calibrated_threshold(UL, alpha=alpha)
+    threshold, null_dim = calibrated_threshold(UL, alpha=alpha, min_explained=min_explained)
     A = cosine_threshold_graph(UL, threshold)
     k, comp_live = connected_components(A, directed=False)
     c1 = greedy_covering_number(A, ell=1) if live.size else 0

@@ -105,6 +105,9 @@ def analyze_cmd(
     methods: Annotated[str, typer.Option(help="comma-separated methods")] = ",".join(ALL_METHODS),
     seed: Annotated[int, typer.Option(help="seed of every stochastic step")] = 0,
     alpha: Annotated[float, typer.Option(help="null edge rate per layer")] = 0.05,
+    min_explained: Annotated[
+        float, typer.Option(help="least cos² between filters joined as redundant (0 = any)")
+    ] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="also write the JSON report here")
@@ -118,7 +121,7 @@ def analyze_cmd(
 
     t0 = time.perf_counter()
     try:
-        options = AnalysisOptions(alpha=alpha)
+        options = AnalysisOptions(alpha=alpha, min_explained=min_explained)
         parsed = read_checkpoint(checkpoint)
         t_read = time.perf_counter() - t0
         with Progress(

@@ -88,4 +88,4 @@ def test_unknown_method_is_refused() -> None:
 
 def test_options_are_recorded() -> None:
     r = analyze(_layers()[:1], checkpoint=INFO, methods=["hsc"], options=AnalysisOptions(k=3))
-    assert r.parameters == {"hsc": {"alpha": 0.05, "k": 3, "n_rounds": 3}}
+    assert r.parameters == {"hsc": {"alpha": 0.05, "min_explained": 0.5, "k": 3, "n_rounds": 3}}

@@ -148,8 +148,9 @@ def test_structure_learning_splits_bridged_prototypes() -> None:
     # components; structure learning then drives the bridging incidences to 0.
     for seed in (0, 1):
         X, truth = _bridged(seed)
-        plain = hsc(X, n_rounds=0, seed=seed)
-        learned = hsc(X, n_rounds=3, seed=seed)
+        # significance-only edges (no effect-size floor), so that the cos-0.5 bridge exists
+        plain = hsc(X, n_rounds=0, seed=seed, min_explained=0.0)
+        learned = hsc(X, n_rounds=3, seed=seed, min_explained=0.0)
         assert plain.n_components == 31 and learned.n_components == 32
         for r in (plain, learned):
             assert r.n_clusters == 32

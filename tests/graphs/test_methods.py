@@ -125,3 +125,22 @@ def test_exact_duplicates() -> None:
     for r in (mrp(X), srr(X)):
         assert r.redundancy == pytest.approx(1 - 3 / 12)
     assert list(itertools.islice(mrp(X).communities, 6)) == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
+def test_weakly_alike_filters_are_not_redundant(method: str) -> None:
+    """Significant but weak similarity is not replaceability: 8 pairs at cos 0.5 (a copy explains
+    25 % of the energy) among 48 random filters are joined only without the effect-size floor."""
+    rng = np.random.default_rng(0)
+    d = 256
+    a = rng.standard_normal((8, d))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    z = rng.standard_normal((8, d))
+    z -= np.sum(z * a, axis=1, keepdims=True) * a
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    X = np.vstack([a, 0.5 * a + np.sqrt(0.75) * z, rng.standard_normal((48, d))])
+    fn = {"mrp": mrp, "srr": srr, "hsc": hsc}[method]
+    assert fn(X).redundancy == 0.0
+    assert fn(X, min_explained=0.0).redundancy == pytest.approx(8 / 64)
+    with pytest.raises(InvalidInputError):
+        fn(X, min_explained=1.0)
