@@ -2,9 +2,9 @@
 
 Without a manifest every layer is its own group with coupling ``unknown``, except depthwise
 convs: they have no channel count of their own (their width is fixed by their input), so they
-are scored inside the group of their producer, the nearest preceding non-depthwise layer with
-the same number of output channels (coupling ``inferred``), and never alone from their 9- or
-25-value kernels.
+are scored inside the group of their producer (``LayerWeights.producer`` when the reader knows it,
+else the nearest preceding non-depthwise layer with the same number of output channels; coupling
+``inferred``), and never alone from their 9- or 25-value kernels.
 """
 
 from __future__ import annotations
@@ -37,7 +37,21 @@ def build_groups(
             order.append(layer.name)
             last_producer = layer
             continue
-        if last_producer is not None and last_producer.n_filters == layer.n_filters:
+        if layer.producer is not None:
+            head = members.get(layer.producer)
+            if head is not None and head[0].n_filters == layer.n_filters:
+                head.append(layer)
+            else:
+                skipped.append(
+                    SkippedLayer(
+                        name=layer.name,
+                        reason=(
+                            f"depthwise conv whose producer {layer.producer!r} was not analysed "
+                            "(skipped or of another width); it is never scored alone"
+                        ),
+                    )
+                )
+        elif last_producer is not None and last_producer.n_filters == layer.n_filters:
             members[last_producer.name].append(layer)
         else:
             skipped.append(

@@ -31,6 +31,9 @@ class LayerWeights:
         groups_source: where ``groups`` came from (``default`` when nothing said otherwise).
         bias: array of shape (out,) or None.
         bn: name of the BatchNorm paired with this layer's outputs, if any.
+        extra_params: parameters of that BatchNorm (its weight and bias).
+        producer: for a depthwise conv, the layer whose output channels it filters, when the
+            reader knows it (else the grouping takes the nearest preceding layer of that width).
     """
 
     name: str
@@ -41,6 +44,7 @@ class LayerWeights:
     bias: np.ndarray | None = None
     bn: str | None = None
     extra_params: int = field(default=0)
+    producer: str | None = None
 
     def __post_init__(self) -> None:
         if self.weight.ndim != _KIND_NDIM[self.kind]:

@@ -89,3 +89,20 @@ def test_unknown_method_is_refused() -> None:
 def test_options_are_recorded() -> None:
     r = analyze(_layers()[:1], checkpoint=INFO, methods=["hsc"], options=AnalysisOptions(k=3))
     assert r.parameters == {"hsc": {"alpha": 0.05, "min_explained": 0.5, "k": 3, "n_rounds": 3}}
+
+
+def test_depthwise_with_a_skipped_named_producer_is_skipped() -> None:
+    stem = _conv("stem", random_layer(8, 27, seed=0))
+    dw = LayerWeights(
+        name="dw",
+        kind="conv2d",
+        weight=random_layer(8, 9, seed=1).reshape(8, 1, 3, 3),
+        groups=8,
+        producer="a",  # 'a' (8 channels) was skipped by the reader, e.g. for NaN weights
+    )
+    groups, skipped = build_groups([stem, dw])
+    assert [m.name for g in groups for m in g.members] == ["stem"]
+    assert skipped[0].name == "dw" and "'a'" in skipped[0].reason
+    named = LayerWeights(name="dw", kind="conv2d", weight=dw.weight, groups=8, producer="stem")
+    groups, skipped = build_groups([stem, named])
+    assert [m.name for m in groups[0].members] == ["stem", "dw"] and not skipped
