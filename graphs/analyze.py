@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from graphs.baselines import fpgm, l1
-from graphs.errors import InvalidInputError
+from graphs.errors import InvalidInputError, NoPrunableLayersError
 from graphs.grouping import build_groups
 from graphs.hsc import hsc
 from graphs.layers import LayerGroup, LayerWeights
@@ -63,7 +63,7 @@ def layer_seed(seed: int, name: str) -> int:
     Results of a group therefore do not depend on which other groups are analysed, or in what
     order (needed for caching and for distributing groups as separate tasks).
     """
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())])
+    state = np.random.SeedSequence([int(seed), zlib.crc32(name.encode())])
     return int(state.generate_state(1)[0] & 0x7FFFFFFF)
 
 
@@ -145,10 +145,22 @@ def analyze(
 
     Returns:
         the :class:`Report`; byte-identical JSON for the same inputs and seed.
+
+    Raises:
+        NoPrunableLayersError: when no group is left to analyse.
+        InvalidInputError: for unknown methods or a seed outside [0, 2**32).
     """
     chosen = check_methods(methods)
+    if not 0 <= seed < 2**32:
+        raise InvalidInputError(f"seed must be in [0, 2**32), got {seed}")
     opts = options or AnalysisOptions()
     groups, dw_skipped = build_groups(layers)
+    if not groups:
+        why = "; ".join(f"{s.name}: {s.reason}" for s in [*skipped, *dw_skipped][:5])
+        raise NoPrunableLayersError(
+            f"no layer of checkpoint {checkpoint.sha256[:12]}… can be analysed"
+            + (f" ({why})" if why else "")
+        )
     reports: list[LayerReport] = []
     for i, group in enumerate(groups):
         results = analyze_group(group, methods=chosen, options=opts, seed=seed)

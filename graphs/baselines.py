@@ -15,7 +15,7 @@ import numpy as np
 
 from graphs._labels import round_list
 from graphs.report import FpgmResult, L1Result
-from graphs.similarity import DEFAULT_BLOCK, check_filters
+from graphs.similarity import check_filters, row_blocks
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,19 @@ def l1(X: np.ndarray) -> L1LayerResult:
     return L1LayerResult(l1_norm=np.abs(X).sum(axis=1))
 
 
-def fpgm(X: np.ndarray, *, block_size: int = DEFAULT_BLOCK) -> FpgmLayerResult:
+def fpgm(X: np.ndarray, *, block_size: int | None = None) -> FpgmLayerResult:
     """Summed Euclidean distance of each filter of X (n_filters, fan_in) to all the others.
 
-    Computed blockwise through ‖a − b‖² = ‖a‖² + ‖b‖² − 2 a·b; memory O(block_size · n).
+    Computed blockwise through ‖a − b‖² = ‖a‖² + ‖b‖² − 2 a·b (memory bounded, see
+    :func:`graphs.similarity.row_blocks`), on X divided by its largest entry so that huge or
+    tiny weights neither overflow nor underflow.
     """
     X = check_filters(X)
-    sq = np.einsum("ij,ij->i", X, X)
-    out = np.empty(X.shape[0])
-    for start in range(0, X.shape[0], block_size):
-        stop = min(start + block_size, X.shape[0])
-        D2 = sq[start:stop, None] + sq[None, :] - 2.0 * (X[start:stop] @ X.T)
+    scale = float(np.max(np.abs(X))) or 1.0
+    Y = X / scale
+    sq = np.einsum("ij,ij->i", Y, Y)
+    out = np.empty(Y.shape[0])
+    for start, stop in row_blocks(Y.shape[0], block_size):
+        D2 = sq[start:stop, None] + sq[None, :] - 2.0 * (Y[start:stop] @ Y.T)
         out[start:stop] = np.sqrt(np.maximum(D2, 0.0)).sum(axis=1)
-    return FpgmLayerResult(gm_distance=out)
+    return FpgmLayerResult(gm_distance=out * scale)

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import eigsh
 
-from graphs._labels import relabel_by_first_occurrence
+from graphs._labels import mean_cosine_to_group, relabel_by_first_occurrence
 from graphs.errors import InvalidInputError
 from graphs.hypergraph import DEFAULT_K, knn_incidence, structure_step, with_values, zhou_laplacian
 from graphs.report import HscResult
@@ -374,10 +374,12 @@ def _sqdist(Y: np.ndarray, C: np.ndarray) -> np.ndarray:
 
 
 def _medoids(U: np.ndarray, norms: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Sorted medoid index of each cluster, shape (K,); labels are 0..K-1."""
+    """Sorted medoid index of each cluster, shape (K,); labels are 0..K-1.
+
+    The medoid has the largest mean cosine to the other members (singletons: themselves).
+    """
     n = len(labels)
-    sums = sp.csr_matrix((np.ones(n), (labels, np.arange(n)))) @ U  # (K, d)
-    score = np.einsum("ij,ij->i", U, sums[labels]) - np.einsum("ij,ij->i", U, U)
+    score = mean_cosine_to_group(U, labels)
     best = np.full(int(labels.max()) + 1, -np.inf)
     np.maximum.at(best, labels, score)
     near = score >= best[labels] - TIE_TOL * np.maximum(1.0, np.abs(best[labels]))

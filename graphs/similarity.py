@@ -12,6 +12,8 @@ Everything is computed blockwise: no dense n×n matrix is held for wide layers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import brentq
@@ -21,7 +23,8 @@ from scipy.special import betaincinv
 from graphs.errors import InvalidInputError
 
 DEFAULT_ALPHA = 0.05
-DEFAULT_BLOCK = 2048
+BLOCK_BYTES = 2**27
+"""Memory for one block of similarities (128 MiB): wide layers are processed in row blocks."""
 DEFAULT_MIN_EXPLAINED = 0.5
 """Least share of a filter's energy that another must explain (cos²) for the two to be joined."""
 NULL_QUANTILE = 0.25
@@ -29,6 +32,18 @@ NULL_QUANTILE = 0.25
 of pairs being near-duplicates)."""
 NULL_MIN_FILTERS = 8
 NULL_MAX_ROWS = 512
+
+
+def row_blocks(n: int, block_size: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` row ranges covering ``range(n)``.
+
+    The default size keeps one (block × n) float64 similarity block (and a temporary or two of
+    the same size) within :data:`BLOCK_BYTES`, so memory stays bounded for any width.
+    """
+    if block_size is None:
+        block_size = max(1, BLOCK_BYTES // (24 * max(n, 1)))
+    for start in range(0, n, block_size):
+        yield start, min(start + block_size, n)
 
 
 def check_filters(X: np.ndarray, *, name: str = "filters", min_rows: int = 1) -> np.ndarray:
@@ -97,9 +112,9 @@ def null_dimension(U: np.ndarray, *, max_rows: int = NULL_MAX_ROWS) -> float:
 
     Args:
         U: unit-norm rows of the non-zero filters, shape (n, d).
-        max_rows: wider layers are fitted on this many evenly spaced rows (~130k pairs for
-            512, plenty for a quartile); narrower ones on all rows, which keeps the fit
-            invariant to filter order and scale.
+        max_rows: wider layers are fitted on this many rows (~130k pairs for 512, plenty for
+            a quartile), evenly spaced in an order given by the rows' content, so the fit does
+            not depend on the filters' order or scale either way.
 
     Returns:
         m in [2, d]; ``d`` itself when n < 8 or the layer is a few (< 8) groups of
@@ -111,7 +126,10 @@ def null_dimension(U: np.ndarray, *, max_rows: int = NULL_MAX_ROWS) -> float:
     if n < NULL_MIN_FILTERS or d < 2:
         return float(d)
     if n > max_rows:
-        U = U[np.linspace(0, n - 1, max_rows).round().astype(np.int64)]
+        # rows in an order given by their content (rounded so that rescaled filters sort alike),
+        # then evenly spaced: the same sample whatever the filters' order
+        order = np.lexsort(np.round(U, 9).T)
+        U = U[order[np.linspace(0, n - 1, max_rows).round().astype(np.int64)]]
         n = max_rows
     G = U @ U.T
     iu = np.triu_indices(n, 1)
@@ -181,7 +199,7 @@ def _threshold_for_dim(n: int, m: float, alpha: float) -> float:
 
 
 def cosine_threshold_graph(
-    U: np.ndarray, threshold: float, *, block_size: int = DEFAULT_BLOCK
+    U: np.ndarray, threshold: float, *, block_size: int | None = None
 ) -> sp.csr_matrix:
     """Symmetric sparse graph joining unit rows whose cosine is strictly above ``threshold``.
 
@@ -189,7 +207,7 @@ def cosine_threshold_graph(
         U: unit-norm rows, shape (n, d) (zero rows get no edge).
         threshold: cosine threshold, ≥ 0 (a pair's cosine is its edge weight, so a weight must
             be positive).
-        block_size: rows per block; memory is O(block_size · n).
+        block_size: rows per block (default: see :func:`row_blocks`).
 
     Returns:
         CSR matrix of shape (n, n) with the cosine as weight, zero diagonal, exactly symmetric
@@ -202,8 +220,7 @@ def cosine_threshold_graph(
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
     vals: list[np.ndarray] = []
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
+    for start, stop in row_blocks(n, block_size):
         S = U[start:stop] @ U[start:].T  # (b, n - start): pairs (i, j) with j >= start
         i, j = np.nonzero(S > threshold)
         keep = (j > i) & live[i + start] & live[j + start]  # strict upper triangle, no zero rows
@@ -219,7 +236,7 @@ def cosine_threshold_graph(
 
 
 def cosine_knn(
-    U: np.ndarray, k: int, *, block_size: int = DEFAULT_BLOCK
+    U: np.ndarray, k: int, *, block_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k most similar other rows of each row, by cosine.
 
@@ -236,8 +253,7 @@ def cosine_knn(
         raise InvalidInputError(f"k must be in [1, {n - 1}] for {n} filters, got {k}")
     idx = np.empty((n, k), dtype=np.int64)
     sim = np.empty((n, k), dtype=np.float64)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
+    for start, stop in row_blocks(n, block_size):
         S = U[start:stop] @ U.T
         S[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # never your own neighbour
         # Over-select so that ties at the k-th value are resolved by index, not by partition order.

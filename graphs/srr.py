@@ -79,34 +79,45 @@ class SrrLayerResult:
 def greedy_covering_number(A: sp.csr_matrix, *, ell: int) -> int:
     """Greedy estimate of the ℓ-covering number of an unweighted graph.
 
+    Balls never cross connected components, so each component is covered on its own: an
+    isolated vertex or a clique needs exactly one centre for every ℓ ≥ 1, other components run
+    the greedy rule on their own closed ℓ-neighbourhoods (only their own ℓ-th power is built).
+
     Args:
         A: symmetric adjacency, shape (n, n), zero diagonal.
         ell: hop radius (≥ 1).
 
     Returns:
-        the number of centres chosen; isolated vertices each need their own.
+        the number of centres chosen.
     """
-    n = A.shape[0]
-    B = (A != 0).astype(np.int64)
-    isolated = np.asarray(B.sum(axis=1)).ravel() == 0
-    hub = np.flatnonzero(~isolated)
-    if hub.size == 0:
-        return int(n)
-    B = B[hub][:, hub].tocsr()
-    reach = (B + sp.identity(hub.size, dtype=np.int64, format="csr")).tocsr()
+    B = (A != 0).astype(np.int64).tocsr()
+    n_comp, comp = connected_components(B, directed=False)
+    sizes = np.bincount(comp, minlength=n_comp)
+    edges = np.bincount(comp, weights=np.asarray(B.sum(axis=1)).ravel(), minlength=n_comp) / 2
+    clique = edges == sizes * (sizes - 1) / 2
+    total = int(clique.sum())
+    order = np.argsort(comp, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    for c in np.flatnonzero(~clique):
+        members = order[bounds[c] : bounds[c + 1]]
+        total += _greedy_cover(B[members][:, members].tocsr(), ell)
+    return total
+
+
+def _greedy_cover(B: sp.csr_matrix, ell: int) -> int:
+    """Greedy ℓ-cover of one connected graph: largest uncovered ball first, ties to lower index."""
+    reach = (B + sp.identity(B.shape[0], dtype=np.int64, format="csr")).tocsr()
     ball = reach
     for _ in range(ell - 1):
         ball = (ball @ reach).tocsr()
     ball.data[:] = 1
-    uncovered = np.ones(hub.size, dtype=np.int64)
+    uncovered = np.ones(B.shape[0], dtype=np.int64)
     chosen = 0
     while uncovered.any():
-        gain = ball @ uncovered
-        v = int(np.argmax(gain))  # first maximum: ties to the smaller index
-        row = ball.indices[ball.indptr[v] : ball.indptr[v + 1]]
-        uncovered[row] = 0
+        v = int(np.argmax(ball @ uncovered))  # first maximum: ties to the smaller index
+        uncovered[ball.indices[ball.indptr[v] : ball.indptr[v + 1]]] = 0
         chosen += 1
-    return int(isolated.sum()) + chosen
+    return chosen
 
 
 def srr(

@@ -7,16 +7,18 @@ timings go to stderr); ``--json`` prints the versioned report for machines.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from graphs import AnalysisOptions, PruneGraphError, Report, analyze
+from graphs import AnalysisOptions, InvalidInputError, PruneGraphError, Report, analyze
 from graphs.report import ALL_METHODS, LayerReport, MethodResult
 
 app = typer.Typer(
@@ -95,6 +97,32 @@ def _console(*, stderr: bool = False) -> Console:
     return console
 
 
+def _options(**values: float) -> AnalysisOptions:
+    try:
+        return AnalysisOptions(**values)
+    except ValidationError as e:
+        problems = "; ".join(f"--{'-'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise InvalidInputError(
+            f"invalid option: {problems}".replace("_", "-"), hint="Check the command's options."
+        ) from None
+
+
+def _output_error(path: Path, e: OSError) -> PruneGraphError:
+    return PruneGraphError(
+        f"cannot write the report to {path}: {e.strerror or e}",
+        hint="Pass -o a path in an existing, writable directory.",
+    )
+
+
+def _check_output(path: Path | None) -> None:
+    """Fail before any work when the report could not be written."""
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise _output_error(path, OSError(0, "no such writable file location"))
+
+
 def _parse_methods(methods: str) -> list[str]:
     return [m.strip() for m in methods.split(",") if m.strip()]
 
@@ -103,7 +131,9 @@ def _parse_methods(methods: str) -> list[str]:
 def analyze_cmd(
     checkpoint: Annotated[Path, typer.Argument(help=".pt/.pth, .safetensors or ONNX file")],
     methods: Annotated[str, typer.Option(help="comma-separated methods")] = ",".join(ALL_METHODS),
-    seed: Annotated[int, typer.Option(help="seed of every stochastic step")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="seed of every stochastic step", min=0, max=2**32 - 1)
+    ] = 0,
     alpha: Annotated[float, typer.Option(help="null edge rate per layer")] = 0.05,
     min_explained: Annotated[
         float, typer.Option(help="least cos² between filters joined as redundant (0 = any)")
@@ -121,7 +151,8 @@ def analyze_cmd(
 
     t0 = time.perf_counter()
     try:
-        options = AnalysisOptions(alpha=alpha, min_explained=min_explained)
+        _check_output(output)
+        options = _options(alpha=alpha, min_explained=min_explained)
         parsed = read_checkpoint(checkpoint)
         t_read = time.perf_counter() - t0
         with Progress(
@@ -149,12 +180,13 @@ def analyze_cmd(
             )
     except PruneGraphError as e:
         raise _fail(err, e) from None
-    except ValueError as e:  # option validation (pydantic)
-        raise _fail(err, PruneGraphError(str(e), hint="Check the command's options.")) from None
     t_total = time.perf_counter() - t0
     text = report.to_json()
     if output is not None:
-        output.write_text(text + "\n")
+        try:
+            output.write_text(text + "\n")
+        except OSError as e:
+            raise _fail(err, _output_error(output, e)) from None
     if as_json:
         out.out(text, highlight=False)
     else:

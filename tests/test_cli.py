@@ -148,3 +148,46 @@ def test_zero_filters_and_single_filter_layer(tmp_path: Path) -> None:
 
 def test_unknown_method_is_a_usage_error(ckpt: Path) -> None:
     assert "unknown" in _bad(ckpt, "--methods", "mrp,bogus")
+
+
+def test_output_into_a_missing_directory_fails_before_work(ckpt: Path, tmp_path: Path) -> None:
+    text = _bad(ckpt, "-o", str(tmp_path / "nope" / "r.json"))
+    assert "r.json" in text and "writable" in text
+
+
+def test_bad_options_are_usage_errors(ckpt: Path) -> None:
+    assert "min-explained" in _bad(ckpt, "--min-explained", "1.5")
+    code, _, err = _run("analyze", str(ckpt), "--seed", "-5")
+    assert code == 2 and "seed" in err.lower()
+
+
+def test_checkpoint_whose_only_layer_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "nan_only.pt"
+    torch.save({"fc.weight": torch.full((4, 3), float("nan"))}, path)
+    text = _bad(path)
+    assert "fc" in text and "NaN" in text
+
+
+def test_report_is_identical_across_processes_and_thread_counts(ckpt: Path) -> None:
+    """Byte-identical JSON in fresh interpreters with other hash seeds and BLAS thread counts."""
+    import subprocess
+    import sys
+
+    outs = []
+    for threads, hashseed in (("1", "1"), ("2", "12345")):
+        env = {
+            **os.environ,
+            "OPENBLAS_NUM_THREADS": threads,
+            "OMP_NUM_THREADS": threads,
+            "PYTHONHASHSEED": hashseed,
+        }
+        res = subprocess.run(
+            [sys.executable, "-m", "prunegraph", "analyze", str(ckpt), "--json", "--seed", "9"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        outs.append(res.stdout)
+    assert outs[0] == outs[1]
+    assert json.loads(outs[0])["seed"] == 9

@@ -116,3 +116,19 @@ def test_planted_duplicates_of_anisotropic_prototypes(method: str) -> None:
     red, labels = METHODS[method](X)
     assert abs(red - (1 - m / (m * r))) <= 0.05
     assert same_partition(labels, truth)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_permutation_invariance_of_wide_layers(method: str) -> None:
+    """Over 512 filters the null is fitted on a sample of rows: chosen by content, not index."""
+    rng = np.random.default_rng(4)
+    base = anisotropic_layer(600, 160, seed=5)
+    # 300 copies at cosines spread around the edge threshold, so the fit matters
+    noise = rng.uniform(0.3, 1.5, (300, 1)) * np.linalg.norm(base[:300], axis=1, keepdims=True)
+    copies = base[:300] + noise / np.sqrt(160) * rng.standard_normal((300, 160))
+    X = np.vstack([base, copies])  # 900 filters
+    red, labels = METHODS[method](X)
+    perm = np.random.default_rng(0).permutation(X.shape[0])
+    red_p, labels_p = METHODS[method](X[perm] * 3.0)
+    assert red_p == pytest.approx(red, abs=1e-12)
+    assert same_partition(labels_p, labels[perm])
