@@ -2,9 +2,11 @@
 
 Without a manifest every layer is its own group with coupling ``unknown``, except depthwise
 convs: they have no channel count of their own (their width is fixed by their input), so they
-are scored inside the group of their producer (``LayerWeights.producer`` when the reader knows it,
-else the nearest preceding non-depthwise layer with the same number of output channels; coupling
-``inferred``), and never alone from their 9- or 25-value kernels.
+are scored inside the group of their producer (coupling ``inferred``), and never alone from their
+9- or 25-value kernels. The producer is ``LayerWeights.producer`` when the reader names it; a
+depthwise conv whose reader could not tell (``groups_source`` inferred, onnx or manifest, producer
+None) is skipped with the reason; only hand-built layers (``groups_source`` default) fall back to
+the nearest preceding non-depthwise layer of the same width.
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ def build_groups(
                         ),
                     )
                 )
+        elif layer.groups_source in ("inferred", "onnx", "manifest"):
+            # a reader looked for the producer and could not tell: never guess from file order
+            skipped.append(
+                SkippedLayer(
+                    name=layer.name,
+                    reason=(
+                        "depthwise conv whose producer could not be determined from the "
+                        "checkpoint; it is never scored alone: pass a manifest that names it"
+                    ),
+                )
+            )
         elif last_producer is not None and last_producer.n_filters == layer.n_filters:
             members[last_producer.name].append(layer)
         else:

@@ -106,3 +106,19 @@ def test_depthwise_with_a_skipped_named_producer_is_skipped() -> None:
     named = LayerWeights(name="dw", kind="conv2d", weight=dw.weight, groups=8, producer="stem")
     groups, skipped = build_groups([stem, named])
     assert [m.name for m in groups[0].members] == ["stem", "dw"] and not skipped
+
+
+def test_depthwise_whose_reader_found_no_producer_is_skipped() -> None:
+    layers = [
+        _conv("blk.conv_b", random_layer(8, 27, seed=0)),
+        LayerWeights(
+            name="blk.conv_dw",
+            kind="conv2d",
+            weight=random_layer(8, 9, seed=1).reshape(8, 1, 3, 3),
+            groups=8,
+            groups_source="inferred",
+        ),
+    ]
+    groups, skipped = build_groups(layers)
+    assert [m.name for g in groups for m in g.members] == ["blk.conv_b"]
+    assert skipped[0].name == "blk.conv_dw" and "could not be determined" in skipped[0].reason

@@ -916,3 +916,309 @@ def test_real_mtcnn(realdata: Path) -> None:
     onet = read_checkpoint(realdata / "mtcnn_onet.pt")
     assert [x.kind for x in onet.layers].count("linear") == 4
     assert all(x.groups == 1 for x in onet.layers)
+
+
+# ------------------------------------------------------------------ hostile and unusual files
+
+
+def test_zip_bomb_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    """A small zip whose deflated data.pkl declares 200 MB is refused from its directory."""
+    import tracemalloc
+
+    path = tmp_path / "bomb.pt"
+    chunk = bytes(1 << 20)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("archive/data.pkl", "w", force_zip64=True) as member:
+            for _ in range(200):
+                member.write(chunk)
+        zf.writestr("archive/version", "3\n")
+    assert path.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="compression bomb") as ei:
+            read_checkpoint(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in _message(ei)
+    assert peak < 16 << 20, f"{peak} bytes allocated"
+
+
+def test_members_that_fit_the_archive_are_still_crc_checked(tmp_path: Path) -> None:
+    src = _save(tmp_path, _sd(), "ok.pt")
+    raw = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as zf:
+        info = zf.getinfo(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + info.compress_size // 2] ^= 0xFF  # flip one byte inside the stored pickle
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint(path)
+
+
+def test_legacy_pickle_declaring_a_huge_length_is_corrupt(tmp_path: Path) -> None:
+    """BINBYTES8 of 2**50 bytes in a 30-byte file: refused, never asked of the file."""
+    path = tmp_path / "huge.pt"
+    path.write_bytes((b"\x80\x02\x8e" + (2**50).to_bytes(8, "little")).ljust(30, b"x"))
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as ei:
+        read_checkpoint(path)
+    assert not isinstance(ei.value, UnsafeCheckpointError)
+    assert str(path) in _message(ei)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"w.weight":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"w.weight":{"dtype":"F32","shape":[0,100000000000000000000],"data_offsets":[0,0]}}',
+        b'{"w.weight":{"dtype":"F32","shape":[0,1099511627777],"data_offsets":[0,0]}}',
+        b'{"w.weight":{"dtype":"F32","shape":[' + b"1" * 5000 + b'],"data_offsets":[0,0]}}',
+        b'{"w.weight":{"dtype":"F32","shape":' + b"[1]" * 1 + b',"data_offsets":[0,8]}}',
+        b'{"w.weight":{"dtype":"F32","shape":[' + b"1," * 100 + b'1],"data_offsets":[0,4]}}',
+    ],
+    ids=["deep-json", "dim-1e20", "dim-2**40+1", "5000-digit-int", "too-many-bytes", "101-dims"],
+)
+def test_hostile_safetensors_headers_are_corrupt(tmp_path: Path, header: bytes) -> None:
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(_safetensors_bytes(header, bytes(8)))
+    with pytest.raises(CheckpointError, match="corrupt") as ei:
+        read_checkpoint(path)
+    assert str(path) in _message(ei)
+
+
+def test_best_metric_tensors_next_to_the_model_do_not_win(tmp_path: Path) -> None:
+    obj = {"model": _sd(), "best_acc": torch.tensor(0.93), "epoch": torch.tensor(7)}
+    parsed = read_checkpoint(_save(tmp_path, obj))
+    assert [layer.name for layer in parsed.layers] == ["0", "3", "5", "7"]
+
+
+def test_without_known_keys_the_mapping_with_most_weights_wins(tmp_path: Path) -> None:
+    small = {"head.weight": torch.randn(5, 7)}
+    obj = {"teacher_head": small, "weights_v2": _sd(), "lr": torch.tensor(0.1)}
+    parsed = read_checkpoint(_save(tmp_path, obj))
+    assert [layer.name for layer in parsed.layers] == ["0", "3", "5", "7"]
+
+
+def test_averaged_model_state_dict_loses_its_module_prefix(tmp_path: Path) -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    sd = AveragedModel(_net()).state_dict()
+    assert "n_averaged" in sd and all(k.startswith("module.") for k in sd if k != "n_averaged")
+    for path in (_save(tmp_path, sd), tmp_path / "swa.safetensors"):
+        if path.suffix == ".safetensors":
+            save_torch({k: v.contiguous() for k, v in sd.items()}, str(path))
+        layers = _by_name(read_checkpoint(path))
+        assert sorted(layers) == ["0", "3", "5", "7"]
+        assert layers["0"].bn == "1" and layers["3"].producer == "0"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+def test_torchscript_archives_are_refused_with_advice(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(_net()), str(path))
+    with pytest.raises(UnsupportedFormatError, match="TorchScript archive") as ei:
+        read_checkpoint(path)
+    assert "state_dict()" in _message(ei) and str(path) in _message(ei)
+    assert "weights_only" not in str(ei.value)
+
+
+def test_torch_advice_to_turn_weights_only_off_is_never_passed_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    advice = (
+        "Cannot use ``weights_only=True`` with this archive. In PyTorch 2.6, we changed the "
+        "default value of the `weights_only` argument in `torch.load` from `False` to `True`. "
+        "Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it "
+        "can result in arbitrary code execution. Do it only if you got the file from a trusted "
+        "source."
+    )
+    path = _save(tmp_path, _sd())
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(advice)
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as ei:
+        read_checkpoint(path)
+    text = str(ei.value)
+    assert "False" not in text and "trusted source" not in text and "weights_only" not in text
+
+
+# -------------------------------------------------------------------- depthwise producers
+
+
+def test_depthwise_producer_is_the_layer_used_for_inference_even_if_skipped(
+    tmp_path: Path,
+) -> None:
+    sd = {
+        "stem.weight": torch.randn(8, 3, 3, 3),
+        "a.weight": torch.full((8, 8, 3, 3), float("nan")),
+        "dw.weight": torch.randn(8, 1, 3, 3),
+        "dw2.weight": torch.randn(8, 1, 3, 3),
+        "pw.weight": torch.randn(16, 8, 1, 1),
+    }
+    parsed = read_checkpoint(_save(tmp_path, sd))
+    layers = _by_name(parsed)
+    assert _reasons(parsed)["a"] == NAN_REASON
+    assert (layers["dw"].groups, layers["dw"].groups_source) == (8, "inferred")
+    assert layers["dw"].producer == "a"
+    assert layers["dw2"].producer == "a"  # a depthwise conv after a depthwise conv
+    assert layers["stem"].producer is None and layers["pw"].producer is None
+    manifest = _by_name(read_checkpoint(_save(tmp_path, sd), groups={"dw": 8, "dw2": 1}))
+    assert manifest["dw"].producer == "a" and manifest["dw2"].producer is None
+
+
+def _onnx_dw_graph(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(3)
+    inits = [
+        _init("a.weight", rng.standard_normal((8, 3, 1, 1))),
+        _init("b.weight", rng.standard_normal((8, 3, 1, 1))),
+        _init("dw1.weight", rng.standard_normal((8, 1, 3, 3))),
+        _init("dw2.weight", rng.standard_normal((8, 1, 3, 3))),
+        _init("dw3.weight", rng.standard_normal((8, 1, 3, 3))),
+        *(_init(f"bn.{k}", rng.random(8) + 0.5) for k in ("w", "b", "m", "v")),
+        _init("lo", np.zeros(())),
+        _init("hi", np.full((), 6.0)),
+    ]
+    conv = helper.make_node
+    nodes = [
+        conv("Conv", ["x", "a.weight"], ["a"], name="/a"),
+        conv("Conv", ["x", "b.weight"], ["b"], name="/b"),  # between a and dw1 in graph order
+        conv("BatchNormalization", ["a", "bn.w", "bn.b", "bn.m", "bn.v"], ["an"], name="/bn"),
+        conv("Clip", ["an", "lo", "hi"], ["ac"]),
+        conv("Sigmoid", ["ac"], ["as"]),
+        conv("Mul", ["ac", "as"], ["aw"]),  # swish: both inputs come from a
+        conv("Conv", ["aw", "dw1.weight"], ["d1"], name="/dw1", group=8, pads=[1, 1, 1, 1]),
+        conv("Conv", ["d1", "dw2.weight"], ["d2"], name="/dw2", group=8, pads=[1, 1, 1, 1]),
+        conv("Add", ["a", "b"], ["ab"]),  # a residual sum: no single producer
+        conv("Conv", ["ab", "dw3.weight"], ["d3"], name="/dw3", group=8, pads=[1, 1, 1, 1]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 8, 8]) for n in ("d2", "d3")]
+    graph = helper.make_graph(nodes, "g", [x], outs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path = tmp_path / "dw.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_depthwise_producers_come_from_the_graph(tmp_path: Path) -> None:
+    layers = _by_name(read_checkpoint(_onnx_dw_graph(tmp_path)))
+    assert [layers[n].groups_source for n in ("dw1", "dw2", "dw3")] == ["onnx"] * 3
+    assert layers["dw1"].producer == "a"  # through BN, Clip and swish, not b (nearer in order)
+    assert layers["dw2"].producer == "a"  # through dw1
+    assert layers["dw3"].producer is None
+    path, _ = _onnx_model(tmp_path)
+    assert _by_name(read_checkpoint(path))["dw_conv"].producer == "features.0.0"
+
+
+class _InvertedResidual(nn.Module):
+    """timm's attribute names and registration order (conv_pw, bn1, conv_dw, bn2, se, ...)."""
+
+    def __init__(self, cin: int, mid: int, cout: int) -> None:
+        super().__init__()
+        self.conv_pw = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv_dw = nn.Conv2d(mid, mid, 3, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.se = nn.ModuleDict(
+            {"conv_reduce": nn.Conv2d(mid, 8, 1), "conv_expand": nn.Conv2d(8, mid, 1)}
+        )
+        self.conv_pwl = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+
+
+class _DepthwiseSeparable(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(cin, cin, 3, groups=cin, bias=False)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv_pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+
+def _timm_like() -> nn.Module:
+    torch.manual_seed(2)
+    net = nn.Module()
+    net.conv_stem = nn.Conv2d(3, 16, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(16)
+    net.blocks = nn.Sequential(
+        nn.Sequential(_DepthwiseSeparable(16, 24)),
+        nn.Sequential(_InvertedResidual(24, 72, 32), _InvertedResidual(32, 96, 32)),
+        nn.Sequential(_DepthwiseSeparable(32, 40)),
+    )
+    net.conv_head = nn.Conv2d(40, 64, 1, bias=False)
+    net.bn2 = nn.BatchNorm2d(64)
+    net.classifier = nn.Linear(64, 10)
+    return net
+
+
+def _summary(parsed: ParsedCheckpoint) -> dict[str, tuple[object, ...]]:
+    return {
+        x.name: (x.groups, x.groups_source, x.bn, x.extra_params, x.producer) for x in parsed.layers
+    }
+
+
+def test_safetensors_without_order_finds_the_same_producers_and_bns(tmp_path: Path) -> None:
+    sd = {k: v.contiguous() for k, v in _timm_like().state_dict().items()}
+    pt = read_checkpoint(_save(tmp_path, sd))
+    st_path = tmp_path / "timm.safetensors"
+    save_torch(sd, str(st_path))
+    st = read_checkpoint(st_path)
+    assert _summary(st) == _summary(pt)
+    layers = _by_name(st)
+    assert layers["blocks.0.0.conv_dw"].producer == "conv_stem"
+    assert layers["blocks.1.0.conv_dw"].producer == "blocks.1.0.conv_pw"
+    assert layers["blocks.2.0.conv_dw"].producer == "blocks.1.1.conv_pwl"
+    assert layers["blocks.1.0.conv_pw"].bn == "blocks.1.0.bn1"
+    assert layers["blocks.1.0.conv_dw"].bn == "blocks.1.0.bn2"
+    assert layers["blocks.1.0.conv_pwl"].bn == "blocks.1.0.bn3"
+    assert layers["conv_stem"].bn == "bn1" and layers["conv_head"].bn == "bn2"
+    depthwise = [x.name for x in st.layers if x.is_depthwise]
+    assert depthwise == [n for n in layers if n.endswith("conv_dw")]
+
+
+def test_safetensors_unclear_producer_is_depthwise_without_producer(tmp_path: Path) -> None:
+    """Two width-8 siblings could feed blk.conv_dw: it stays depthwise, its producer unknown."""
+    sd = {
+        "blk.conv_a.weight": torch.randn(8, 4, 1, 1),
+        "blk.conv_b.weight": torch.randn(8, 4, 1, 1),
+        "blk.conv_dw.weight": torch.randn(8, 1, 3, 3),
+        "gray.0.weight": torch.randn(8, 1, 3, 3),  # first conv of its Sequential: not depthwise
+    }
+    path = tmp_path / "amb.safetensors"
+    save_torch(sd, str(path))
+    layers = _by_name(read_checkpoint(path))
+    dw = layers["blk.conv_dw"]
+    assert (dw.groups, dw.groups_source, dw.producer) == (8, "inferred", None)
+    assert (layers["gray.0"].groups, layers["gray.0"].groups_source) == (1, "default")
+
+
+@pytest.mark.real
+def test_real_mobilenet_v2_as_safetensors_has_the_same_producers(
+    realdata: Path, tmp_path: Path
+) -> None:
+    pth = read_checkpoint(realdata / "mobilenet_v2_imagenet.pth")
+    sd = torch.load(realdata / "mobilenet_v2_imagenet.pth", weights_only=True, map_location="cpu")
+    path = tmp_path / "mobilenet_v2.safetensors"
+    save_torch({k: v.contiguous() for k, v in sd.items()}, str(path))
+    st = read_checkpoint(path)
+    producers = {x.name: x.producer for x in pth.layers if x.is_depthwise}
+    assert len(producers) == 17
+    assert producers["features.1.conv.0.0"] == "features.0.0"
+    rest = {n: p for n, p in producers.items() if n != "features.1.conv.0.0"}
+    assert all(p == f"{n.removesuffix('1.0')}0.0" for n, p in rest.items())
+    assert {x.name: x.producer for x in st.layers if x.is_depthwise} == producers
+    assert _summary(st) == _summary(pth)
+
+
+def test_onnx_names_that_are_not_utf8_are_corrupt_not_a_crash(tmp_path: Path) -> None:
+    path, _ = _onnx_model(tmp_path)
+    data = path.read_bytes()
+    assert data.count(b"tok.weight") >= 1
+    path.write_bytes(data.replace(b"tok.weight", b"tok.weigh\xff"))
+    with pytest.raises(CheckpointError, match="corrupt") as ei:
+        read_checkpoint(path)
+    assert str(path) in _message(ei)
