@@ -13,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphs.errors import InvalidInputError
-from graphs.hsc import DENSE_MAX, HscLayerResult, hsc
+from graphs.hsc import HscLayerResult, hsc
 from graphs.report import HscResult
+from graphs.spectral import DENSE_MAX
 from tests.graphs.planted import planted_layer, random_layer, same_partition
 
-hsc_module = sys.modules["graphs.hsc"]  # graphs/__init__ re-exports the function under that name
+spectral_module = sys.modules["graphs.spectral"]
 
 RANDOM_SHAPES = [(16, 144), (64, 576), (256, 2304), (512, 4608)]
 PLANTED = [(8, 4, 144), (20, 3, 576), (32, 8, 576), (32, 8, 144)]
@@ -199,13 +200,13 @@ def test_medoid_and_norm_tie_break() -> None:
 
 def test_large_component_uses_sparse_eigsh(monkeypatch: pytest.MonkeyPatch) -> None:
     dense_sizes: list[int] = []
-    eigh = hsc_module.la.eigh
+    eigh = spectral_module.la.eigh
 
     def spy(a: np.ndarray, *args: Any, **kwargs: Any) -> Any:
         dense_sizes.append(a.shape[0])
         return eigh(a, *args, **kwargs)
 
-    monkeypatch.setattr(hsc_module.la, "eigh", spy)
+    monkeypatch.setattr(spectral_module.la, "eigh", spy)
     X, truth = planted_layer(2, 300, 64, seed=0)  # two components of 300 > DENSE_MAX
     r = hsc(X, seed=1)
     assert r.n_clusters == 2 and same_partition(r.clusters, truth)
