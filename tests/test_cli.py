@@ -191,3 +191,60 @@ def test_report_is_identical_across_processes_and_thread_counts(ckpt: Path) -> N
         outs.append(res.stdout)
     assert outs[0] == outs[1]
     assert json.loads(outs[0])["seed"] == 9
+
+
+def _onnx_of(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """SmallNet's conv1 → conv2 → fc as an ONNX graph (weights as initializers)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def init(name: str) -> TensorProto:
+        return numpy_helper.from_array(sd[name].numpy(), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "conv2.weight", "conv2.bias"], ["h2"]),
+        helper.make_node("GlobalAveragePool", ["h2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "smallnet",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [
+            init(k)
+            for k in (
+                "conv1.weight",
+                "conv1.bias",
+                "conv2.weight",
+                "conv2.bias",
+                "fc.weight",
+                "fc.bias",
+            )
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_every_format_gives_the_same_analysis(ckpt: Path, tmp_path: Path) -> None:
+    """The same weights as .pt, .safetensors (under a misleading name) and ONNX."""
+    from safetensors.torch import save_file
+
+    sd = torch.load(ckpt, weights_only=True)
+    conv_fc = {k: v for k, v in sd.items() if k.split(".")[0] in ("conv1", "conv2", "fc")}
+    torch.save(conv_fc, tmp_path / "plain.pt")
+    save_file(conv_fc, str(tmp_path / "weights.bin"))
+    _onnx_of(conv_fc, tmp_path / "model.onnx")
+    layers = []
+    for name, fmt in (("plain.pt", "pytorch"), ("weights.bin", "safetensors"),
+                      ("model.onnx", "onnx")):  # fmt: skip
+        code, out, err = _run("analyze", str(tmp_path / name), "--json")
+        assert code == 0, err
+        data = json.loads(out)
+        assert data["checkpoint"]["format"] == fmt
+        layers.append(data["layers"])
+    assert [layer["name"] for layer in layers[0]] == ["conv1", "conv2", "fc"]
+    assert layers[0] == layers[1] == layers[2]

@@ -7,11 +7,13 @@ import itertools
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from graphs import InvalidInputError, fpgm, hsc, l1, mrp, srr
 from graphs.mrp import response_information
 from graphs.srr import greedy_covering_number
-from tests.graphs.planted import planted_layer, random_layer
+from tests.graphs.planted import planted_layer, random_layer, same_partition
 
 
 def _slow_greedy_cover(adj: np.ndarray, ell: int) -> int:
@@ -144,3 +146,25 @@ def test_weakly_alike_filters_are_not_redundant(method: str) -> None:
     assert fn(X, min_explained=0.0).redundancy == pytest.approx(8 / 64)
     with pytest.raises(InvalidInputError):
         fn(X, min_explained=1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(2, 8),
+    st.integers(1, 4),
+    st.integers(2, 40),
+    st.integers(0, 2**16),
+)
+def test_permutation_and_scale_change_only_labels(m: int, r: int, d: int, seed: int) -> None:
+    """Property test: for any small layer of prototypes and copies, permuting and positively
+    rescaling the filters permutes the labels and leaves every figure unchanged."""
+    X, _ = planted_layer(m, r, d, seed=seed, noise=0.05)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(X))
+    Y = X[perm] * rng.uniform(0.1, 10, (len(X), 1))
+    a, b = mrp(X, seed=1), mrp(Y, seed=1)
+    assert a.redundancy == b.redundancy and same_partition(a.communities[perm], b.communities)
+    c, e = srr(X), srr(Y)
+    assert c.redundancy == e.redundancy and same_partition(c.components[perm], e.components)
+    f, g = hsc(X, seed=1), hsc(Y, seed=1)
+    assert f.redundancy == g.redundancy and same_partition(f.clusters[perm], g.clusters)
