@@ -13,6 +13,7 @@ from graphs.errors import InvalidInputError, NoPrunableLayersError
 from graphs.grouping import build_groups
 from graphs.hsc import hsc
 from graphs.layers import LayerGroup, LayerWeights
+from graphs.manifest import Manifest
 from graphs.mrp import mrp
 from graphs.report import (
     ALL_METHODS,
@@ -130,6 +131,7 @@ def analyze(
     seed: int = 0,
     options: AnalysisOptions | None = None,
     progress: Progress | None = None,
+    manifest: Manifest | None = None,
 ) -> Report:
     """Calibrated per-layer redundancy of a checkpoint's layers.
 
@@ -142,6 +144,8 @@ def analyze(
         seed: seed of every stochastic step.
         options: method parameters.
         progress: optional callback after each group.
+        manifest: coupling groups and MACs (design §2): coupled layers are scored as one group
+            and the summary gains FLOPs and FLOPs-weighted redundancy.
 
     Returns:
         the :class:`Report`; byte-identical JSON for the same inputs and seed.
@@ -154,7 +158,7 @@ def analyze(
     if not 0 <= seed < 2**32:
         raise InvalidInputError(f"seed must be in [0, 2**32), got {seed}")
     opts = options or AnalysisOptions()
-    groups, dw_skipped = build_groups(layers)
+    groups, dw_skipped = build_groups(layers, manifest)
     if not groups:
         why = "; ".join(f"{s.name}: {s.reason}" for s in [*skipped, *dw_skipped][:5])
         raise NoPrunableLayersError(
@@ -190,15 +194,37 @@ def analyze(
         seed=seed,
         layers=reports,
         skipped=all_skipped,
-        summary=summarize(reports, chosen, checkpoint, len(all_skipped)),
+        summary=summarize(
+            reports, chosen, checkpoint, len(all_skipped), _group_macs(groups, manifest)
+        ),
+    )
+
+
+def _group_macs(
+    groups: Sequence[LayerGroup], manifest: Manifest | None
+) -> tuple[list[float], int] | None:
+    """MACs that scale with each group's output channels, and the model's total."""
+    if manifest is None:
+        return None
+    by_group: dict[int, float] = {}
+    for c in manifest.costs:
+        if c.out_group is not None:
+            by_group[c.out_group] = by_group.get(c.out_group, 0.0) + c.macs
+    return [by_group.get(g.group_id, 0.0) if g.group_id is not None else 0.0 for g in groups], (
+        manifest.macs_total
     )
 
 
 def summarize(
-    layers: Sequence[LayerReport], methods: Sequence[str], checkpoint: CheckpointInfo, n_skip: int
+    layers: Sequence[LayerReport],
+    methods: Sequence[str],
+    checkpoint: CheckpointInfo,
+    n_skip: int,
+    macs: tuple[list[float], int] | None = None,
 ) -> Summary:
-    """Model-level figures: params-weighted redundancy and the most redundant layers."""
+    """Model-level figures: params- (and FLOPs-) weighted redundancy, the most redundant layers."""
     params = np.array([layer.params for layer in layers], dtype=np.float64)
+    flops_w = np.array(macs[0], dtype=np.float64) if macs is not None else None
     per_method: dict[str, MethodSummary] = {}
     for m in methods:
         red = [layer.methods[m].redundancy for layer in layers]
@@ -210,9 +236,14 @@ def summarize(
         r = np.array(red, dtype=np.float64)
         weighted = float(np.dot(params, r) / params.sum()) if params.sum() > 0 else 0.0
         order = sorted(range(len(layers)), key=lambda i: (-r[i], layers[i].name))
+        by_flops = (
+            round(float(np.dot(flops_w, r) / flops_w.sum()), 6)
+            if flops_w is not None and flops_w.sum() > 0
+            else None
+        )
         per_method[m] = MethodSummary(
             redundancy_params_weighted=round(weighted, 6),
-            redundancy_flops_weighted=None,
+            redundancy_flops_weighted=by_flops,
             most_redundant=[layers[i].name for i in order[:5] if r[i] > 0],
         )
     return Summary(
@@ -220,6 +251,6 @@ def summarize(
         n_skipped=n_skip,
         params_total=checkpoint.n_params,
         params_analysed=int(params.sum()),
-        flops=None,
+        flops=macs[1] if macs is not None else None,
         methods=per_method,
     )

@@ -14,21 +14,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from graphs.layers import LayerGroup, LayerWeights
+from graphs.manifest import Manifest
 from graphs.report import SkippedLayer
 
 
 def build_groups(
-    layers: Sequence[LayerWeights],
+    layers: Sequence[LayerWeights], manifest: Manifest | None = None
 ) -> tuple[list[LayerGroup], list[SkippedLayer]]:
     """Group layers for scoring.
 
     Args:
         layers: prunable layers in checkpoint (data-flow) order.
+        manifest: when given, its channel groups decide (coupling ``manifest``): each group's
+            producers are scored together; layers it does not mention are grouped as without one.
 
     Returns:
         ``(groups, skipped)``: groups in the order of their producers; depthwise convs with no
         producer are skipped with the reason.
     """
+    if manifest is not None:
+        return _manifest_groups(layers, manifest)
     members: dict[str, list[LayerWeights]] = {}
     order: list[str] = []
     skipped: list[SkippedLayer] = []
@@ -86,3 +91,41 @@ def build_groups(
         for name in order
     ]
     return groups, skipped
+
+
+def _manifest_groups(
+    layers: Sequence[LayerWeights], manifest: Manifest
+) -> tuple[list[LayerGroup], list[SkippedLayer]]:
+    by_name = {layer.name: layer for layer in layers}
+    groups: list[LayerGroup] = []
+    skipped: list[SkippedLayer] = []
+    covered: set[str] = set()
+    for g in manifest.groups:
+        covered.update(g.producers)
+        missing = [p for p in g.producers if p not in by_name]
+        if missing:
+            skipped.append(
+                SkippedLayer(
+                    name=g.producers[0],
+                    reason=(
+                        f"the manifest's group {g.id} needs {', '.join(missing)}, which the "
+                        "checkpoint does not hold (skipped, NaN or another model): rebuild the "
+                        "manifest from this model"
+                    ),
+                )
+            )
+            continue
+        members = tuple(by_name[p] for p in g.producers)
+        if any(m.n_filters != g.channels for m in members):
+            skipped.append(
+                SkippedLayer(
+                    name=g.producers[0],
+                    reason=f"the manifest says {g.channels} channels, the checkpoint differs",
+                )
+            )
+            continue
+        groups.append(
+            LayerGroup(name=g.producers[0], members=members, coupling="manifest", group_id=g.id)
+        )
+    rest, rest_skipped = build_groups([layer for layer in layers if layer.name not in covered])
+    return groups + rest, skipped + rest_skipped

@@ -98,6 +98,7 @@ class LayerGroup:
     name: str
     members: tuple[LayerWeights, ...]
     coupling: Coupling = "none"
+    group_id: int | None = None  # the manifest's channel group, when a manifest made it
 
     def __post_init__(self) -> None:
         if not self.members:

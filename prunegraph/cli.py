@@ -19,6 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from graphs import AnalysisOptions, InvalidInputError, PruneGraphError, Report, analyze
+from graphs.manifest import Manifest
+from graphs.plan import Constraints, PruningPlan, Target
 from graphs.report import ALL_METHODS, LayerReport, MethodResult
 
 app = typer.Typer(
@@ -123,6 +125,25 @@ def _check_output(path: Path | None) -> None:
         raise _output_error(path, OSError(0, "no such writable file location"))
 
 
+def _load_manifest(path: Path | None) -> Manifest | None:
+    if path is None:
+        return None
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise InvalidInputError(
+            f"cannot read the manifest {path}: {e.strerror or e}", hint="Check the path."
+        ) from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InvalidInputError(
+            f"{path} is not a valid prunegraph manifest: {first['msg']} at "
+            f"{'.'.join(map(str, first['loc'])) or 'top level'}",
+            hint="Build one with `prunegraph manifest --model pkg.module:factory "
+            "--input-shape 1,3,224,224 -o manifest.json`.",
+        ) from None
+
+
 def _parse_methods(methods: str) -> list[str]:
     return [m.strip() for m in methods.split(",") if m.strip()]
 
@@ -142,6 +163,9 @@ def analyze_cmd(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="also write the JSON report here")
     ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="manifest JSON: coupling groups and FLOPs")
+    ] = None,
 ) -> None:
     """Per-layer calibrated redundancy of a checkpoint (embedded: no server needed)."""
     out = _console()
@@ -153,6 +177,7 @@ def analyze_cmd(
     try:
         _check_output(output)
         options = _options(alpha=alpha, min_explained=min_explained)
+        man = _load_manifest(manifest)
         parsed = read_checkpoint(checkpoint)
         t_read = time.perf_counter() - t0
         with Progress(
@@ -177,6 +202,7 @@ def analyze_cmd(
                 seed=seed,
                 options=options,
                 progress=tick,
+                manifest=man,
             )
     except PruneGraphError as e:
         raise _fail(err, e) from None
@@ -195,6 +221,150 @@ def analyze_cmd(
         f"[dim]read {t_read:.2f} s · analysed {len(report.layers)} groups in "
         f"{t_total - t_read:.2f} s[/]"
     )
+
+
+def render_plan(plan: PruningPlan, console: Console) -> None:
+    """Per-group before → after table with the method's rationale, then the totals."""
+    table = Table(title=f"prunegraph plan · {plan.method} · target {plan.target.kind} "
+                  f"{plan.target.ratio:.0%} · coupling {plan.coupling}")  # fmt: skip
+    for col in ("group", "layers", "channels", "removed", "rationale"):
+        table.add_column(col, no_wrap=col != "rationale")
+    for g in plan.groups:
+        extra = f" (+{len(g.producers) - 1})" if len(g.producers) > 1 else ""
+        table.add_row(
+            f"{g.name}{extra}",
+            str(len(g.producers)),
+            f"{g.channels_before} → {g.channels_after}",
+            str(len(g.remove)),
+            g.rationale,
+        )
+    console.print(table)
+    console.print(
+        f"params {plan.params_before:,} → {plan.params_after:,} "
+        f"(−{plan.achieved['params']:.1%})"
+        + (
+            f" · FLOPs (MACs) {plan.flops_before:,} → {plan.flops_after:,} "
+            f"(−{plan.achieved['flops']:.1%})"
+            if plan.flops_before is not None and plan.flops_after is not None
+            else " · FLOPs unknown (no manifest)"
+        )
+    )
+    console.print(f"rule: {plan.rule}", highlight=False)
+
+
+@app.command("plan")
+def plan_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help=".pt/.pth, .safetensors or ONNX file")],
+    method: Annotated[str, typer.Option(help="mrp, srr, hsc, l1, fpgm or random")] = "mrp",
+    target_flops: Annotated[
+        float | None, typer.Option(help="fraction of FLOPs to remove (needs a manifest)")
+    ] = None,
+    target_params: Annotated[
+        float | None, typer.Option(help="fraction of params to remove")
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="manifest JSON: coupling groups and FLOPs")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
+    step: Annotated[
+        float, typer.Option(help="filters per greedy step: an integer, or a fraction of a group")
+    ] = 0.05,
+    min_channels: Annotated[int, typer.Option(help="never keep fewer channels")] = 1,
+    max_ratio: Annotated[float, typer.Option(help="never remove more of a group")] = 0.9,
+    round_to: Annotated[int | None, typer.Option(help="kept channels a multiple of this")] = None,
+    ignore: Annotated[
+        list[str] | None, typer.Option(help="layer never pruned (repeatable)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON plan")] = False,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="write the JSON plan here")
+    ] = None,
+) -> None:
+    """A pruning plan that reaches a FLOPs or params target (embedded: no server needed)."""
+    from graphs.planner import plan_layers
+    from service.ingest import read_checkpoint
+
+    out = _console()
+    err = _console(stderr=True)
+    t0 = time.perf_counter()
+    try:
+        _check_output(output)
+        try:
+            target = Target(flops=target_flops, params=target_params)
+            constraints = Constraints(
+                min_channels=min_channels,
+                max_ratio=max_ratio,
+                round_to=round_to,
+                ignored=sorted(ignore or []),
+            )
+        except ValidationError as e:
+            raise InvalidInputError(
+                e.errors()[0]["msg"].replace("Value error, ", ""),
+                hint="Give exactly one of --target-flops or --target-params, in (0, 1).",
+            ) from None
+        if method not in ("mrp", "srr", "hsc", "l1", "fpgm", "random"):
+            raise InvalidInputError(
+                f"unknown method {method!r}", hint="Choose mrp, srr, hsc, l1, fpgm or random."
+            )
+        man = _load_manifest(manifest)
+        parsed = read_checkpoint(checkpoint)
+        plan = plan_layers(
+            parsed.layers,
+            method=method,  # type: ignore[arg-type]
+            target=target,
+            params_total=parsed.info.n_params,
+            manifest=man,
+            constraints=constraints,
+            step=step,
+            seed=seed,
+            checkpoint_sha256=parsed.info.sha256,
+        )
+    except PruneGraphError as e:
+        raise _fail(err, e) from None
+    text = plan.to_json()
+    if output is not None:
+        try:
+            output.write_text(text + "\n")
+        except OSError as e:
+            raise _fail(err, _output_error(output, e)) from None
+    if as_json:
+        out.out(text, highlight=False)
+    else:
+        render_plan(plan, out)
+    err.print(f"[dim]planned in {time.perf_counter() - t0:.2f} s[/]")
+
+
+@app.command("manifest")
+def manifest_cmd(
+    model: Annotated[str, typer.Option(help="importable factory, pkg.module:function")],
+    input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 1,3,224,224")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="write the manifest here")],
+) -> None:
+    """Build a manifest (coupling groups, output sizes, MACs) from a model factory."""
+    err = _console(stderr=True)
+    try:
+        _check_output(output)
+        try:
+            shape = tuple(int(x) for x in input_shape.split(","))
+        except ValueError:
+            raise InvalidInputError(
+                f"--input-shape {input_shape!r} is not a comma-separated list of integers",
+                hint="For example --input-shape 1,3,224,224.",
+            ) from None
+        from clients.manifest import manifest_from_factory
+
+        try:
+            man = manifest_from_factory(model, shape)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise InvalidInputError(
+                f"cannot build the model {model!r}: {e}",
+                hint="Pass --model as pkg.module:factory, importable from here, and an input "
+                "shape the model accepts.",
+            ) from None
+        output.write_text(man.model_dump_json(indent=2) + "\n")
+    except PruneGraphError as e:
+        raise _fail(err, e) from None
+    err.print(f"manifest: {len(man.groups)} channel groups, {man.macs_total:,} MACs → {output}")
 
 
 @app.callback()

@@ -1,0 +1,112 @@
+"""The manifest: what the weights alone cannot tell about a model (design §2).
+
+Built next to the live model by :func:`clients.build_manifest` (torch-pruning's DependencyGraph
+for coupling, forward hooks for output sizes and MACs), or from an ONNX graph by the service.
+With a manifest, the analysis scores coupled layers as one group and the planner knows params
+and MACs exactly; without one, every layer is analysed on its own and coupling is ``unknown``.
+
+JSON form: ``Manifest.model_dump_json()``; ``schema_version`` is checked on load.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MANIFEST_VERSION = "1.0"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ParamAxis(_Frozen):
+    """One axis of one parameter tensor that loses an entry per removed channel."""
+
+    param: str = Field(description="parameter name as in model.named_parameters()")
+    axis: int = Field(ge=0)
+    per_channel: int = Field(
+        1,
+        ge=1,
+        description="entries per channel on this axis: a linear layer after a flatten of C×H×W "
+        "has H·W input entries per channel, channel c owning entries [c·H·W, (c+1)·H·W)",
+    )
+
+
+class ChannelGroup(_Frozen):
+    """Channels that must be removed together (same indices in every member)."""
+
+    id: int = Field(ge=0)
+    channels: int = Field(ge=1)
+    producers: list[str] = Field(
+        description="conv/linear layers whose OUTPUT channels these are (axis 0 of their weight)"
+    )
+    params: list[ParamAxis] = Field(
+        description="every (parameter, axis) that shrinks when a channel of the group is removed"
+    )
+    prunable: bool = True
+    reason: str | None = Field(None, description="why the group is not prunable")
+
+
+class ModuleCost(_Frozen):
+    """MACs of one module for the example input (batch of 1) and how they scale.
+
+    ``macs_after = macs · (kept_out / out if out_group else 1) · (kept_in / in if in_group else 1)``
+    with kept counts taken from the groups named here.
+    """
+
+    name: str
+    macs: int = Field(ge=0)
+    out_group: int | None = None
+    in_group: int | None = None
+
+
+class ManifestLayer(_Frozen):
+    name: str
+    kind: Literal["conv1d", "conv2d", "conv3d", "linear"]
+    weight_shape: list[int]
+    groups: int = Field(1, ge=1, description="the conv's groups (1 for linear)")
+    out_spatial: int = Field(ge=1, description="output positions per channel for one sample")
+    role: Literal["stem", "body", "classifier"] = "body"
+
+
+class Manifest(_Frozen):
+    schema_version: str = MANIFEST_VERSION
+    input_shapes: list[list[int]] = Field(description="shapes of the example inputs")
+    params_total: int = Field(ge=0, description="sum of numel over model.parameters()")
+    macs_total: int = Field(ge=0, description="MACs of one forward pass on the example inputs")
+    param_shapes: dict[str, list[int]] = Field(description="every parameter's shape")
+    layers: list[ManifestLayer]
+    groups: list[ChannelGroup]
+    costs: list[ModuleCost] = Field(description="modules whose MACs depend on channel counts")
+    ignored: list[str] = Field(
+        default_factory=list,
+        description="layers whose output channels are never pruned (stem and classifier by "
+        "default, plus the user's)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Manifest:
+        if self.schema_version.split(".")[0] != MANIFEST_VERSION.split(".")[0]:
+            raise ValueError(
+                f"manifest schema {self.schema_version} is not supported (expected "
+                f"{MANIFEST_VERSION}); rebuild it with this version of prunegraph"
+            )
+        ids = [g.id for g in self.groups]
+        if len(set(ids)) != len(ids):
+            raise ValueError("manifest group ids must be unique")
+        known = set(self.param_shapes)
+        for g in self.groups:
+            for pa in g.params:
+                if pa.param not in known:
+                    raise ValueError(f"group {g.id} names unknown parameter {pa.param!r}")
+                if pa.axis >= len(self.param_shapes[pa.param]):
+                    raise ValueError(f"group {g.id}: {pa.param} has no axis {pa.axis}")
+                if self.param_shapes[pa.param][pa.axis] != g.channels * pa.per_channel:
+                    raise ValueError(
+                        f"group {g.id}: {pa.param} axis {pa.axis} has "
+                        f"{self.param_shapes[pa.param][pa.axis]} entries, not "
+                        f"{g.channels} × {pa.per_channel}"
+                    )
+        return self

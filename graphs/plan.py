@@ -1,0 +1,95 @@
+"""The pruning plan: a versioned, frozen, replayable record of which channels to remove.
+
+Like torch-pruning's pruning history, a plan lists per channel group the ORIGINAL indices to
+remove; replaying it on the unpruned model (``clients.apply_plan``) gives the pruned model.
+JSON from :meth:`PruningPlan.to_json` is byte-identical for the same input, config and seed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PLAN_VERSION = "1.0"
+PlanMethod = Literal["mrp", "srr", "hsc", "l1", "fpgm", "random"]
+PLAN_METHODS: tuple[PlanMethod, ...] = ("mrp", "srr", "hsc", "l1", "fpgm", "random")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Target(_Frozen):
+    """Fraction of FLOPs (MACs) or of parameters to remove; exactly one is set."""
+
+    flops: float | None = Field(None, gt=0, lt=1)
+    params: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> Target:
+        if (self.flops is None) == (self.params is None):
+            raise ValueError("a target sets exactly one of flops or params, e.g. {'flops': 0.5}")
+        return self
+
+    @property
+    def kind(self) -> Literal["flops", "params"]:
+        return "flops" if self.flops is not None else "params"
+
+    @property
+    def ratio(self) -> float:
+        return float(self.flops if self.flops is not None else self.params)  # type: ignore[arg-type]
+
+
+class Constraints(_Frozen):
+    min_channels: int = Field(1, ge=1, description="never keep fewer channels in a group")
+    max_ratio: float = Field(0.9, gt=0, le=1, description="never remove more of a group")
+    round_to: int | None = Field(None, ge=1, description="kept channels are a multiple of this")
+    ignored: list[str] = Field(default_factory=list, description="layers never pruned")
+
+
+class GroupPlan(_Frozen):
+    id: int
+    name: str = Field(description="the group's first producer")
+    producers: list[str]
+    channels_before: int
+    channels_after: int
+    remove: list[int] = Field(description="sorted ORIGINAL indices of the removed channels")
+    redundancy: float | None = Field(description="the method's redundancy of the group")
+    rationale: str
+
+
+class PruningPlan(_Frozen):
+    schema_version: str = PLAN_VERSION
+    checkpoint_sha256: str | None
+    method: PlanMethod
+    target: Target
+    constraints: Constraints
+    seed: int
+    parameters: dict[str, float | int | str]
+    coupling: Literal["manifest", "unknown"]
+    groups: list[GroupPlan]
+    expected_shapes: dict[str, list[int]] = Field(
+        description="parameter shapes after pruning (all parameters when a manifest is known, "
+        "else the analysed layers' weights)"
+    )
+    params_before: int
+    params_after: int
+    flops_before: int | None = Field(description="MACs; null without a manifest")
+    flops_after: int | None
+    achieved: dict[str, float] = Field(description="fraction of params/flops removed")
+    rule: str = Field(description="how channels were allocated, including any fallback")
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return self.model_dump_json(indent=indent)
+
+    @model_validator(mode="after")
+    def _check(self) -> PruningPlan:
+        for g in self.groups:
+            if sorted(set(g.remove)) != g.remove:
+                raise ValueError(f"group {g.name}: indices must be sorted and unique")
+            if g.remove and (g.remove[0] < 0 or g.remove[-1] >= g.channels_before):
+                raise ValueError(f"group {g.name}: indices out of range [0, {g.channels_before})")
+            if g.channels_after != g.channels_before - len(g.remove):
+                raise ValueError(f"group {g.name}: channels_after does not match the indices")
+        return self

@@ -1,0 +1,340 @@
+"""Pruning plans: how many channels each group loses, and which, to reach a target (design §4).
+
+Allocation per method:
+
+* ``mrp`` (SRP): repeat — in the most redundant group (mrp redundancy of its kept filters),
+  remove its most replaceable filters (``step`` at a time: an int is a count, step=1 exact; a
+  float in (0, 1) a fraction of the group) and recompute that group only — until the target;
+* ``srr``: repeat — remove one vertex from the graph of the most redundant group (srr
+  redundancy) and recompute it; the counts found this way are then taken as the filters of
+  smallest L1 in each group, as in the paper;
+* ``hsc``: the same greedy allocation on hsc redundancy; the kept filters are one medoid per
+  cluster (clustering into exactly as many clusters as are kept when that is fewer);
+* ``l1`` / ``fpgm`` / ``random``: one uniform ratio for all groups, found by bisection.
+
+When no group has redundancy left and the target is not met, the remaining reduction is taken
+**uniformly**: one extra ratio for all groups (bisection), filters chosen by the method's own
+order (mrp: replaceability then L1; srr and hsc: L1 / cluster order). The plan's ``rule`` says
+whether and how much this fallback was used. Constraints (ignored groups, minimum channels,
+maximum ratio per group, ``round_to``) hold throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from graphs.analyze import AnalysisOptions, layer_seed
+from graphs.baselines import fpgm
+from graphs.cost import CostModel
+from graphs.errors import InvalidInputError, NoPrunableLayersError
+from graphs.grouping import build_groups
+from graphs.layers import LayerGroup, LayerWeights
+from graphs.manifest import Manifest
+from graphs.plan import Constraints, GroupPlan, PlanMethod, PruningPlan, Target
+from graphs.selection import GroupState, HscState, MrpState, SrrState
+
+GRAPH_METHODS = ("mrp", "srr", "hsc")
+
+
+def _state(group: LayerGroup, method: str, opts: AnalysisOptions, seed: int) -> GroupState:
+    X = group.vectors()
+    s = layer_seed(seed, group.name)
+    edges = {"alpha": opts.alpha, "min_explained": opts.min_explained}
+    if method == "mrp":
+        return MrpState(X, s, resolution=opts.resolution, **edges)
+    if method == "srr":
+        return SrrState(X, s, **edges)
+    if method == "hsc":
+        return HscState(X, s, k=opts.k, n_rounds=opts.n_rounds, **edges)
+    return GroupState(X, s)
+
+
+def _baseline_order(group: LayerGroup, method: str, seed: int) -> np.ndarray:
+    X = group.vectors()
+    n = X.shape[0]
+    idx = np.arange(n)
+    if method == "l1":
+        return idx[np.lexsort((idx, np.abs(X).sum(axis=1)))]
+    if method == "fpgm":
+        return idx[np.lexsort((idx, fpgm(X).gm_distance))]
+    return np.random.default_rng(layer_seed(seed, group.name)).permutation(n)
+
+
+class _Budget:
+    """Kept channels per group with running params/MACs, and the target test."""
+
+    def __init__(self, cost: CostModel, target: Target, ids: Sequence[int]) -> None:
+        self.cost, self.target = cost, target
+        self.kept = dict(cost.channels)
+        self.params0 = cost.params()
+        self.macs0 = cost.macs()
+        if target.kind == "flops" and self.macs0 is None:
+            raise InvalidInputError(
+                "a FLOPs target needs the model's output sizes",
+                hint="Pass a manifest (prunegraph manifest --model pkg.module:factory "
+                "--input-shape 1,3,224,224 -o manifest.json), or use a params target.",
+            )
+        self.params, self.macs = float(self.params0), float(self.macs0 or 0)
+        self.ids = list(ids)
+
+    def set(self, gid: int, kept: int) -> None:
+        dp, dm = self.cost.delta(self.kept, gid, kept)
+        self.params += dp
+        self.macs += dm
+        self.kept[gid] = kept
+
+    def achieved(self, kept: dict[int, int] | None = None) -> float:
+        if kept is not None:
+            if self.target.kind == "flops":
+                return 1.0 - (self.cost.macs(kept) or 0) / max(self.macs0 or 1, 1)
+            return 1.0 - self.cost.params(kept) / max(self.params0, 1)
+        if self.target.kind == "flops":
+            return 1.0 - self.macs / max(self.macs0 or 1, 1)
+        return 1.0 - self.params / max(self.params0, 1)
+
+    def met(self) -> bool:
+        return self.achieved() >= self.target.ratio - 1e-12
+
+
+def _limit(n: int, c: Constraints) -> int:
+    """Most channels a group of n may lose."""
+    return max(0, min(n - c.min_channels, math.floor(c.max_ratio * n)))
+
+
+def make_plan(
+    groups: Sequence[LayerGroup],
+    *,
+    method: PlanMethod,
+    target: Target,
+    cost: CostModel,
+    constraints: Constraints | None = None,
+    options: AnalysisOptions | None = None,
+    step: float = 0.05,
+    seed: int = 0,
+    checkpoint_sha256: str | None = None,
+    prunable: dict[int, bool] | None = None,
+    param_shapes: dict[str, list[int]] | None = None,
+) -> PruningPlan:
+    """A plan that removes ``target`` of the FLOPs or params by ``method``.
+
+    Args:
+        groups: the analysed groups; ``group_id`` (manifest) or the position is the cost id.
+        cost: params/MACs model over the same ids (:class:`graphs.cost.CostModel`).
+        prunable: group id → whether it may lose channels (stem/classifier are not).
+        step: filters removed per greedy iteration (int ≥ 1) or fraction of the group.
+        param_shapes: all parameter shapes (manifest) for ``expected_shapes``.
+    """
+    c = constraints or Constraints()
+    opts = options or AnalysisOptions()
+    if not (step >= 1 and float(step).is_integer()) and not 0 < step < 1:
+        raise InvalidInputError(f"step must be an integer >= 1 or a fraction in (0, 1), got {step}")
+    ids = [g.group_id if g.group_id is not None else i for i, g in enumerate(groups)]
+    ok = {
+        gid: (prunable or {}).get(gid, True) and not any(m.name in c.ignored for m in g.members)
+        for gid, g in zip(ids, groups, strict=True)
+    }
+    budget = _Budget(cost, target, ids)
+    limit = {
+        gid: _limit(g.n_filters, c) if ok[gid] else 0 for gid, g in zip(ids, groups, strict=True)
+    }
+    removed: dict[int, list[int]] = {gid: [] for gid in ids}
+    redundancy: dict[int, float | None] = {gid: None for gid in ids}
+    states: dict[int, GroupState] = {}
+
+    if method in GRAPH_METHODS:
+        for gid, g in zip(ids, groups, strict=True):
+            if limit[gid]:
+                states[gid] = _state(g, method, opts, seed)
+                redundancy[gid] = round(states[gid].redundancy(), 6)
+        while not budget.met():
+            live = [
+                gid for gid, st in states.items()
+                if len(removed[gid]) < limit[gid] and st.redundant_count() > 0
+            ]  # fmt: skip
+            if not live:
+                break
+            gid = max(live, key=lambda i: (states[i].redundancy(), -i))
+            n_now = int(states[gid].alive.sum())
+            n = int(step) if step >= 1 else max(1, round(step * n_now))
+            took = states[gid].take(min(n, limit[gid] - len(removed[gid])))
+            if not took:
+                break
+            removed[gid].extend(took)
+            budget.set(gid, cost.channels[gid] - len(removed[gid]))
+    greedy = sum(len(r) for r in removed.values())
+
+    # Uniform remainder (the baselines' whole rule; the graph methods' fallback).
+    extra: dict[int, int] = {gid: 0 for gid in ids}
+    if not budget.met():
+        base = {gid: len(removed[gid]) for gid in ids}
+
+        def kept_at(rho: float) -> dict[int, int]:
+            out = {}
+            for gid, g in zip(ids, groups, strict=True):
+                want = min(limit[gid], math.ceil(rho * g.n_filters - 1e-9))
+                out[gid] = cost.channels[gid] - max(base[gid], want)
+            return out
+
+        lo, hi = 0.0, 1.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            if budget.achieved(kept_at(mid)) >= target.ratio:
+                hi = mid
+            else:
+                lo = mid
+        final = kept_at(hi)
+        for gid in ids:
+            extra[gid] = cost.channels[gid] - final[gid] - base[gid]
+            budget.set(gid, final[gid])
+        # One ratio for all groups moves in steps of whole channels per group: give channels
+        # back, one at a time, while the target still holds (largest extra first).
+        for gid in sorted(ids, key=lambda i: (-extra[i], i)):
+            while extra[gid] > 0:
+                budget.set(gid, budget.kept[gid] + 1)
+                if not budget.met():
+                    budget.set(gid, budget.kept[gid] - 1)
+                    break
+                extra[gid] -= 1
+
+    # Which filters: per method, original indices.
+    plans: list[GroupPlan] = []
+    for gid, g in zip(ids, groups, strict=True):
+        n_remove = len(removed[gid]) + extra[gid]
+        if c.round_to and n_remove:
+            kept = g.n_filters - n_remove
+            kept = min(g.n_filters, math.ceil(kept / c.round_to) * c.round_to)
+            n_remove = g.n_filters - kept
+        idx = _choose(g, gid, method, states.get(gid), removed[gid], n_remove, seed)
+        budget.set(gid, g.n_filters - len(idx))
+        plans.append(
+            GroupPlan(
+                id=gid,
+                name=g.name,
+                producers=[m.name for m in g.members],
+                channels_before=g.n_filters,
+                channels_after=g.n_filters - len(idx),
+                remove=idx,
+                redundancy=redundancy[gid],
+                rationale=_rationale(
+                    method, ok[gid], redundancy[gid], len(removed[gid]), extra[gid]
+                ),
+            )
+        )
+    shapes = {**(param_shapes or {}), **cost.shapes(budget.kept)}
+    params_after = cost.params(budget.kept)
+    macs_after = cost.macs(budget.kept)
+    achieved = {"params": round(1 - params_after / max(budget.params0, 1), 6)}
+    if macs_after is not None and budget.macs0:
+        achieved["flops"] = round(1 - macs_after / budget.macs0, 6)
+    fallback = sum(extra.values())
+    rule = (
+        f"{method}: uniform ratio by bisection"
+        if method not in GRAPH_METHODS
+        else f"{method}: greedy on redundancy removed {greedy} channels"
+        + (f"; redundancy ran out, uniform fallback removed {fallback} more" if fallback else "")
+    )
+    if budget.achieved() < target.ratio - 0.005:
+        rule += f"; target not reachable under the constraints (reached {budget.achieved():.3f})"
+    return PruningPlan(
+        checkpoint_sha256=checkpoint_sha256,
+        method=method,
+        target=target,
+        constraints=c,
+        seed=seed,
+        parameters={**opts.parameters(method), "step": step},
+        coupling="manifest" if any(g.coupling == "manifest" for g in groups) else "unknown",
+        groups=plans,
+        expected_shapes={k: shapes[k] for k in sorted(shapes)},
+        params_before=budget.params0,
+        params_after=params_after,
+        flops_before=budget.macs0,
+        flops_after=macs_after,
+        achieved=achieved,
+        rule=rule,
+    )
+
+
+def _choose(
+    g: LayerGroup,
+    gid: int,
+    method: str,
+    state: GroupState | None,
+    greedy: list[int],
+    n_remove: int,
+    seed: int,
+) -> list[int]:
+    if n_remove <= 0:
+        return []
+    if method in ("l1", "fpgm", "random") or state is None:
+        return sorted(int(i) for i in _baseline_order(g, method, seed)[:n_remove])
+    if method == "srr":  # counts from the graph, filters by smallest L1 (paper)
+        return sorted(int(i) for i in _baseline_order(g, "l1", seed)[:n_remove])
+    if isinstance(state, HscState) and g.n_filters - n_remove < state.result.n_clusters:
+        keep = set(state.keep_fewer_than_clusters(g.n_filters - n_remove).tolist())
+        return [i for i in range(g.n_filters) if i not in keep]
+    chosen = list(greedy[:n_remove])
+    rest = [int(i) for i in state.order() if int(i) not in set(chosen)]
+    return sorted(chosen + rest[: n_remove - len(chosen)])
+
+
+def _rationale(method: str, ok: bool, red: float | None, greedy: int, extra: int) -> str:
+    if not ok:
+        return "not pruned (ignored: stem, classifier or the user's choice)"
+    if method not in GRAPH_METHODS:
+        return f"{method}: uniform ratio"
+    text = f"{method} redundancy {red:.3f}" if red is not None else method
+    if greedy:
+        text += f"; {greedy} removed as redundant"
+    if extra:
+        text += f"; {extra} by the uniform fallback"
+    return text
+
+
+def plan_layers(
+    layers: Sequence[LayerWeights],
+    *,
+    method: PlanMethod,
+    target: Target,
+    params_total: int,
+    manifest: Manifest | None = None,
+    constraints: Constraints | None = None,
+    options: AnalysisOptions | None = None,
+    step: float = 0.05,
+    seed: int = 0,
+    checkpoint_sha256: str | None = None,
+) -> PruningPlan:
+    """Plan for a checkpoint's layers: groups from the manifest (exact params and MACs, its
+    stem/classifier/ignored groups kept whole) or, without one, from the layers alone (params
+    estimated, coupling ``unknown``, FLOPs targets refused, the first and last layer in
+    checkpoint order kept whole as stem and classifier)."""
+    groups, _ = build_groups(layers, manifest)
+    if not groups:
+        raise NoPrunableLayersError("no layer of the checkpoint can be planned")
+    c = constraints or Constraints()
+    if manifest is not None:
+        cost = CostModel.from_manifest(manifest)
+        prunable = {g.id: g.prunable for g in manifest.groups}
+        known = {g.group_id for g in groups}
+        if None in known:
+            names = [g.name for g in groups if g.group_id is None]
+            raise InvalidInputError(
+                f"the manifest does not cover layers {', '.join(names[:5])}",
+                hint="Rebuild the manifest from the model this checkpoint belongs to.",
+            )
+        c = c.model_copy(update={"ignored": sorted({*c.ignored, *manifest.ignored})})
+        shapes = {k: list(v) for k, v in manifest.param_shapes.items()}
+        return make_plan(
+            groups, method=method, target=target, cost=cost, constraints=c, options=options,
+            step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=prunable,
+            param_shapes=shapes,
+        )  # fmt: skip
+    cost = CostModel.from_layers(groups, params_total)
+    # Without a manifest the stem and the classifier are the first and last layers in order.
+    edge = {0: False, len(groups) - 1: False}
+    return make_plan(
+        groups, method=method, target=target, cost=cost, constraints=c, options=options,
+        step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=edge,
+    )  # fmt: skip

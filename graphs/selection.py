@@ -1,0 +1,214 @@
+"""Per-group state for greedy allocation: a group's redundancy as its filters are removed.
+
+Each state holds one group's filters (n, d) and answers two questions for the planner:
+``redundancy()`` of the filters still kept, and ``take(n)``: the next filters to remove. Graph
+states keep the graph built once on all filters (same null threshold) and recompute only on the
+kept vertices, so a step costs a Leiden run or a covering on a subgraph, not a new similarity
+matrix. ``order()`` ranks the kept filters for removal beyond their redundancy (fallback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from graphs._labels import mean_cosine_to_group
+from graphs.hsc import hsc
+from graphs.mrp import leiden_communities, response_information
+from graphs.similarity import calibrated_threshold, cosine_threshold_graph, unit_rows, upper_edges
+from graphs.srr import COVERING_WEIGHT, QUOTIENT_WEIGHT, greedy_covering_number
+
+
+@dataclass
+class GroupState:
+    """Base: importance-only ordering (no redundancy)."""
+
+    X: np.ndarray  # (n, d) filter vectors
+    seed: int
+    alive: np.ndarray = field(init=False)  # (n,) bool
+    U: np.ndarray = field(init=False)
+    l1: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.alive = np.ones(self.X.shape[0], dtype=bool)
+        self.U, norms = unit_rows(self.X)
+        self.dead = norms == 0
+        self.l1 = np.abs(self.X).sum(axis=1)
+
+    def redundancy(self) -> float:
+        return 0.0
+
+    def redundant_count(self) -> int:
+        return int(self.dead[self.alive].sum())
+
+    def take(self, n: int) -> list[int]:
+        """Remove up to n redundant filters (dead ones first); returns their indices."""
+        idx = [int(i) for i in self.order()[:n] if self.dead[i]]
+        self.alive[idx] = False
+        return idx
+
+    def order(self) -> np.ndarray:
+        """Kept filters, most removable first (dead, then smallest L1, then index)."""
+        live = np.flatnonzero(self.alive)
+        return live[np.lexsort((live, self.l1[live], ~self.dead[live]))]
+
+
+@dataclass
+class MrpState(GroupState):
+    """SRP: communities of the null-calibrated graph, recomputed on the kept filters."""
+
+    alpha: float = 0.05
+    min_explained: float = 0.5
+    resolution: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        live = ~self.dead
+        t, _ = calibrated_threshold(
+            self.U[live], alpha=self.alpha, min_explained=self.min_explained
+        )
+        self.G = cosine_threshold_graph(self.U, t)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        keep = np.flatnonzero(self.alive & ~self.dead)
+        sub = self.G[keep][:, keep]
+        edges, cos = upper_edges(sub)
+        labels, _ = leiden_communities(
+            keep.size, edges, response_information(cos), resolution=self.resolution, seed=self.seed
+        )
+        self.k = int(labels.max()) + 1 if keep.size else 0
+        self.replace = np.zeros(self.X.shape[0])
+        self.replace[self.dead] = 1.0
+        if keep.size:
+            self.replace[keep] = mean_cosine_to_group(self.U[keep], labels)
+
+    def redundancy(self) -> float:
+        n = int(self.alive.sum())
+        return 1.0 - self.k / n if n else 0.0
+
+    def redundant_count(self) -> int:
+        return int(self.alive.sum()) - self.k
+
+    def take(self, n: int) -> list[int]:
+        cand = [int(i) for i in self.order() if self.replace[i] > 0][
+            : min(n, self.redundant_count())
+        ]
+        self.alive[cand] = False
+        self._refresh()
+        return cand
+
+    def order(self) -> np.ndarray:
+        live = np.flatnonzero(self.alive)
+        return live[np.lexsort((live, self.l1[live], -self.replace[live]))]
+
+
+@dataclass
+class SrrState(GroupState):
+    """SRR: quotient size and covering number of the γ-graph on the kept filters."""
+
+    alpha: float = 0.05
+    min_explained: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        live = ~self.dead
+        t, _ = calibrated_threshold(
+            self.U[live], alpha=self.alpha, min_explained=self.min_explained
+        )
+        self.A = cosine_threshold_graph(self.U, t)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        keep = np.flatnonzero(self.alive & ~self.dead)
+        sub = self.A[keep][:, keep].tocsr()
+        k, comp = sp.csgraph.connected_components(sub, directed=False)
+        cover = (greedy_covering_number(sub, ell=1) + greedy_covering_number(sub, ell=2)) / 2
+        self.denom = QUOTIENT_WEIGHT * k + COVERING_WEIGHT * cover if keep.size else 0.0
+        sizes = np.bincount(comp, minlength=k) if keep.size else np.zeros(0, dtype=np.int64)
+        self.in_structure = np.zeros(self.X.shape[0], dtype=bool)
+        self.in_structure[keep] = sizes[comp] > 1 if keep.size else False
+
+    def redundancy(self) -> float:
+        n = int(self.alive.sum())
+        return 1.0 - self.denom / n if n else 0.0
+
+    def redundant_count(self) -> int:
+        return int(np.floor(self.alive.sum() - self.denom + 1e-9))
+
+    def take(self, n: int) -> list[int]:
+        """One vertex at a time (the paper's rule): the smallest-L1 vertex of a non-trivial
+        component, so the structure shrinks; which filters finally go is decided by L1."""
+        out: list[int] = []
+        for _ in range(min(n, self.redundant_count())):
+            live = np.flatnonzero(self.alive & (self.in_structure | self.dead))
+            if live.size == 0:
+                break
+            v = int(live[np.lexsort((live, self.l1[live], ~self.dead[live]))][0])
+            self.alive[v] = False
+            out.append(v)
+            self._refresh()
+        return out
+
+
+@dataclass
+class HscState(GroupState):
+    """hsc: clusters of the kNN hypergraph; every cluster keeps its medoid."""
+
+    alpha: float = 0.05
+    min_explained: float = 0.5
+    k: int = 5
+    n_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.result = hsc(
+            self.X,
+            k=self.k,
+            alpha=self.alpha,
+            min_explained=self.min_explained,
+            n_rounds=self.n_rounds,
+            seed=self.seed,
+        )
+        labels = self.result.clusters
+        self.is_rep = np.zeros(self.X.shape[0], dtype=bool)
+        self.is_rep[self.result.representatives] = True
+        # similarity of each member to its cluster's medoid: most similar goes first
+        medoid_of = {int(labels[r]): int(r) for r in self.result.representatives}
+        self.to_medoid = np.array(
+            [
+                float(self.U[i] @ self.U[medoid_of[int(c)]]) if c >= 0 else 1.0
+                for i, c in enumerate(labels)
+            ]
+        )
+
+    def redundancy(self) -> float:
+        n = int(self.alive.sum())
+        return self.redundant_count() / n if n else 0.0
+
+    def redundant_count(self) -> int:
+        return int((self.alive & ~self.is_rep).sum())
+
+    def take(self, n: int) -> list[int]:
+        cand = [int(i) for i in self.order() if not self.is_rep[i]][:n]
+        self.alive[cand] = False
+        return cand
+
+    def order(self) -> np.ndarray:
+        live = np.flatnonzero(self.alive)
+        return live[np.lexsort((live, self.l1[live], -self.to_medoid[live], self.is_rep[live]))]
+
+    def keep_fewer_than_clusters(self, n_keep: int) -> np.ndarray:
+        """Kept indices when fewer filters than clusters may stay: spectral clustering into
+        n_keep clusters of the live filters, keeping each cluster's medoid."""
+        return hsc(
+            self.X,
+            k=self.k,
+            alpha=self.alpha,
+            min_explained=self.min_explained,
+            n_rounds=self.n_rounds,
+            n_clusters=n_keep,
+            seed=self.seed,
+        ).representatives
