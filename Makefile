@@ -35,6 +35,7 @@ test: $(STAMP) realdata lint
 
 bench: $(STAMP) realdata
 	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/speed.py --out benchmarks/results-latest.json
+	$(BIN)/python benchmarks/planning.py --out benchmarks/planning-latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

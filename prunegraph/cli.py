@@ -144,6 +144,15 @@ def _load_manifest(path: Path | None) -> Manifest | None:
         ) from None
 
 
+def _onnx_manifest(path: Path, fmt: str) -> Manifest | None:
+    """An ONNX graph carries its own coupling and shapes: derive the manifest from it."""
+    if fmt != "onnx":
+        return None
+    from service.onnx_manifest import manifest_from_onnx
+
+    return manifest_from_onnx(path)
+
+
 def _parse_methods(methods: str) -> list[str]:
     return [m.strip() for m in methods.split(",") if m.strip()]
 
@@ -179,6 +188,7 @@ def analyze_cmd(
         options = _options(alpha=alpha, min_explained=min_explained)
         man = _load_manifest(manifest)
         parsed = read_checkpoint(checkpoint)
+        man = man or _onnx_manifest(checkpoint, parsed.info.format)
         t_read = time.perf_counter() - t0
         with Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -308,6 +318,7 @@ def plan_cmd(
             )
         man = _load_manifest(manifest)
         parsed = read_checkpoint(checkpoint)
+        man = man or _onnx_manifest(checkpoint, parsed.info.format)
         plan = plan_layers(
             parsed.layers,
             method=method,  # type: ignore[arg-type]

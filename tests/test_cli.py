@@ -247,4 +247,50 @@ def test_every_format_gives_the_same_analysis(ckpt: Path, tmp_path: Path) -> Non
         assert data["checkpoint"]["format"] == fmt
         layers.append(data["layers"])
     assert [layer["name"] for layer in layers[0]] == ["conv1", "conv2", "fc"]
-    assert layers[0] == layers[1] == layers[2]
+    assert layers[0] == layers[1]
+    # ONNX carries its graph: the coupling comes from it (a manifest), the figures are the same
+    assert {layer["coupling"] for layer in layers[2]} == {"manifest"}
+    strip = [[{k: v for k, v in la.items() if k != "coupling"} for la in ls] for ls in layers]
+    assert strip[0] == strip[2]
+
+
+def test_plan_prints_before_after_and_writes_json(ckpt: Path, tmp_path: Path) -> None:
+    from graphs.plan import PruningPlan
+
+    out_file = tmp_path / "plan.json"
+    code, out, err = _run("plan", str(ckpt), "--method", "l1", "--target-params", "0.3",
+                          "-o", str(out_file))  # fmt: skip
+    assert code == 0, err
+    assert "→" in out and "rule:" in out and "conv2" in out
+    plan = PruningPlan.model_validate_json(out_file.read_text())
+    assert plan.achieved["params"] >= 0.3 and plan.coupling == "unknown"
+    code, out2, _ = _run("plan", str(ckpt), "--method", "l1", "--target-params", "0.3", "--json")
+    assert code == 0 and out2 == out_file.read_text()
+
+
+def test_plan_usage_errors(ckpt: Path, tmp_path: Path) -> None:
+    for args, needle in [
+        (("--target-params", "0.3", "--target-flops", "0.3"), "exactly one"),
+        ((), "exactly one"),
+        (("--target-flops", "0.5"), "manifest"),
+        (("--target-params", "0.3", "--method", "magic"), "unknown method"),
+    ]:
+        code, _, err = _run("plan", str(ckpt), *args)
+        assert code == 2, (args, err)
+        assert needle in " ".join(err.split()), (args, err)
+    bad = tmp_path / "m.json"
+    bad.write_text('{"schema_version": "1.0"}')
+    code, _, err = _run("plan", str(ckpt), "--target-flops", "0.3", "--manifest", str(bad))
+    assert code == 2 and "not a valid prunegraph manifest" in " ".join(err.split())
+
+
+def test_onnx_checkpoints_plan_flops_without_a_manifest(ckpt: Path, tmp_path: Path) -> None:
+    from graphs.plan import PruningPlan
+
+    sd = torch.load(ckpt, weights_only=True)
+    _onnx_of({k: v for k, v in sd.items() if not k.startswith("bn1")}, tmp_path / "m.onnx")
+    code, out, err = _run("plan", str(tmp_path / "m.onnx"), "--method", "mrp",
+                          "--target-flops", "0.3", "--json")  # fmt: skip
+    assert code == 0, err
+    plan = PruningPlan.model_validate_json(out)
+    assert plan.coupling == "manifest" and plan.achieved["flops"] >= 0.3

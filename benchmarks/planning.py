@@ -1,0 +1,107 @@
+"""Planning and apply time (issue 3 goals, on 2 cores); run by `make bench` after speed.py.
+
+For a ResNet-56-shaped (CIFAR, 32×32) and a ResNet-50-shaped (ImageNet, 224×224) model with
+random weights: build the manifest, read the checkpoint, plan every method to 50 % FLOPs with the
+default step and with step=1 (exact SRP), and apply the default mrp plan with torch-pruning.
+Goals: planning ≤ 5 s (ResNet-56) and ≤ 30 s (ResNet-50) with default settings.
+
+Usage:  python benchmarks/planning.py [--models resnet56,resnet50] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ["mrp", "srr", "hsc", "l1", "fpgm", "random"]
+
+
+def bench(name: str) -> list[dict[str, Any]]:
+    import torch
+
+    from clients import apply_plan, build_manifest
+    from graphs.plan import Target
+    from graphs.planner import plan_layers
+    from service.ingest import read_checkpoint
+    from tests.clients import models
+
+    torch.manual_seed(0)
+    model = models.resnet56("B") if name == "resnet56" else models.resnet50()
+    model.eval()
+    x = torch.zeros(1, 3, 32, 32) if name == "resnet56" else torch.zeros(1, 3, 224, 224)
+    t = time.perf_counter()
+    manifest = build_manifest(model, x)
+    t_manifest = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.pt"
+        torch.save(model.state_dict(), path)
+        parsed = read_checkpoint(path)
+    rows = []
+    for method in METHODS:
+        for step in (0.05, 1):
+            if step == 1 and method not in ("mrp", "srr", "hsc"):
+                continue
+            t = time.perf_counter()
+            plan = plan_layers(
+                parsed.layers,
+                method=method,  # type: ignore[arg-type]
+                target=Target(flops=0.5),
+                params_total=parsed.info.n_params,
+                manifest=manifest,
+                step=step,
+                checkpoint_sha256=parsed.info.sha256,
+            )
+            seconds = time.perf_counter() - t
+            row: dict[str, Any] = {
+                "model": name,
+                "method": method,
+                "step": step,
+                "plan_s": round(seconds, 3),
+                "flops_removed": plan.achieved.get("flops"),
+                "params_removed": plan.achieved["params"],
+                "manifest_s": round(t_manifest, 3),
+            }
+            if method == "mrp" and step == 0.05:
+                pruned = copy.deepcopy(model)
+                t = time.perf_counter()
+                apply_plan(pruned, plan, x)
+                row["apply_s"] = round(time.perf_counter() - t, 3)
+            rows.append(row)
+            print(
+                f"{name:9s} {method:6s} step={step!s:5s} plan={seconds:6.2f}s "
+                f"flops-{row['flops_removed']:.3f} params-{row['params_removed']:.3f}"
+                + (f" apply={row['apply_s']:.2f}s" if "apply_s" in row else ""),
+                flush=True,
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet56,resnet50")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = [r for m in args.models.split(",") for r in bench(m)]
+    meta = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+        "command": "python " + " ".join(sys.argv),
+    }
+    if args.out:
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
