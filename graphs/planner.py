@@ -172,7 +172,7 @@ def make_plan(
         base = {gid: len(removed[gid]) for gid in ids}
 
         def kept_at(rho: float) -> dict[int, int]:
-            out = {}
+            out = dict(budget.kept)
             for gid, g in zip(ids, groups, strict=True):
                 want = min(limit[gid], math.ceil(rho * g.n_filters - 1e-9))
                 out[gid] = cost.channels[gid] - max(base[gid], want)
