@@ -8,6 +8,7 @@ timings go to stderr); ``--json`` prints the versioned report for machines.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -363,6 +364,9 @@ def manifest_cmd(
                 hint="For example --input-shape 1,3,224,224.",
             ) from None
         from clients.manifest import manifest_from_factory
+
+        if os.getcwd() not in sys.path:  # like uvicorn: factories in the current folder import
+            sys.path.insert(0, os.getcwd())
 
         try:
             man = manifest_from_factory(model, shape)

@@ -294,3 +294,33 @@ def test_onnx_checkpoints_plan_flops_without_a_manifest(ckpt: Path, tmp_path: Pa
     assert code == 0, err
     plan = PruningPlan.model_validate_json(out)
     assert plan.coupling == "manifest" and plan.achieved["flops"] >= 0.3
+
+
+def test_manifest_then_flops_plan(tmp_path: Path) -> None:
+    from graphs.manifest import Manifest
+    from graphs.plan import PruningPlan
+    from tests.clients.models import vgg16_bn
+
+    man_path = tmp_path / "m.json"
+    code, _, err = _run("manifest", "--model", "tests.clients.models:vgg16_bn",
+                        "--input-shape", "1,3,32,32", "-o", str(man_path))  # fmt: skip
+    assert code == 0, err
+    man = Manifest.model_validate_json(man_path.read_text())
+    roles = {layer.role for layer in man.layers}
+    assert man.macs_total > 0 and {"stem", "classifier"} <= roles
+    assert {layer.name for layer in man.layers if layer.role != "body"} <= set(man.ignored)
+    torch.manual_seed(0)
+    torch.save(vgg16_bn().state_dict(), tmp_path / "vgg.pt")
+    code, out, err = _run("plan", str(tmp_path / "vgg.pt"), "--method", "hsc", "--target-flops",
+                          "0.5", "--manifest", str(man_path), "--json")  # fmt: skip
+    assert code == 0, err
+    plan = PruningPlan.model_validate_json(out)
+    assert plan.coupling == "manifest" and 0.5 <= plan.achieved["flops"] <= 0.52
+
+
+def test_manifest_of_an_unknown_factory(tmp_path: Path) -> None:
+    for spec in ("no_such_pkg.models:net", "tests.clients.models:no_such_factory", "nocolon"):
+        code, _, err = _run("manifest", "--model", spec, "--input-shape", "1,3,32,32",
+                            "-o", str(tmp_path / "m.json"))  # fmt: skip
+        assert code == 2, (spec, err)
+        assert "pkg.module:factory" in " ".join(err.split())
