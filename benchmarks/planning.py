@@ -1,8 +1,10 @@
 """Planning and apply time (issue 3 goals, on 2 cores); run by `make bench` after speed.py.
 
-For a ResNet-56-shaped (CIFAR, 32×32) and a ResNet-50-shaped (ImageNet, 224×224) model with
-random weights: build the manifest, read the checkpoint, plan every method to 50 % FLOPs with the
-default step and with step=1 (exact SRP), and apply the default mrp plan with torch-pruning.
+For a ResNet-56-shaped (CIFAR, 32×32) and a ResNet-50-shaped (ImageNet, 224×224) model, once
+with random weights and once with redundancy planted (in every conv of ≥ 8 filters, a quarter of
+the filters replaced by noisy, rescaled copies of others, so that the greedy SRP loop has work):
+build the manifest, read the checkpoint, plan every method to 50 % FLOPs with the default step
+and with step=1 (exact SRP), and apply the default mrp plan with torch-pruning.
 Goals: planning ≤ 5 s (ResNet-56) and ≤ 30 s (ResNet-50) with default settings.
 
 Usage:  python benchmarks/planning.py [--models resnet56,resnet50] [--out results.json]
@@ -28,7 +30,24 @@ sys.path.insert(0, str(ROOT))
 METHODS = ["mrp", "srr", "hsc", "l1", "fpgm", "random"]
 
 
-def bench(name: str) -> list[dict[str, Any]]:
+def _plant(model: Any, seed: int = 0) -> None:
+    """Replace a quarter of every conv's filters by noisy, rescaled copies of other filters."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.out_channels >= 8:
+                w = module.weight
+                n = w.shape[0]
+                perm = torch.randperm(n, generator=g)
+                dst, src = perm[: n // 4], perm[n // 4 : n // 2]
+                scale = 0.5 + 1.5 * torch.rand(n // 4, 1, 1, 1, generator=g)
+                noise = 0.02 * w.std() * torch.randn(w[dst].shape, generator=g)
+                w[dst] = w[src] * scale + noise
+
+
+def bench(name: str, planted: bool) -> list[dict[str, Any]]:
     import torch
 
     from clients import apply_plan, build_manifest
@@ -39,6 +58,8 @@ def bench(name: str) -> list[dict[str, Any]]:
 
     torch.manual_seed(0)
     model = models.resnet56("B") if name == "resnet56" else models.resnet50()
+    if planted:
+        _plant(model)
     model.eval()
     x = torch.zeros(1, 3, 32, 32) if name == "resnet56" else torch.zeros(1, 3, 224, 224)
     t = time.perf_counter()
@@ -66,6 +87,7 @@ def bench(name: str) -> list[dict[str, Any]]:
             seconds = time.perf_counter() - t
             row: dict[str, Any] = {
                 "model": name,
+                "weights": "planted" if planted else "random",
                 "method": method,
                 "step": step,
                 "plan_s": round(seconds, 3),
@@ -80,9 +102,9 @@ def bench(name: str) -> list[dict[str, Any]]:
                 row["apply_s"] = round(time.perf_counter() - t, 3)
             rows.append(row)
             print(
-                f"{name:9s} {method:6s} step={step!s:5s} plan={seconds:6.2f}s "
-                f"flops-{row['flops_removed']:.3f} params-{row['params_removed']:.3f}"
-                + (f" apply={row['apply_s']:.2f}s" if "apply_s" in row else ""),
+                f"{name:9s} {row['weights']:7s} {method:6s} step={step!s:5s} plan={seconds:6.2f}s "
+                f"flops-{row['flops_removed']:.3f} params-{row['params_removed']:.3f} "
+                f"| {plan.rule}" + (f" apply={row['apply_s']:.2f}s" if "apply_s" in row else ""),
                 flush=True,
             )
     return rows
@@ -93,7 +115,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet56,resnet50")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    rows = [r for m in args.models.split(",") for r in bench(m)]
+    rows = [r for m in args.models.split(",") for p in (False, True) for r in bench(m, p)]
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",

@@ -80,6 +80,8 @@ class MrpState(GroupState):
             keep.size, edges, response_information(cos), resolution=self.resolution, seed=self.seed
         )
         self.k = int(labels.max()) + 1 if keep.size else 0
+        self.community = np.full(self.X.shape[0], -1, dtype=np.int64)
+        self.community[keep] = labels
         self.replace = np.zeros(self.X.shape[0])
         self.replace[self.dead] = 1.0
         if keep.size:
@@ -93,9 +95,19 @@ class MrpState(GroupState):
         return int(self.alive.sum()) - self.k
 
     def take(self, n: int) -> list[int]:
-        cand = [int(i) for i in self.order() if self.replace[i] > 0][
-            : min(n, self.redundant_count())
-        ]
+        """The n most replaceable filters, never the last member of a community (a step of
+        several filters removes duplicates, not whole roles)."""
+        left = np.bincount(self.community[self.community >= 0], minlength=self.k)
+        cand: list[int] = []
+        for i in self.order():
+            if len(cand) >= min(n, self.redundant_count()):
+                break
+            c = int(self.community[i])
+            if self.dead[i]:
+                cand.append(int(i))
+            elif self.replace[i] > 0 and left[c] > 1:
+                left[c] -= 1
+                cand.append(int(i))
         self.alive[cand] = False
         self._refresh()
         return cand

@@ -222,3 +222,13 @@ def test_manifest_validation() -> None:
     data["schema_version"] = "9.0"
     with pytest.raises(ValueError, match="not supported"):
         Manifest.model_validate(data)
+
+
+def test_large_steps_remove_duplicates_not_whole_communities() -> None:
+    """A step of many filters still keeps one member of every community."""
+    plan = _plan("mrp", Target(params=0.2), step=24)
+    b = {g.name: g for g in plan.groups}["b"]
+    _, truth = planted_layer(8, 4, 32 * 9, seed=0)
+    kept = sorted(set(range(32)) - set(b.remove))
+    assert len({int(truth[i]) for i in kept}) == 8
+    assert len(b.remove) <= 24  # at most the 24 redundant copies
