@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -117,6 +118,26 @@ def _output_error(path: Path, e: OSError) -> PruneGraphError:
     )
 
 
+def _emit(
+    text: str,
+    output: Path | None,
+    as_json: bool,
+    render: Callable[[], None],
+    out: Console,
+    err: Console,
+) -> None:
+    """Write the JSON to ``-o`` if given, then print it (--json) or the table for people."""
+    if output is not None:
+        try:
+            output.write_text(text + "\n")
+        except OSError as e:
+            raise _fail(err, _output_error(output, e)) from None
+    if as_json:
+        out.out(text, highlight=False)
+    else:
+        render()
+
+
 def _check_output(path: Path | None) -> None:
     """Fail before any work when the report could not be written."""
     if path is None:
@@ -218,16 +239,7 @@ def analyze_cmd(
     except PruneGraphError as e:
         raise _fail(err, e) from None
     t_total = time.perf_counter() - t0
-    text = report.to_json()
-    if output is not None:
-        try:
-            output.write_text(text + "\n")
-        except OSError as e:
-            raise _fail(err, _output_error(output, e)) from None
-    if as_json:
-        out.out(text, highlight=False)
-    else:
-        render_report(report, out)
+    _emit(report.to_json(), output, as_json, lambda: render_report(report, out), out, err)
     err.print(
         f"[dim]read {t_read:.2f} s · analysed {len(report.layers)} groups in "
         f"{t_total - t_read:.2f} s[/]"
@@ -333,16 +345,7 @@ def plan_cmd(
         )
     except PruneGraphError as e:
         raise _fail(err, e) from None
-    text = plan.to_json()
-    if output is not None:
-        try:
-            output.write_text(text + "\n")
-        except OSError as e:
-            raise _fail(err, _output_error(output, e)) from None
-    if as_json:
-        out.out(text, highlight=False)
-    else:
-        render_plan(plan, out)
+    _emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
     err.print(f"[dim]planned in {time.perf_counter() - t0:.2f} s[/]")
 
 
