@@ -524,9 +524,10 @@ def build_manifest(
         reasons.setdefault(name, "ignored by the user")
 
     structures = all_group_structures(traced)
+    modules = dict(model.named_modules())
     groups: list[ChannelGroup] = []
     for gid, s in enumerate(structures):
-        why = list(s.problems)
+        why = list(s.problems) + _layout_problems(modules, example_inputs, s)
         why += list(dict.fromkeys(reasons[p] for p in s.producers if p in reasons))
         if s.channels < 2:
             why.append("a single channel cannot be pruned")
@@ -551,6 +552,62 @@ def build_manifest(
         costs=_costs(traced, structures),
         ignored=sorted(reasons, key=traced.order.__getitem__),
     )
+
+
+def _layout_problems(
+    modules: dict[str, nn.Module], example_inputs: ExampleInputs, s: GroupStructure
+) -> list[str]:
+    """Check, by perturbing the first and last channel, that a flattened group reaches each
+    linear consumer as contiguous blocks of ``per_channel`` inputs (channel c owning entries
+    [c·p, (c+1)·p)). A permute or transpose before the flatten interleaves the channels; the
+    manifest (and torch-pruning's index mapping) would then remove the wrong inputs, so such a
+    group is reported unprunable."""
+    checks = [
+        (pa.param.rsplit(".", 1)[0], pa.per_channel)
+        for pa in s.params
+        if pa.per_channel > 1 and isinstance(modules.get(pa.param.rsplit(".", 1)[0]), nn.Linear)
+    ]
+    if not checks or not s.producers:
+        return []
+    inputs = as_input_tuple(example_inputs)
+    producer = modules[s.producers[0]]
+    problems = []
+    for consumer_name, per in checks:
+        consumer = modules[consumer_name]
+        for c in (0, s.channels - 1):
+            seen: list[torch.Tensor] = []
+
+            def grab(_m: nn.Module, args: tuple[Any, ...], out: list[torch.Tensor] = seen) -> None:
+                out.append(args[0].detach().reshape(args[0].shape[0], -1)[0].clone())
+
+            def bump(_m: nn.Module, _a: Any, y: torch.Tensor, ch: int = c) -> torch.Tensor:
+                y = y.clone()
+                y[:, ch] += 1e3 * (1.0 + y.detach().abs().max())
+                return y
+
+            h_in = consumer.register_forward_pre_hook(grab)
+            try:
+                with torch.no_grad(), keep_training_flags(modules[""]):
+                    modules[""].eval()
+                    modules[""](*inputs)
+                    h_out = producer.register_forward_hook(bump)
+                    try:
+                        modules[""](*inputs)
+                    finally:
+                        h_out.remove()
+            finally:
+                h_in.remove()
+            base, bumped = seen[0], seen[1]
+            changed = torch.nonzero((bumped - base).abs() > 1e-6 * (1 + base.abs().max()))
+            owned = set(range(c * per, (c + 1) * per))
+            if not changed.numel() or not set(changed.flatten().tolist()) <= owned:
+                problems.append(
+                    f"the channels of {s.producers[0]} reach {consumer_name} interleaved (a "
+                    "permute or transpose before the flatten): removing them there is not "
+                    "supported"
+                )
+                break
+    return list(dict.fromkeys(problems))
 
 
 def manifest_from_factory(spec: str, input_shape: tuple[int, ...]) -> Manifest:

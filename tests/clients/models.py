@@ -279,3 +279,35 @@ class DigitCNN(nn.Module):
 def digit_cnn() -> DigitCNN:
     """The MNIST CNN of ``digit_cnn.pth`` (28 → 14 → 7 → 3 after the pools: 128·3·3 = 1152)."""
     return DigitCNN()
+
+
+class MtcnnRNet(nn.Module):
+    """MTCNN's R-Net (facenet-pytorch layout): note the permute before the flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 28, 3)
+        self.prelu1 = nn.PReLU(28)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(28, 48, 3)
+        self.prelu2 = nn.PReLU(48)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(48, 64, 2)
+        self.prelu3 = nn.PReLU(64)
+        self.dense4 = nn.Linear(576, 128)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5_1 = nn.Linear(128, 2)
+        self.dense5_2 = nn.Linear(128, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu3(self.conv3(x))
+        x = x.permute(0, 3, 2, 1).contiguous()
+        x = self.prelu4(self.dense4(x.view(x.shape[0], -1)))
+        return self.dense5_1(x), self.dense5_2(x)
+
+
+def mtcnn_rnet() -> MtcnnRNet:
+    """Input 1×3×24×24; matches ~/.cache/prunegraph-realdata/mtcnn_rnet.pt."""
+    return MtcnnRNet()

@@ -318,3 +318,18 @@ def test_real_mobilenet_v2_manifest_matches_the_random_one(realdata: Path) -> No
     assert set(m.param_shapes) == {
         k for k in state if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
     }
+
+
+@pytest.mark.real
+def test_channels_interleaved_by_a_permute_are_not_prunable(realdata: Path) -> None:
+    """R-Net permutes before flattening: conv3's channels reach dense4 interleaved, so removing
+    them as contiguous blocks would silently change the model; the group is refused."""
+    from tests.clients.models import mtcnn_rnet
+
+    model = mtcnn_rnet()
+    model.load_state_dict(torch.load(realdata / "mtcnn_rnet.pt", weights_only=True))
+    man = build_manifest(model.eval(), torch.zeros(1, 3, 24, 24))
+    by = {g.producers[0]: g for g in man.groups}
+    assert not by["conv3"].prunable and "interleaved" in (by["conv3"].reason or "")
+    assert by["conv2"].prunable and by["dense4"].prunable
+    assert not by["dense5_1"].prunable and not by["dense5_2"].prunable  # both heads: outputs
