@@ -37,6 +37,7 @@ from clients.manifest import (
     GroupStructure,
     TracedModel,
     as_input_tuple,
+    find_roles,
     group_structure,
     keep_training_flags,
     out_channels,
@@ -267,6 +268,15 @@ def apply_plan(
         raise PlanMismatchError("plan group ids must be unique; the plan file is corrupt")
     for gp in parsed.groups:
         _check_group(gp, modules, traced)
+    _, outputs = find_roles(traced)
+    for gp in parsed.groups:
+        hit = sorted(set(gp.producers) & set(outputs)) if gp.remove else []
+        if hit:
+            raise PlanMismatchError(
+                f"plan group {gp.id} removes output channels of {', '.join(hit)}, which writes "
+                "the model's output: the pruned model would change what it returns (e.g. fewer "
+                "classes); keep that layer whole (build the plan with a manifest, or --ignore it)"
+            )
     structures = {gp.id: group_structure(traced, modules[gp.producers[0]]) for gp in parsed.groups}
     _check_coupling(parsed, structures)
     _check_shapes(model, parsed, structures)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphs.layers import LayerGroup
+from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
 
 
@@ -71,9 +71,8 @@ class CostModel:
     @classmethod
     def from_layers(cls, groups: Sequence[LayerGroup], params_total: int) -> CostModel:
         """Estimate without a manifest: a group shrinks its members' weights, biases and paired
-        BatchNorms, and the input channels of the next layer in checkpoint order that takes
-        exactly its channels (a conv with that many input channels, or a linear whose inputs
-        are a whole multiple of them, as after a flatten). MACs are unknown."""
+        BatchNorms, and the input channels of its consumers (:func:`infer_consumers`). MACs are
+        unknown."""
         channels = {i: g.n_filters for i, g in enumerate(groups)}
         tensors: list[_Tensor] = []
         for i, g in enumerate(groups):
@@ -85,19 +84,10 @@ class CostModel:
                     tensors.append(
                         _Tensor(f"{m.name}.<per-channel>", [m.n_filters, per], [(0, i, 1)])
                     )
-        order = [g.members[0] for g in groups]
-        for i, g in enumerate(groups):
-            for j in range(i + 1, len(groups)):
-                nxt = order[j]
-                fan = nxt.shape[1] * nxt.groups if nxt.kind != "linear" else nxt.shape[1]
-                if (
-                    nxt.groups == 1
-                    and fan % g.n_filters == 0
-                    and (fan == g.n_filters or nxt.kind == "linear")
-                ):
-                    weight = next(t for t in tensors if t.name == f"{nxt.name}.weight")
-                    weight.axes.append((1, i, fan // g.n_filters))
-                    break
+        for i, consumers in infer_consumers(groups).items():
+            for j, per in consumers:
+                weight = next(t for t in tensors if t.name == f"{groups[j].members[0].name}.weight")
+                weight.axes.append((1, i, per))
         counted = sum(int(np.prod(t.shape)) for t in tensors)
         return cls(channels, tensors, [], max(params_total - counted, 0), None)
 
@@ -152,3 +142,36 @@ class CostModel:
                 shape[axis] -= (self.channels[g] - k[g]) * per
             out[t.name] = shape
         return out
+
+
+def infer_consumers(groups: Sequence[LayerGroup]) -> dict[int, list[tuple[int, int]]]:
+    """Without a manifest: which later groups read each group's channels, by position.
+
+    The consumer of group i is the first later layer that takes exactly its channels (a conv
+    with that many input channels, or a linear whose inputs are a whole multiple of them, as
+    after a flatten), together with the layers right after it that take the same input (heads
+    side by side, as in MTCNN). Returns ``{i: [(j, entries per channel), ...]}``; a group with
+    no consumer is a model output.
+    """
+
+    def fan(layer: LayerWeights) -> int:
+        return layer.shape[1] * layer.groups if layer.kind != "linear" else layer.shape[1]
+
+    def takes(layer: LayerWeights, n: int, flatten: bool) -> bool:
+        f = fan(layer)
+        return layer.groups == 1 and (f == n or (flatten and layer.kind == "linear" and f % n == 0))
+
+    heads = [g.members[0] for g in groups]
+    out: dict[int, list[tuple[int, int]]] = {}
+    for i, g in enumerate(groups):
+        n = g.n_filters
+        flat = heads[i].kind != "linear"  # only a conv's output is flattened into a linear
+        first = next((j for j in range(i + 1, len(groups)) if takes(heads[j], n, flat)), None)
+        if first is None:
+            continue
+        out[i] = [(first, fan(heads[first]) // n)]
+        for j in range(first + 1, len(groups)):
+            if fan(heads[j]) != fan(heads[first]) or not takes(heads[j], n, flat):
+                break
+            out[i].append((j, fan(heads[j]) // n))
+    return out

@@ -28,7 +28,7 @@ import numpy as np
 
 from graphs.analyze import AnalysisOptions, layer_seed
 from graphs.baselines import fpgm
-from graphs.cost import CostModel
+from graphs.cost import CostModel, infer_consumers
 from graphs.errors import InvalidInputError, NoPrunableLayersError
 from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
@@ -164,20 +164,27 @@ def make_plan(
                 break
             removed[gid].extend(took)
             budget.set(gid, cost.channels[gid] - len(removed[gid]))
-    greedy = sum(len(r) for r in removed.values())
+    # Uniform remainder (the baselines' whole rule; the graph methods' fallback): one ratio of
+    # what each group may still lose, on top of what redundancy already took. round_to is part
+    # of it, so rounding never leaves the target unmet when it can be met.
+    base = {gid: len(removed[gid]) for gid in ids}
+    step_of = c.round_to or 1
 
-    # Uniform remainder (the baselines' whole rule; the graph methods' fallback).
-    extra: dict[int, int] = {gid: 0 for gid in ids}
-    if not budget.met():
-        base = {gid: len(removed[gid]) for gid in ids}
+    def rounded(gid: int, r: int) -> int:
+        if r <= 0 or step_of == 1:
+            return max(r, 0)
+        n = cost.channels[gid]
+        return n - min(n, math.ceil((n - r) / step_of) * step_of)
 
-        def kept_at(rho: float) -> dict[int, int]:
-            out = dict(budget.kept)
-            for gid, g in zip(ids, groups, strict=True):
-                want = min(limit[gid], math.ceil(rho * g.n_filters - 1e-9))
-                out[gid] = cost.channels[gid] - max(base[gid], want)
-            return out
+    def kept_at(rho: float) -> dict[int, int]:
+        out = dict(budget.kept)
+        for gid in ids:
+            r = base[gid] + math.ceil(rho * (limit[gid] - base[gid]) - 1e-9)
+            out[gid] = cost.channels[gid] - rounded(gid, r)
+        return out
 
+    final = kept_at(0.0)
+    if budget.achieved(final) < target.ratio:
         lo, hi = 0.0, 1.0
         for _ in range(50):
             mid = (lo + hi) / 2
@@ -186,27 +193,22 @@ def make_plan(
             else:
                 lo = mid
         final = kept_at(hi)
-        for gid in ids:
-            extra[gid] = cost.channels[gid] - final[gid] - base[gid]
-            budget.set(gid, final[gid])
-        # One ratio for all groups moves in steps of whole channels per group: give channels
-        # back, one at a time, while the target still holds (largest extra first).
-        for gid in sorted(ids, key=lambda i: (-extra[i], i)):
-            while extra[gid] > 0:
-                budget.set(gid, budget.kept[gid] + 1)
-                if not budget.met():
-                    budget.set(gid, budget.kept[gid] - 1)
-                    break
-                extra[gid] -= 1
+    for gid in ids:
+        budget.set(gid, final[gid])
+    # A ratio moves in whole channels (or round_to blocks) per group: give channels back while
+    # the target still holds, most-cut groups first.
+    for gid in sorted(ids, key=lambda i: (budget.kept[i] - cost.channels[i], i)):
+        while budget.kept[gid] + step_of <= cost.channels[gid] - rounded(gid, base[gid]):
+            budget.set(gid, budget.kept[gid] + step_of)
+            if not budget.met():
+                budget.set(gid, budget.kept[gid] - step_of)
+                break
+    extra = {gid: max(cost.channels[gid] - budget.kept[gid] - base[gid], 0) for gid in ids}
 
     # Which filters: per method, original indices.
     plans: list[GroupPlan] = []
     for gid, g in zip(ids, groups, strict=True):
-        n_remove = len(removed[gid]) + extra[gid]
-        if c.round_to and n_remove:
-            kept = g.n_filters - n_remove
-            kept = min(g.n_filters, math.ceil(kept / c.round_to) * c.round_to)
-            n_remove = g.n_filters - kept
+        n_remove = g.n_filters - budget.kept[gid]
         idx = _choose(g, gid, method, states.get(gid), removed[gid], n_remove, seed)
         budget.set(gid, g.n_filters - len(idx))
         plans.append(
@@ -219,7 +221,7 @@ def make_plan(
                 remove=idx,
                 redundancy=redundancy[gid],
                 rationale=_rationale(
-                    method, ok[gid], redundancy[gid], len(removed[gid]), extra[gid]
+                    method, ok[gid], redundancy[gid], min(base[gid], len(idx)), extra[gid]
                 ),
             )
         )
@@ -230,13 +232,16 @@ def make_plan(
     if macs_after is not None and budget.macs0:
         achieved["flops"] = round(1 - macs_after / budget.macs0, 6)
     fallback = sum(extra.values())
+    greedy = sum(
+        min(base[gid], g.n_filters - budget.kept[gid]) for gid, g in zip(ids, groups, strict=True)
+    )
     rule = (
         f"{method}: uniform ratio by bisection"
         if method not in GRAPH_METHODS
         else f"{method}: greedy on redundancy removed {greedy} channels"
         + (f"; redundancy ran out, uniform fallback removed {fallback} more" if fallback else "")
     )
-    if budget.achieved() < target.ratio - 0.005:
+    if budget.achieved() < target.ratio - 1e-9:
         rule += f"; target not reachable under the constraints (reached {budget.achieved():.3f})"
     return PruningPlan(
         checkpoint_sha256=checkpoint_sha256,
@@ -308,12 +313,25 @@ def plan_layers(
 ) -> PruningPlan:
     """Plan for a checkpoint's layers: groups from the manifest (exact params and MACs, its
     stem/classifier/ignored groups kept whole) or, without one, from the layers alone (params
-    estimated, coupling ``unknown``, FLOPs targets refused, the first and last layer in
-    checkpoint order kept whole as stem and classifier)."""
+    estimated, coupling ``unknown``, FLOPs targets refused; the first layer in checkpoint order
+    and every layer no other layer reads are kept whole as stem and outputs)."""
     groups, _ = build_groups(layers, manifest)
     if not groups:
         raise NoPrunableLayersError("no layer of the checkpoint can be planned")
     c = constraints or Constraints()
+    if c.ignored:  # names may be layers or containers: expand, and refuse names matching nothing
+        names = [layer.name for layer in layers]
+        expanded: set[str] = set()
+        for want in c.ignored:
+            hit = [n for n in names if n == want or n.startswith(want + ".")]
+            if not hit:
+                raise InvalidInputError(
+                    f"ignored layer {want!r} matches no layer of the checkpoint",
+                    hint="Use layer names as in the report (e.g. features.0.0) or a container "
+                    "prefix (e.g. features.0).",
+                )
+            expanded.update(hit)
+        c = c.model_copy(update={"ignored": sorted(expanded)})
     if manifest is not None:
         cost = CostModel.from_manifest(manifest)
         prunable = {g.id: g.prunable for g in manifest.groups}
@@ -332,8 +350,10 @@ def plan_layers(
             param_shapes=shapes,
         )  # fmt: skip
     cost = CostModel.from_layers(groups, params_total)
-    # Without a manifest the stem and the classifier are the first and last layers in order.
-    edge = {0: False, len(groups) - 1: False}
+    # Without a manifest: the stem is the first layer in order, and a group nothing reads is a
+    # model output (classifier or head), whose channels are never removed.
+    consumed = infer_consumers(groups)
+    edge = {i: False for i in range(len(groups)) if i == 0 or i not in consumed}
     return make_plan(
         groups, method=method, target=target, cost=cost, constraints=c, options=options,
         step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=edge,

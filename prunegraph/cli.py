@@ -22,7 +22,7 @@ from rich.table import Table
 
 from graphs import AnalysisOptions, InvalidInputError, PruneGraphError, Report, analyze
 from graphs.manifest import Manifest
-from graphs.plan import Constraints, PruningPlan, Target
+from graphs.plan import PLAN_METHODS, Constraints, PruningPlan, Target
 from graphs.report import ALL_METHODS, LayerReport, MethodResult
 
 app = typer.Typer(
@@ -325,16 +325,16 @@ def plan_cmd(
                 e.errors()[0]["msg"].replace("Value error, ", ""),
                 hint="Give exactly one of --target-flops or --target-params, in (0, 1).",
             ) from None
-        if method not in ("mrp", "srr", "hsc", "l1", "fpgm", "random"):
+        if method not in PLAN_METHODS:
             raise InvalidInputError(
-                f"unknown method {method!r}", hint="Choose mrp, srr, hsc, l1, fpgm or random."
+                f"unknown method {method!r}", hint=f"Choose one of {', '.join(PLAN_METHODS)}."
             )
         man = _load_manifest(manifest)
         parsed = read_checkpoint(checkpoint)
         man = man or _onnx_manifest(checkpoint, parsed.info.format)
         plan = plan_layers(
             parsed.layers,
-            method=method,  # type: ignore[arg-type]
+            method=method,
             target=target,
             params_total=parsed.info.n_params,
             manifest=man,
@@ -373,7 +373,7 @@ def manifest_cmd(
 
         try:
             man = manifest_from_factory(model, shape)
-        except (ImportError, AttributeError, ValueError) as e:
+        except (ImportError, AttributeError, ValueError, RuntimeError, TypeError) as e:
             raise InvalidInputError(
                 f"cannot build the model {model!r}: {e}",
                 hint="Pass --model as pkg.module:factory, importable from here, and an input "

@@ -469,3 +469,25 @@ def test_real_mobilenet_v2_applies_a_plan(realdata: Path) -> None:
         assert torch.equal(params[n].detach(), t), n
     assert plan.flops_after is not None
     assert macs_of(model, x) == pytest.approx(plan.flops_after, rel=0.01)
+
+
+def test_a_plan_that_prunes_the_classifier_is_refused() -> None:
+    """E.g. a plan made without a manifest from a file whose layer order hid the classifier."""
+    from graphs.plan import Constraints, GroupPlan, PruningPlan, Target
+
+    torch.manual_seed(0)
+    model = models.digit_cnn().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    w = model.fc_layers[2].weight
+    plan = PruningPlan(
+        checkpoint_sha256=None, method="l1", target=Target(params=0.1), constraints=Constraints(),
+        seed=0, parameters={}, coupling="unknown",
+        groups=[GroupPlan(id=0, name="fc_layers.2", producers=["fc_layers.2"], channels_before=10,
+                          channels_after=8, remove=[0, 1], redundancy=None, rationale="test")],
+        expected_shapes={"fc_layers.2.weight": [8, int(w.shape[1])]},
+        params_before=0, params_after=0, flops_before=None, flops_after=None, achieved={},
+        rule="test",
+    )  # fmt: skip
+    with pytest.raises(PlanMismatchError, match="output"):
+        apply_plan(model, plan, torch.zeros(1, 1, 28, 28))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

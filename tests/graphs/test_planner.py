@@ -77,17 +77,51 @@ def test_fallback_once_redundancy_runs_out(method: str) -> None:
     assert any("uniform fallback" in g.rationale for g in plan.groups)
 
 
-def test_constraints_hold() -> None:
-    c = Constraints(min_channels=20, max_ratio=0.5, round_to=4, ignored=["c"])
-    plan = _plan("l1", Target(params=0.6), constraints=c)
+@pytest.mark.parametrize("method", ["l1", "mrp", "hsc"])
+def test_constraints_hold(method: str) -> None:
+    c = Constraints(min_channels=12, max_ratio=0.75, round_to=4, ignored=["c"])
+    plan = _plan(method, Target(params=0.35), constraints=c)
     by = {g.name: g for g in plan.groups}
     assert by["c"].remove == []
     for g in plan.groups:
-        assert g.channels_after >= min(20, g.channels_before)
-        assert len(g.remove) <= 0.5 * g.channels_before
+        assert g.channels_after >= min(12, g.channels_before)
+        assert len(g.remove) <= 0.75 * g.channels_before
         if g.remove:
             assert g.channels_after % 4 == 0
-    assert "not reachable" in plan.rule  # 60 % cannot be met under these constraints
+    assert plan.achieved["params"] >= 0.35  # rounding is part of the allocation
+    assert "not reachable" not in plan.rule
+
+
+def test_unreachable_targets_say_so() -> None:
+    plan = _plan("l1", Target(params=0.6), constraints=Constraints(max_ratio=0.2))
+    assert plan.achieved["params"] < 0.6 and "target not reachable" in plan.rule
+
+
+def test_graph_methods_allocate_differently_from_the_uniform_baseline() -> None:
+    """Redundancy decides where channels go first; the fallback adds to it, not over it."""
+    counts = {
+        m: {g.name: len(g.remove) for g in _plan(m, Target(params=0.5)).groups}
+        for m in ("l1", "mrp", "srr", "hsc")
+    }
+    for m in ("mrp", "srr", "hsc"):
+        assert counts[m]["b"] > counts["l1"]["b"], (m, counts)
+
+
+def test_without_a_manifest_outputs_and_heads_are_kept() -> None:
+    """MTCNN-like heads: two linear layers both read the last hidden layer; nothing reads them."""
+    layers = [
+        *_chain()[:4],
+        LayerWeights(name="head_a", kind="linear", weight=random_layer(2, 64, seed=8)),
+        LayerWeights(name="head_b", kind="linear", weight=random_layer(4, 64, seed=9)),
+    ]
+    total = sum(layer.params for layer in layers)
+    plan = plan_layers(layers, method="l1", target=Target(params=0.3), params_total=total)
+    by = {g.name: g for g in plan.groups}
+    assert by["head_a"].remove == [] and by["head_b"].remove == []
+    assert len(by["c"].remove) > 0
+    # c's removal shrinks both heads' inputs in the estimate
+    assert plan.expected_shapes["head_a.weight"][1] == plan.expected_shapes["head_b.weight"][1]
+    assert plan.expected_shapes["head_b.weight"][1] == by["c"].channels_after
 
 
 def test_flops_target_without_manifest_asks_for_one() -> None:
@@ -232,3 +266,20 @@ def test_large_steps_remove_duplicates_not_whole_communities() -> None:
     kept = sorted(set(range(32)) - set(b.remove))
     assert len({int(truth[i]) for i in kept}) == 8
     assert len(b.remove) <= 24  # at most the 24 redundant copies
+
+
+def test_ignored_names_expand_containers_and_unknown_names_are_refused() -> None:
+    layers = [
+        _conv("blk.a", random_layer(32, 27, seed=0)),
+        _conv("blk.b", random_layer(32, 288, seed=1)),
+        _conv("head", random_layer(64, 288, seed=2)),
+        LayerWeights(name="fc", kind="linear", weight=random_layer(10, 64, seed=3)),
+    ]
+    total = sum(layer.params for layer in layers)
+    plan = plan_layers(layers, method="l1", target=Target(params=0.2), params_total=total,
+                       constraints=Constraints(ignored=["blk"]))  # fmt: skip
+    assert plan.constraints.ignored == ["blk.a", "blk.b"]
+    assert all(not g.remove for g in plan.groups if g.name.startswith("blk"))
+    with pytest.raises(InvalidInputError, match="matches no layer"):
+        plan_layers(layers, method="l1", target=Target(params=0.2), params_total=total,
+                    constraints=Constraints(ignored=["nope"]))  # fmt: skip
