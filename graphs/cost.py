@@ -92,11 +92,14 @@ class CostModel:
         return cls(channels, tensors, [], max(params_total - counted, 0), None)
 
     # --- bookkeeping ---------------------------------------------------------------------------
-    def _tensor_size(self, t: _Tensor, kept: Mapping[int, int]) -> int:
+    def _shape(self, t: _Tensor, kept: Mapping[int, int]) -> list[int]:
         shape = list(t.shape)
         for axis, g, per in t.axes:
             shape[axis] -= (self.channels[g] - kept[g]) * per
-        return math.prod(shape)
+        return shape
+
+    def _tensor_size(self, t: _Tensor, kept: Mapping[int, int]) -> int:
+        return math.prod(self._shape(t, kept))
 
     def delta(self, kept: Mapping[int, int], group: int, new: int) -> tuple[int, float]:
         """Change of (params, MACs) when ``group`` goes from ``kept[group]`` to ``new`` channels,
@@ -133,15 +136,7 @@ class CostModel:
     def shapes(self, kept: Mapping[int, int] | None = None) -> dict[str, list[int]]:
         """Shapes after pruning of every tensor the model tracks (placeholders excluded)."""
         k = self.channels if kept is None else kept
-        out: dict[str, list[int]] = {}
-        for t in self.tensors:
-            if "<" in t.name:
-                continue
-            shape = list(t.shape)
-            for axis, g, per in t.axes:
-                shape[axis] -= (self.channels[g] - k[g]) * per
-            out[t.name] = shape
-        return out
+        return {t.name: self._shape(t, k) for t in self.tensors if "<" not in t.name}
 
 
 def infer_consumers(groups: Sequence[LayerGroup]) -> dict[int, list[tuple[int, int]]]:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from graphs._frozen import Frozen
 
 MANIFEST_VERSION = "1.0"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ParamAxis(_Frozen):
+class ParamAxis(Frozen):
     """One axis of one parameter tensor that loses an entry per removed channel."""
 
     param: str = Field(description="parameter name as in model.named_parameters()")
@@ -34,7 +32,7 @@ class ParamAxis(_Frozen):
     )
 
 
-class ChannelGroup(_Frozen):
+class ChannelGroup(Frozen):
     """Channels that must be removed together (same indices in every member)."""
 
     id: int = Field(ge=0)
@@ -49,7 +47,7 @@ class ChannelGroup(_Frozen):
     reason: str | None = Field(None, description="why the group is not prunable")
 
 
-class ModuleCost(_Frozen):
+class ModuleCost(Frozen):
     """MACs of one module for the example input (batch of 1) and how they scale.
 
     ``macs_after = macs · (kept_out / out if out_group else 1) · (kept_in / in if in_group else 1)``
@@ -62,7 +60,7 @@ class ModuleCost(_Frozen):
     in_group: int | None = None
 
 
-class ManifestLayer(_Frozen):
+class ManifestLayer(Frozen):
     name: str
     kind: Literal["conv1d", "conv2d", "conv3d", "linear"]
     weight_shape: list[int]
@@ -71,7 +69,7 @@ class ManifestLayer(_Frozen):
     role: Literal["stem", "body", "classifier"] = "body"
 
 
-class Manifest(_Frozen):
+class Manifest(Frozen):
     schema_version: str = MANIFEST_VERSION
     input_shapes: list[list[int]] = Field(description="shapes of the example inputs")
     params_total: int = Field(ge=0, description="sum of numel over model.parameters()")

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from graphs._frozen import Frozen
 
 PLAN_VERSION = "1.0"
 PlanMethod = Literal["mrp", "srr", "hsc", "l1", "fpgm", "random"]
 PLAN_METHODS: tuple[PlanMethod, ...] = ("mrp", "srr", "hsc", "l1", "fpgm", "random")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Target(_Frozen):
+class Target(Frozen):
     """Fraction of FLOPs (MACs) or of parameters to remove; exactly one is set."""
 
     flops: float | None = Field(None, gt=0, lt=1)
@@ -41,14 +39,14 @@ class Target(_Frozen):
         return float(self.flops if self.flops is not None else self.params)  # type: ignore[arg-type]
 
 
-class Constraints(_Frozen):
+class Constraints(Frozen):
     min_channels: int = Field(1, ge=1, description="never keep fewer channels in a group")
     max_ratio: float = Field(0.9, gt=0, le=1, description="never remove more of a group")
     round_to: int | None = Field(None, ge=1, description="kept channels are a multiple of this")
     ignored: list[str] = Field(default_factory=list, description="layers never pruned")
 
 
-class GroupPlan(_Frozen):
+class GroupPlan(Frozen):
     id: int
     name: str = Field(description="the group's first producer")
     producers: list[str]
@@ -59,7 +57,7 @@ class GroupPlan(_Frozen):
     rationale: str
 
 
-class PruningPlan(_Frozen):
+class PruningPlan(Frozen):
     schema_version: str = PLAN_VERSION
     checkpoint_sha256: str | None
     method: PlanMethod

@@ -281,7 +281,8 @@ def _choose(
         keep = set(state.keep_fewer_than_clusters(g.n_filters - n_remove).tolist())
         return [i for i in range(g.n_filters) if i not in keep]
     chosen = list(greedy[:n_remove])
-    rest = [int(i) for i in state.order() if int(i) not in set(chosen)]
+    taken = set(chosen)
+    rest = [int(i) for i in state.order() if int(i) not in taken]
     return sorted(chosen + rest[: n_remove - len(chosen)])
 
 

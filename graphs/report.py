@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from graphs._frozen import Frozen
 
 SCHEMA_VERSION = "1.0"
 
@@ -17,11 +19,7 @@ Method = Literal["mrp", "srr", "hsc", "l1", "fpgm"]
 ALL_METHODS: tuple[Method, ...] = ("mrp", "srr", "hsc", "l1", "fpgm")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class MrpResult(_Frozen):
+class MrpResult(Frozen):
     """RMCD: Leiden communities of the null-calibrated cosine graph."""
 
     method: Literal["mrp"] = "mrp"
@@ -40,7 +38,7 @@ class MrpResult(_Frozen):
     )
 
 
-class SrrResult(_Frozen):
+class SrrResult(Frozen):
     """Structural redundancy: quotient space size and ℓ-covering number of the γ-graph."""
 
     method: Literal["srr"] = "srr"
@@ -57,7 +55,7 @@ class SrrResult(_Frozen):
     l1_norm: list[float]
 
 
-class HscResult(_Frozen):
+class HscResult(Frozen):
     """High-order spectral clustering of the kNN hypergraph."""
 
     method: Literal["hsc"] = "hsc"
@@ -72,7 +70,7 @@ class HscResult(_Frozen):
     representatives: list[int] = Field(description="the kept filter (medoid) of each cluster")
 
 
-class L1Result(_Frozen):
+class L1Result(Frozen):
     """Li et al. 2017: importance is the filter's L1 norm (no layer redundancy)."""
 
     method: Literal["l1"] = "l1"
@@ -80,7 +78,7 @@ class L1Result(_Frozen):
     l1_norm: list[float]
 
 
-class FpgmResult(_Frozen):
+class FpgmResult(Frozen):
     """He et al. 2019: filters nearest the geometric median are the most replaceable."""
 
     method: Literal["fpgm"] = "fpgm"
@@ -93,7 +91,7 @@ MethodResult = Annotated[
 ]
 
 
-class CheckpointInfo(_Frozen):
+class CheckpointInfo(Frozen):
     sha256: str
     format: Literal["pytorch", "safetensors", "onnx"]
     size_bytes: int
@@ -101,7 +99,7 @@ class CheckpointInfo(_Frozen):
     n_params: int
 
 
-class LayerReport(_Frozen):
+class LayerReport(Frozen):
     name: str = Field(description="the group's producer layer")
     kind: str
     shape: list[int]
@@ -115,12 +113,12 @@ class LayerReport(_Frozen):
     methods: dict[str, MethodResult]
 
 
-class SkippedLayer(_Frozen):
+class SkippedLayer(Frozen):
     name: str
     reason: str
 
 
-class MethodSummary(_Frozen):
+class MethodSummary(Frozen):
     redundancy_params_weighted: float | None
     redundancy_flops_weighted: float | None = Field(
         description="null when output sizes are unknown (no manifest)"
@@ -128,7 +126,7 @@ class MethodSummary(_Frozen):
     most_redundant: list[str] = Field(description="up to five layers, most redundant first")
 
 
-class Summary(_Frozen):
+class Summary(Frozen):
     n_layers: int
     n_skipped: int
     params_total: int
@@ -137,7 +135,7 @@ class Summary(_Frozen):
     methods: dict[str, MethodSummary]
 
 
-class Report(_Frozen):
+class Report(Frozen):
     schema_version: str = SCHEMA_VERSION
     checkpoint: CheckpointInfo
     methods: list[str]
