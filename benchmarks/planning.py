@@ -15,17 +15,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import run_meta  # noqa: E402
 
 METHODS = ["mrp", "srr", "hsc", "l1", "fpgm", "random"]
 
@@ -116,11 +116,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = [r for m in args.models.split(",") for p in (False, True) for r in bench(m, p)]
-    meta = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
-        "command": "python " + " ".join(sys.argv),
-    }
+    meta = run_meta()
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import run_meta  # noqa: E402
 
 # "all": every method in one analyze(); "stages": similarity building blocks on the widest group
 METHODS = ["mrp", "srr", "hsc", "l1", "fpgm", "all", "stages"]
@@ -174,11 +175,7 @@ def main() -> None:
             r["seconds"]["analyze"] for r in rows if r["case"] == case and r["method"] in ALL
         )
         print(f"{case:17s} sum of single-method runs {total:.2f}s", flush=True)
-    meta = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
-        "command": "python " + " ".join(sys.argv),
-    }
+    meta = run_meta()
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 

@@ -17,7 +17,14 @@ import scipy.sparse as sp
 from graphs._labels import mean_cosine_to_group
 from graphs.hsc import hsc
 from graphs.mrp import leiden_communities, response_information
-from graphs.similarity import calibrated_threshold, cosine_threshold_graph, unit_rows, upper_edges
+from graphs.similarity import (
+    DEFAULT_ALPHA,
+    DEFAULT_MIN_EXPLAINED,
+    calibrated_threshold,
+    cosine_threshold_graph,
+    unit_rows,
+    upper_edges,
+)
 from graphs.srr import COVERING_WEIGHT, QUOTIENT_WEIGHT, greedy_covering_number
 
 
@@ -40,6 +47,12 @@ class GroupState:
     def redundancy(self) -> float:
         return 0.0
 
+    def calibrated_graph(self, alpha: float, min_explained: float) -> sp.csr_matrix:
+        """The null-calibrated cosine graph over all filters (threshold fitted to the live ones),
+        built once; states recompute their figures on its subgraph of kept filters."""
+        t, _ = calibrated_threshold(self.U[~self.dead], alpha=alpha, min_explained=min_explained)
+        return cosine_threshold_graph(self.U, t)
+
     def redundant_count(self) -> int:
         return int(self.dead[self.alive].sum())
 
@@ -59,17 +72,13 @@ class GroupState:
 class MrpState(GroupState):
     """SRP: communities of the null-calibrated graph, recomputed on the kept filters."""
 
-    alpha: float = 0.05
-    min_explained: float = 0.5
+    alpha: float = DEFAULT_ALPHA
+    min_explained: float = DEFAULT_MIN_EXPLAINED
     resolution: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        live = ~self.dead
-        t, _ = calibrated_threshold(
-            self.U[live], alpha=self.alpha, min_explained=self.min_explained
-        )
-        self.G = cosine_threshold_graph(self.U, t)
+        self.G = self.calibrated_graph(self.alpha, self.min_explained)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -121,16 +130,12 @@ class MrpState(GroupState):
 class SrrState(GroupState):
     """SRR: quotient size and covering number of the γ-graph on the kept filters."""
 
-    alpha: float = 0.05
-    min_explained: float = 0.5
+    alpha: float = DEFAULT_ALPHA
+    min_explained: float = DEFAULT_MIN_EXPLAINED
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        live = ~self.dead
-        t, _ = calibrated_threshold(
-            self.U[live], alpha=self.alpha, min_explained=self.min_explained
-        )
-        self.A = cosine_threshold_graph(self.U, t)
+        self.A = self.calibrated_graph(self.alpha, self.min_explained)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -169,8 +174,8 @@ class SrrState(GroupState):
 class HscState(GroupState):
     """hsc: clusters of the kNN hypergraph; every cluster keeps its medoid."""
 
-    alpha: float = 0.05
-    min_explained: float = 0.5
+    alpha: float = DEFAULT_ALPHA
+    min_explained: float = DEFAULT_MIN_EXPLAINED
     k: int = 5
     n_rounds: int = 3
 
