@@ -1,0 +1,190 @@
+"""Analysis jobs: the request model, the worker function and the executor that runs it.
+
+The worker runs in a separate process: it opens its own database session from the URL, claims the
+job (queued -> running, atomically, so a job never runs twice in one deployment), reads the
+checkpoint, analyses it with progress per group, plans when the job has a target, and stores the
+JSON in the database. Every failure is stored on the job with its reason; nothing escapes the
+worker, and a crashed worker process fails only its own job.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from graphs.analyze import analyze, check_methods
+from graphs.errors import PruneGraphError
+from graphs.manifest import Manifest
+from graphs.plan import PlanMethod, Target
+from graphs.planner import plan_layers
+from graphs.report import ALL_METHODS
+from service.db import DONE, FAILED, QUEUED, RUNNING, UNFINISHED, JobRow, make_engine
+
+log = logging.getLogger(__name__)
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint_id: str = Field(description="the id (sha256) returned by POST /v1/checkpoints")
+    methods: list[str] = Field(default_factory=lambda: [str(m) for m in ALL_METHODS])
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    target: Target | None = Field(None, description='{"flops": 0.5} or {"params": 0.5}')
+    plan_method: PlanMethod = "mrp"
+    manifest: Manifest | None = None
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        try:
+            return check_methods(v)
+        except PruneGraphError as e:
+            raise ValueError(f"{e.message}. {e.hint}") from None
+
+
+def _set(sessions: sessionmaker[Session], job_id: str, **values: Any) -> int:
+    with sessions.begin() as s:
+        result = s.execute(
+            update(JobRow).where(JobRow.id == job_id).values(updated_at=time.time(), **values)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def run_job(database_url: str, checkpoint_path: str, job_id: str) -> str:
+    """Run one job to done or failed (in a worker process); returns the final status."""
+    engine = make_engine(database_url)
+    sessions = sessionmaker(engine)
+    try:
+        with sessions.begin() as s:
+            claimed = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == QUEUED)
+                .values(status=RUNNING, progress=0.0, updated_at=time.time())
+            )
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                return "skipped"
+            row = s.get(JobRow, job_id)
+            assert row is not None
+            request = JobRequest.model_validate_json(row.request_json)
+        try:
+            report_json, plan_json = _compute(request, Path(checkpoint_path), sessions, job_id)
+        except PruneGraphError as e:
+            _set(sessions, job_id, status=FAILED, error=f"{e.message} {e.hint}")
+            return FAILED
+        except Exception as e:  # a bug or a resource problem: still only this job fails
+            log.exception("job %s failed", job_id)
+            _set(sessions, job_id, status=FAILED, error=f"internal error: {type(e).__name__}: {e}")
+            return FAILED
+        _set(
+            sessions,
+            job_id,
+            status=DONE,
+            progress=1.0,
+            report_json=report_json,
+            plan_json=plan_json,
+        )
+        return DONE
+    finally:
+        engine.dispose()
+
+
+def _compute(
+    request: JobRequest, path: Path, sessions: sessionmaker[Session], job_id: str
+) -> tuple[str, str | None]:
+    from service.ingest import read_checkpoint  # torch is imported in the worker only
+
+    manifest = request.manifest
+    groups = {layer.name: layer.groups for layer in manifest.layers} if manifest else None
+    parsed = read_checkpoint(path, groups=groups, name=f"checkpoint {request.checkpoint_id[:12]}")
+    if manifest is None and parsed.info.format == "onnx":
+        from service.onnx_manifest import manifest_from_onnx
+
+        manifest = manifest_from_onnx(path)
+
+    def progress(done: int, total: int, _: str) -> None:
+        _set(sessions, job_id, progress=round(0.9 * done / max(total, 1), 4))
+
+    report = analyze(
+        parsed.layers,
+        checkpoint=parsed.info,
+        skipped=parsed.skipped,
+        methods=request.methods,
+        seed=request.seed,
+        manifest=manifest,
+        progress=progress,
+    )
+    plan_json = None
+    if request.target is not None:
+        plan = plan_layers(
+            parsed.layers,
+            method=request.plan_method,
+            target=request.target,
+            params_total=parsed.info.n_params,
+            manifest=manifest,
+            seed=request.seed,
+            checkpoint_sha256=parsed.info.sha256,
+        )
+        plan_json = plan.to_json()
+    return report.to_json(), plan_json
+
+
+class JobRunner:
+    """Submits jobs to a process pool; owned by the app's lifespan."""
+
+    def __init__(self, database_url: str, sessions: sessionmaker[Session], workers: int) -> None:
+        self.database_url = database_url
+        self.sessions = sessions
+        self.workers = workers
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn: the server process has threads (event loop, thread pool); fork could deadlock.
+        ctx = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+
+    def submit(self, job_id: str, checkpoint_path: Path) -> None:
+        args = (self.database_url, str(checkpoint_path), job_id)
+        try:
+            future = self._pool.submit(run_job, *args)
+        except BrokenProcessPool:  # a worker died earlier: replace the pool, keep serving
+            self._pool.shutdown(wait=False, cancel_futures=False)
+            self._pool = self._new_pool()
+            future = self._pool.submit(run_job, *args)
+        future.add_done_callback(lambda f: self._finished(job_id, f))
+
+    def _finished(self, job_id: str, future: Future[str]) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:  # the worker process died (killed, out of memory, ...)
+            with self.sessions.begin() as s:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id, JobRow.status.in_(UNFINISHED))
+                    .values(
+                        status=FAILED,
+                        error=f"the worker running this job stopped: {type(exc).__name__}",
+                        updated_at=time.time(),
+                    )
+                )
+
+    def requeue_unfinished(self, path_of: Any) -> list[str]:
+        """Re-queue jobs a previous process left queued or running; returns their ids."""
+        with self.sessions.begin() as s:
+            rows = s.scalars(select(JobRow).where(JobRow.status.in_(UNFINISHED))).all()
+            ids = [(r.id, r.checkpoint_id) for r in rows]
+            for r in rows:
+                r.status, r.progress, r.updated_at = QUEUED, 0.0, time.time()
+        for job_id, checkpoint_id in ids:
+            self.submit(job_id, path_of(checkpoint_id))
+        return [i for i, _ in ids]
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,49 @@
+"""Service settings, read from the environment (prefix ``PRUNEGRAPH_``) or passed explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Configuration of one service process.
+
+    ``tokens`` is ``"alice:secret1,bob:secret2"`` (user:token pairs); ``tokens_file`` holds the same
+    pairs, one a line (``#`` comments allowed). With neither, auth is off and every request acts
+    as the user ``anonymous``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PRUNEGRAPH_", extra="ignore")
+
+    data_dir: Path = Field(Path("prunegraph-data"), description="checkpoints, temp files, DB")
+    database_url: str | None = Field(
+        None, description="any SQLAlchemy URL; default: SQLite file data_dir/prunegraph.db"
+    )
+    max_upload_bytes: int = Field(512 * MiB, gt=0, description="largest accepted checkpoint")
+    tokens: str = Field("", description="user:token pairs, comma-separated")
+    tokens_file: Path | None = Field(None, description="user:token pairs, one a line")
+    workers: int = Field(2, ge=1, description="analysis worker processes")
+
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'prunegraph.db').resolve()}"
+
+    def token_users(self) -> dict[str, str]:
+        """token -> user; empty when auth is off."""
+        pairs = [p for p in self.tokens.split(",") if p.strip()]
+        if self.tokens_file is not None:
+            lines = self.tokens_file.read_text(encoding="utf-8").splitlines()
+            pairs += [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        users: dict[str, str] = {}
+        for pair in pairs:
+            user, sep, token = pair.strip().partition(":")
+            if not sep or not user or not token:
+                raise ValueError(f"token entry {pair.strip()!r} is not user:token")
+            users[token] = user
+        return users

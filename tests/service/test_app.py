@@ -1,0 +1,253 @@
+"""The HTTP service end to end: TestClient with the lifespan (real worker processes, SQLite)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from graphs.plan import PruningPlan
+from graphs.report import Report
+from service.app import create_app
+from service.db import RUNNING, CheckpointRow, JobRow, init_db
+from service.settings import Settings
+
+ALICE = {"Authorization": "Bearer secret1"}
+BOB = {"Authorization": "Bearer secret2"}
+TOKENS = "alice:secret1,bob:secret2"
+
+
+def _model_bytes(seed: int = 0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    conv2 = torch.randn(32, 16, 3, 3, generator=g)
+    conv2[16:] = conv2[:16] + 0.01 * torch.randn(16, 16, 3, 3, generator=g)  # near-duplicates
+    sd = {
+        "conv1.weight": torch.randn(16, 3, 3, 3, generator=g),
+        "conv2.weight": conv2,
+        "conv3.weight": torch.randn(32, 32, 3, 3, generator=g),
+        "fc.weight": torch.randn(10, 32, generator=g),
+        "fc.bias": torch.zeros(10),
+    }
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+def _nan_bytes() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"fc.weight": torch.full((8, 4), float("nan"))}, buf)
+    return buf.getvalue()
+
+
+def _upload(c: TestClient, data: bytes, headers: dict[str, str] = ALICE) -> Any:
+    return c.post("/v1/checkpoints", files={"file": ("model.pt", data)}, headers=headers)
+
+
+def _wait(c: TestClient, job_id: str, headers: dict[str, str] = ALICE) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = c.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        assert 0.0 <= job["progress"] <= 1.0
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish in 60 s")
+
+
+def _settings(data_dir: Path, **kw: Any) -> Settings:
+    return Settings(data_dir=data_dir, tokens=TOKENS, **{"workers": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("service")
+
+
+@pytest.fixture(scope="module")
+def client(data_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(_settings(data_dir, max_upload_bytes=1_000_000))) as c:
+        yield c
+
+
+def test_healthz_and_docs_need_no_token(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/docs").status_code == 200
+    assert "/v1/jobs" in client.get("/openapi.json").json()["paths"]
+
+
+def test_upload_is_content_addressed(client: TestClient, data_dir: Path) -> None:
+    data = _model_bytes()
+    first = _upload(client, data)
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["id"] == hashlib.sha256(data).hexdigest()
+    assert body["format"] == "pytorch" and body["size_bytes"] == len(data)
+    assert body["n_layers"] == 4 and isinstance(body["skipped"], list)
+    second = _upload(client, data)
+    assert second.status_code == 201 and second.json()["id"] == body["id"]
+    assert [p.name for p in (data_dir / "checkpoints").iterdir()] == [body["id"]]
+    assert list((data_dir / "tmp").iterdir()) == []
+
+
+def test_oversized_upload_is_413(client: TestClient, data_dir: Path) -> None:
+    r = _upload(client, os.urandom(1_200_000))
+    assert r.status_code == 413
+    assert r.json()["error"] and "PRUNEGRAPH_MAX_UPLOAD_BYTES" in r.json()["hint"]
+    assert list((data_dir / "tmp").iterdir()) == []
+
+
+class _Evil:
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (str(self.sentinel),))
+
+
+def test_bad_and_hostile_files_are_refused(
+    client: TestClient, data_dir: Path, tmp_path: Path
+) -> None:
+    sentinel = tmp_path / "pwned"
+    evil = io.BytesIO()
+    torch.save({"weight": _Evil(sentinel)}, evil)
+    for data in (os.urandom(4096), pickle.dumps(_Evil(sentinel)), evil.getvalue(), b""):
+        r = _upload(client, data)
+        assert 400 <= r.status_code < 500, r.text
+        assert set(r.json()) == {"error", "hint"} and r.json()["hint"]
+    assert not sentinel.exists()
+    assert list((data_dir / "tmp").iterdir()) == []
+    assert _upload(client, _nan_bytes()).status_code == 422  # nothing to analyse
+    assert not _upload(client, b"", headers=BOB).is_success
+
+
+def test_job_with_target_gives_report_and_plan(client: TestClient) -> None:
+    ckpt = _upload(client, _model_bytes()).json()["id"]
+    r = client.post(
+        "/v1/jobs",
+        json={"checkpoint_id": ckpt, "methods": ["mrp", "l1"], "target": {"params": 0.3}},
+        headers=ALICE,
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "queued"
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "done", job
+    assert job["progress"] == 1.0 and job["error"] is None
+    report = Report.model_validate_json(
+        client.get(f"/v1/jobs/{job['id']}/report", headers=ALICE).text
+    )
+    assert report.methods == ["mrp", "l1"] and report.checkpoint.sha256 == ckpt
+    plan = PruningPlan.model_validate_json(
+        client.get(f"/v1/jobs/{job['id']}/plan", headers=ALICE).text
+    )
+    assert plan.checkpoint_sha256 == ckpt and plan.params_after < plan.params_before
+    assert job["id"] in [j["id"] for j in client.get("/v1/jobs", headers=ALICE).json()]
+
+
+def test_job_without_target_has_no_plan(client: TestClient) -> None:
+    ckpt = _upload(client, _model_bytes()).json()["id"]
+    r = client.post("/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]}, headers=ALICE)
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "done"
+    plan = client.get(f"/v1/jobs/{job['id']}/plan", headers=ALICE)
+    assert plan.status_code == 404 and "without a target" in plan.json()["error"]
+
+
+def test_invalid_job_requests(client: TestClient) -> None:
+    ckpt = _upload(client, _model_bytes()).json()["id"]
+    for body in (
+        {"checkpoint_id": ckpt, "methods": ["nope"]},
+        {"checkpoint_id": ckpt, "target": {"flops": 0.5, "params": 0.5}},
+        {"checkpoint_id": ckpt, "plan_method": "magic"},
+    ):
+        r = client.post("/v1/jobs", json=body, headers=ALICE)
+        assert r.status_code == 422 and set(r.json()) == {"error", "hint"}, r.text
+    r = client.post("/v1/jobs", json={"checkpoint_id": "0" * 64}, headers=ALICE)
+    assert r.status_code == 404
+
+
+def _plant(client: TestClient, data_dir: Path, data: bytes, owner: str) -> str:
+    """Store a checkpoint bypassing upload validation (as if the ingest rules had changed)."""
+    sha = hashlib.sha256(data).hexdigest()
+    (data_dir / "checkpoints" / sha).write_bytes(data)
+    with client.app.state.pg.sessions.begin() as s:  # type: ignore[attr-defined]
+        s.merge(
+            CheckpointRow(
+                id=sha,
+                owner=owner,
+                format="pytorch",
+                size_bytes=len(data),
+                n_layers=1,
+                skipped_json="[]",
+            )
+        )
+    return sha
+
+
+def test_failing_job_is_recorded_and_others_still_run(client: TestClient, data_dir: Path) -> None:
+    bad = _plant(client, data_dir, _nan_bytes(), "alice")
+    r = client.post("/v1/jobs", json={"checkpoint_id": bad, "methods": ["mrp"]}, headers=ALICE)
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "failed" and "NaN" in job["error"], job
+    report = client.get(f"/v1/jobs/{job['id']}/report", headers=ALICE)
+    assert report.status_code == 422 and "NaN" in report.json()["error"]
+    good = _upload(client, _model_bytes()).json()["id"]
+    r = client.post("/v1/jobs", json={"checkpoint_id": good, "methods": ["l1"]}, headers=ALICE)
+    assert _wait(client, r.json()["id"])["status"] == "done"
+
+
+def test_auth_and_isolation(client: TestClient) -> None:
+    assert client.get("/v1/jobs").status_code == 401
+    r = client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "Bearer" in r.json()["hint"]
+    assert _upload(client, _model_bytes(), headers={}).status_code == 401
+    ckpt = _upload(client, _model_bytes(1), headers=BOB).json()["id"]
+    job = client.post("/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]}, headers=BOB)
+    job_id = job.json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}", headers=ALICE).status_code == 404
+    assert client.get(f"/v1/jobs/{job_id}/report", headers=ALICE).status_code == 404
+    assert job_id not in [j["id"] for j in client.get("/v1/jobs", headers=ALICE).json()]
+    alice_job = client.post("/v1/jobs", json={"checkpoint_id": ckpt}, headers=ALICE)
+    assert alice_job.status_code == 404  # alice never uploaded bob's checkpoint
+    assert _wait(client, job_id, BOB)["status"] == "done"
+
+
+def test_delete_checkpoint_removes_file_and_jobs(client: TestClient, data_dir: Path) -> None:
+    ckpt = _upload(client, _model_bytes(2), headers=BOB).json()["id"]
+    job_id = client.post(
+        "/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]}, headers=BOB
+    ).json()["id"]
+    _wait(client, job_id, BOB)
+    assert client.delete(f"/v1/checkpoints/{ckpt}", headers=ALICE).status_code == 404
+    assert client.delete(f"/v1/checkpoints/{ckpt}", headers=BOB).status_code == 204
+    assert not (data_dir / "checkpoints" / ckpt).exists()
+    assert client.get(f"/v1/jobs/{job_id}", headers=BOB).status_code == 404
+
+
+def test_restart_requeues_unfinished_jobs(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, workers=1)
+    with TestClient(create_app(settings)) as c:
+        ckpt = _upload(c, _model_bytes()).json()["id"]
+    _, sessions = init_db(settings.db_url())
+    with sessions.begin() as s:
+        s.add(
+            JobRow(
+                id="left-running",
+                owner="alice",
+                checkpoint_id=ckpt,
+                status=RUNNING,
+                progress=0.5,
+                request_json=f'{{"checkpoint_id": "{ckpt}", "methods": ["l1"]}}',
+            )
+        )
+    with TestClient(create_app(settings)) as c:
+        job = _wait(c, "left-running")
+        assert job["status"] == "done", job
