@@ -385,6 +385,38 @@ def manifest_cmd(
     err.print(f"manifest: {len(man.groups)} channel groups, {man.macs_total:,} MACs → {output}")
 
 
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on", min=1, max=65535)] = 8000,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="checkpoints and the SQLite database (PRUNEGRAPH_DATA_DIR)")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="analysis worker processes (PRUNEGRAPH_WORKERS)", min=1)
+    ] = None,
+) -> None:
+    """Run the HTTP service; settings come from PRUNEGRAPH_* and these flags."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides: dict[str, object] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if workers is not None:
+        overrides["workers"] = workers
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+        settings.token_users()  # a malformed token list is a usage error, before listening
+    except (ValidationError, ValueError) as e:
+        raise _fail(_console(stderr=True), InvalidInputError(str(e), hint="Check PRUNEGRAPH_* "
+                    "and the command's options.")) from None  # fmt: skip
+    _console(stderr=True).print(f"prunegraph serving on http://{host}:{port} (docs at /docs)")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
 @app.callback()
 def _root() -> None:
     """prunegraph: graph analytics for redundancy in trained neural networks."""

@@ -1,0 +1,98 @@
+"""`prunegraph serve` as a real process on 127.0.0.1: kill -9 mid-job, restart, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from graphs.report import Report
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir, self.port = data_dir, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "prunegraph", "serve", "--port", str(self.port),
+               "--data-dir", str(self.data_dir), "--workers", "1"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEGRAPH_TOKEN")}
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.kill()
+        raise AssertionError("prunegraph serve did not answer /healthz within 60 s")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its worker processes (its whole session)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path / "data")
+    try:
+        yield s
+    finally:
+        s.kill()
+
+
+def _wait(url: str, job: str, want: set[str], timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{url}/v1/jobs/{job}", timeout=10).json()
+        if body["status"] in want:
+            return dict(body)
+        time.sleep(0.1)
+    raise AssertionError(f"job {job} did not reach {want} in {timeout} s: {body}")
+
+
+def test_kill_9_mid_job_then_restart_loses_nothing(server: Server, realdata: Path) -> None:
+    server.start()
+    with (realdata / "mobilenet_v2_imagenet.pth").open("rb") as f:
+        up = httpx.post(f"{server.url}/v1/checkpoints", files={"file": f}, timeout=120)
+    assert up.status_code == 201, up.text
+    ckpt = up.json()["id"]
+    req = {"checkpoint_id": ckpt, "methods": ["l1"], "seed": 0, "target": None}
+    first = httpx.post(f"{server.url}/v1/jobs", json=req, timeout=30).json()["id"]
+    assert _wait(server.url, first, {"done", "failed"})["status"] == "done"
+    # a long job: every method; kill the server while it runs
+    req = {**req, "methods": ["mrp", "srr", "hsc", "l1", "fpgm"], "target": {"params": 0.3}}
+    job = httpx.post(f"{server.url}/v1/jobs", json=req, timeout=30).json()["id"]
+    at_kill = _wait(server.url, job, {"running", "done"}, timeout=60)
+    server.kill()
+    assert at_kill["status"] == "running", "the job ended before the kill: nothing was tested"
+    server.start()  # same data dir and database
+    done = _wait(server.url, job, {"done", "failed"})
+    assert done["status"] == "done", done
+    report = Report.model_validate_json(httpx.get(f"{server.url}/v1/jobs/{job}/report").text)
+    assert report.checkpoint.sha256 == ckpt and report.summary.n_layers == 36
+    assert httpx.get(f"{server.url}/v1/jobs/{job}/plan").status_code == 200
+    # the job finished before the kill is still there, with its report
+    assert httpx.get(f"{server.url}/v1/jobs/{first}/report").status_code == 200
