@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import errors
@@ -112,18 +113,20 @@ def _validate_and_store(state: State, upload: Upload, user: str) -> CheckpointOu
         upload.tmp_path.unlink(missing_ok=True)
         raise
     state.store.commit(upload)
-    with state.sessions.begin() as s:
-        row = s.get(CheckpointRow, (upload.sha256, user))
-        if row is None:
-            row = CheckpointRow(
-                id=upload.sha256,
-                owner=user,
-                format=parsed.info.format,
-                size_bytes=upload.size,
-                n_layers=len(parsed.layers),
-                skipped_json=json.dumps([sk.model_dump(mode="json") for sk in parsed.skipped]),
-            )
-            s.add(row)
+    row = CheckpointRow(
+        id=upload.sha256,
+        owner=user,
+        format=parsed.info.format,
+        size_bytes=upload.size,
+        n_layers=len(parsed.layers),
+        skipped_json=json.dumps([sk.model_dump(mode="json") for sk in parsed.skipped]),
+    )
+    try:
+        with state.sessions.begin() as s:
+            if s.get(CheckpointRow, (upload.sha256, user)) is None:
+                s.add(row)
+    except IntegrityError:
+        pass  # the same bytes uploaded concurrently by the same user: already recorded
     return _checkpoint_out(row)
 
 

@@ -96,3 +96,41 @@ def test_kill_9_mid_job_then_restart_loses_nothing(server: Server, realdata: Pat
     assert httpx.get(f"{server.url}/v1/jobs/{job}/plan").status_code == 200
     # the job finished before the kill is still there, with its report
     assert httpx.get(f"{server.url}/v1/jobs/{first}/report").status_code == 200
+
+
+def test_twenty_concurrent_clients_and_hostile_uploads(server: Server, realdata: Path) -> None:
+    """20 clients at once upload real checkpoints and analyse them; hostile uploads in between
+    get 4xx, never run, and the server keeps serving everyone."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    server.start()
+    names = ["digit_cnn.pth", "mtcnn_pnet.pt", "mtcnn_rnet.pt", "mtcnn_onet.pt"]
+    sentinel = server.data_dir.parent / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {sentinel}",))
+
+    def client(i: int) -> str:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            if i % 5 == 4:  # every fifth client is hostile
+                bad = pickle.dumps({"w": Evil()}) if i % 10 == 4 else os.urandom(2048)
+                r = c.post("/v1/checkpoints", files={"file": ("x.pt", bad)})
+                assert 400 <= r.status_code < 500, r.text
+                assert {"error", "hint"} <= set(r.json())
+                return "refused"
+            with (realdata / names[i % 4]).open("rb") as f:
+                ckpt = c.post("/v1/checkpoints", files={"file": f}).json()["id"]
+            req = {"checkpoint_id": ckpt, "methods": ["mrp", "l1"], "seed": i, "target": None}
+            job = c.post("/v1/jobs", json=req).json()["id"]
+            body = _wait(server.url, job, {"done", "failed"}, timeout=180)
+            assert body["status"] == "done", body
+            Report.model_validate_json(c.get(f"/v1/jobs/{job}/report").text)
+            return "done"
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(client, range(20)))
+    assert results.count("done") == 16 and results.count("refused") == 4
+    assert not sentinel.exists(), "a hostile payload ran"
+    assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
