@@ -6,17 +6,48 @@
 - :func:`apply_plan`: replay a :class:`graphs.plan.PruningPlan` on the model, validated before
   any weight changes (:class:`PlanMismatchError`).
 
-The HTTP client, activation capture and the PCC loss arrive with the service (design §6).
+- :class:`PruneGraphClient`: the HTTP client of the service (upload, submit, wait, report/plan),
+  with its exception tree in :mod:`clients.http`; :func:`plan_model` plans a live model.
+
+Activation capture and the PCC loss arrive later (design §6).
 """
 
 from clients.apply import apply_plan
 from clients.errors import PlanError, PlanMismatchError
+from clients.http import (
+    AuthenticationError,
+    ConnectionFailedError,
+    InvalidRequestError,
+    JobFailedError,
+    JobStatus,
+    JobTimeoutError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PruneGraphClient,
+    PruneGraphClientError,
+    PruneGraphHTTPError,
+    ServerError,
+    plan_model,
+)
 from clients.manifest import build_manifest, manifest_from_factory
 
 __all__ = [
+    "AuthenticationError",
+    "ConnectionFailedError",
+    "InvalidRequestError",
+    "JobFailedError",
+    "JobStatus",
+    "JobTimeoutError",
+    "NotFoundError",
+    "PayloadTooLargeError",
     "PlanError",
     "PlanMismatchError",
+    "PruneGraphClient",
+    "PruneGraphClientError",
+    "PruneGraphHTTPError",
+    "ServerError",
     "apply_plan",
     "build_manifest",
     "manifest_from_factory",
+    "plan_model",
 ]

@@ -1,0 +1,427 @@
+"""The HTTP client of the prunegraph service (design §6).
+
+:class:`PruneGraphClient` uploads a checkpoint, submits an analysis job, waits for it (with an
+optional progress bar on stderr) and fetches the :class:`~graphs.report.Report` or the
+:class:`~graphs.plan.PruningPlan`::
+
+    with PruneGraphClient("http://127.0.0.1:8000", token="secret") as client:
+        report = client.analyze("resnet56.pt")
+        plan = client.plan_for("resnet56.pt", target={"flops": 0.5})
+
+Any ``httpx.Client`` can be injected (``http=``), e.g. FastAPI's ``TestClient`` to run the real
+app in-process. Connection failures (``httpx.ConnectError``/``ConnectTimeout``: the request never
+reached the server) are retried with a short exponential backoff; nothing else is retried.
+
+Exceptions (all carry a message that says what was wrong and what to do)::
+
+    PruneGraphClientError                 everything this module raises
+    ├── PruneGraphHTTPError               the server answered 4xx/5xx: .status_code .error .hint
+    │   ├── AuthenticationError           401: missing or unknown token
+    │   ├── NotFoundError                 404: unknown id, or owned by another token
+    │   ├── PayloadTooLargeError          413: checkpoint above the server's upload limit
+    │   ├── InvalidRequestError           any other 4xx (bad checkpoint, bad job request, ...)
+    │   └── ServerError                   5xx
+    ├── ConnectionFailedError             no connection after ``retries`` attempts
+    ├── JobFailedError                    the job ended "failed": .job_id .reason
+    └── JobTimeoutError (+ TimeoutError)  the job did not finish within ``wait``'s timeout
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+from graphs.manifest import Manifest
+from graphs.plan import PruningPlan
+from graphs.report import Report
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from clients.manifest import ExampleInputs
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectionFailedError",
+    "InvalidRequestError",
+    "JobFailedError",
+    "JobStatus",
+    "JobTimeoutError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PruneGraphClient",
+    "PruneGraphClientError",
+    "PruneGraphHTTPError",
+    "ServerError",
+    "plan_model",
+]
+
+DEFAULT_METHODS: tuple[str, ...] = ("mrp", "srr", "hsc", "l1", "fpgm")
+_BACKOFF_S = 0.1  # first pause between connection attempts; doubles each time
+_MAX_BACKOFF_S = 2.0
+Checkpoint = str | os.PathLike[str] | bytes
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+class PruneGraphClientError(Exception):
+    """Base of every error raised by :class:`PruneGraphClient`."""
+
+
+class PruneGraphHTTPError(PruneGraphClientError):
+    """The server answered with an error status; ``error`` and ``hint`` are its JSON body."""
+
+    def __init__(self, status_code: int, error: str, hint: str) -> None:
+        super().__init__(f"HTTP {status_code}: {error}" + (f" ({hint})" if hint else ""))
+        self.status_code = status_code
+        self.error = error
+        self.hint = hint
+
+
+class AuthenticationError(PruneGraphHTTPError):
+    """401: the token is missing or unknown to the server."""
+
+
+class NotFoundError(PruneGraphHTTPError):
+    """404: no such checkpoint/job/plan, or it belongs to another token."""
+
+
+class PayloadTooLargeError(PruneGraphHTTPError):
+    """413: the checkpoint is larger than the server accepts."""
+
+
+class InvalidRequestError(PruneGraphHTTPError):
+    """Any other 4xx: the checkpoint or the job request was refused."""
+
+
+class ServerError(PruneGraphHTTPError):
+    """5xx: the server failed; retrying later may help."""
+
+
+class ConnectionFailedError(PruneGraphClientError):
+    """The server could not be reached after all attempts."""
+
+
+class JobFailedError(PruneGraphClientError):
+    """The job ended with status ``failed``; ``reason`` is the server's explanation."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} failed: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+
+class JobTimeoutError(PruneGraphClientError, TimeoutError):
+    """The job did not finish in time; it keeps running on the server (wait again later)."""
+
+    def __init__(self, job_id: str, timeout: float, last: JobStatus) -> None:
+        super().__init__(
+            f"job {job_id} still {last.status} ({last.progress:.0%}) after {timeout:g} s; "
+            "it keeps running on the server: call wait() again or raise the timeout"
+        )
+        self.job_id = job_id
+        self.last = last
+
+
+_STATUS_ERRORS: dict[int, type[PruneGraphHTTPError]] = {
+    401: AuthenticationError,
+    404: NotFoundError,
+    413: PayloadTooLargeError,
+}
+
+
+def _error_for(response: httpx.Response) -> PruneGraphHTTPError:
+    error, hint = response.reason_phrase or "error", ""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        error, hint = str(body["error"]), str(body.get("hint") or "")
+    elif response.text:
+        error = response.text[:500]
+    code = response.status_code
+    cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 else InvalidRequestError)
+    return cls(code, error, hint)
+
+
+# ---- the client --------------------------------------------------------------------------------
+
+
+class JobStatus(BaseModel):
+    """Where a job stands: ``queued`` → ``running`` → ``done`` | ``failed``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    status: str
+    progress: float
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed")
+
+
+class PruneGraphClient:
+    """A client of one prunegraph service.
+
+    Args:
+        base_url: the service's root URL.
+        token: bearer token, when the server has auth enabled.
+        http: an ``httpx.Client`` to send requests with (e.g. FastAPI's ``TestClient``); it is
+            not closed by :meth:`close`. Default: a client of this object's own.
+        retries: attempts per request when the connection fails (at least 1).
+        timeout: seconds per HTTP request (only for the client of this object's own).
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        token: str | None = None,
+        http: httpx.Client | None = None,
+        retries: int = 3,
+        timeout: float = 60.0,
+    ) -> None:
+        if retries < 1:
+            raise ValueError(f"retries must be at least 1, got {retries}")
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._owns_http = http is None
+        self._http = http if http is not None else httpx.Client(timeout=timeout)
+        self._retries = retries
+
+    # -- plumbing
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def _call(self, send: Callable[[], httpx.Response]) -> httpx.Response:
+        last: httpx.TransportError | None = None
+        for attempt in range(self._retries):
+            if attempt:
+                time.sleep(min(_BACKOFF_S * 2 ** (attempt - 1), _MAX_BACKOFF_S))
+            try:
+                response = send()
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                last = e
+                continue
+            if response.is_error:
+                raise _error_for(response)
+            return response
+        raise ConnectionFailedError(
+            f"cannot connect to {self.base_url} after {self._retries} attempts: {last}; "
+            "is the service running (prunegraph serve) and the URL right?"
+        ) from last
+
+    def _request(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        return self._call(
+            lambda: self._http.request(method, self._url(path), json=json, headers=self._headers)
+        )
+
+    # -- endpoints
+
+    def upload(self, path_or_bytes: Checkpoint, *, filename: str | None = None) -> str:
+        """Upload a checkpoint (.pt/.pth, .safetensors, .onnx); returns its id (sha256)."""
+        if isinstance(path_or_bytes, bytes):
+            return self._upload(filename or "checkpoint", path_or_bytes)
+        path = Path(path_or_bytes)
+        with path.open("rb") as f:
+            return self._upload(filename or path.name, f)
+
+    def _upload(self, name: str, content: bytes | IO[bytes]) -> str:
+        def send() -> httpx.Response:
+            if not isinstance(content, bytes):
+                content.seek(0)  # a retried attempt sends the whole file again
+            return self._http.post(
+                self._url("/v1/checkpoints"),
+                files={"file": (name, content)},
+                headers=self._headers,
+            )
+
+        return str(self._call(send).json()["id"])
+
+    def submit(
+        self,
+        checkpoint_id: str,
+        *,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        seed: int = 0,
+        target: Mapping[str, float] | None = None,
+        plan_method: str = "mrp",
+        manifest: Manifest | Mapping[str, Any] | None = None,
+    ) -> str:
+        """Submit an analysis job (planned too when ``target`` is set); returns the job id."""
+        body: dict[str, Any] = {
+            "checkpoint_id": checkpoint_id,
+            "methods": list(methods),
+            "seed": seed,
+            "target": dict(target) if target is not None else None,
+            "plan_method": plan_method,
+        }
+        if isinstance(manifest, Manifest):
+            body["manifest"] = manifest.model_dump(mode="json")
+        elif manifest is not None:
+            body["manifest"] = dict(manifest)
+        return str(self._request("POST", "/v1/jobs", json=body).json()["id"])
+
+    def job(self, job_id: str) -> JobStatus:
+        return JobStatus.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def wait(
+        self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5, progress: bool = False
+    ) -> JobStatus:
+        """Poll until the job is done; ``progress=True`` draws a progress bar on stderr.
+
+        Raises :class:`JobFailedError` (with the server's reason) when the job failed and
+        :class:`JobTimeoutError` when it is still unfinished after ``timeout`` seconds.
+        """
+        if not progress:
+            status = self._poll(job_id, timeout, poll, lambda _: None)
+        else:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            with Progress(console=Console(stderr=True), transient=True) as bar:
+                task = bar.add_task(f"job {job_id[:12]}", total=1.0)
+
+                def show(s: JobStatus) -> None:
+                    bar.update(
+                        task, completed=s.progress, description=f"job {job_id[:12]} {s.status}"
+                    )
+
+                status = self._poll(job_id, timeout, poll, show)
+        if status.status == "failed":
+            raise JobFailedError(job_id, status.error or "no reason given")
+        return status
+
+    def _poll(
+        self, job_id: str, timeout: float, poll: float, show: Callable[[JobStatus], None]
+    ) -> JobStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.job(job_id)
+            show(status)
+            if status.finished:
+                return status
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobTimeoutError(job_id, timeout, status)
+            time.sleep(min(poll, left))
+
+    def report(self, job_id: str) -> Report:
+        return Report.model_validate_json(self._request("GET", f"/v1/jobs/{job_id}/report").text)
+
+    def plan(self, job_id: str) -> PruningPlan:
+        text = self._request("GET", f"/v1/jobs/{job_id}/plan").text
+        return PruningPlan.model_validate_json(text)
+
+    # -- one call each
+
+    def analyze(
+        self,
+        path: Checkpoint,
+        *,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        seed: int = 0,
+        timeout: float = 600.0,
+        progress: bool = False,
+    ) -> Report:
+        """Upload, analyse and return the report."""
+        job_id = self.submit(self.upload(path), methods=methods, seed=seed)
+        self.wait(job_id, timeout=timeout, progress=progress)
+        return self.report(job_id)
+
+    def plan_for(
+        self,
+        path: Checkpoint,
+        *,
+        target: Mapping[str, float],
+        method: str = "mrp",
+        manifest: Manifest | Mapping[str, Any] | None = None,
+        seed: int = 0,
+        timeout: float = 600.0,
+        progress: bool = False,
+    ) -> PruningPlan:
+        """Upload, plan for ``target`` (e.g. ``{"flops": 0.5}``) and return the plan."""
+        job_id = self.submit(
+            self.upload(path),
+            methods=(method,) if method != "random" else ("l1",),
+            seed=seed,
+            target=target,
+            plan_method=method,
+            manifest=manifest,
+        )
+        self.wait(job_id, timeout=timeout, progress=progress)
+        return self.plan(job_id)
+
+    # -- lifetime
+
+    def close(self) -> None:
+        """Close the HTTP client if this object created it (an injected one stays open)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> PruneGraphClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def plan_model(
+    client: PruneGraphClient,
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    checkpoint: Checkpoint | None = None,
+    *,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    method: str = "mrp",
+    seed: int = 0,
+    timeout: float = 600.0,
+) -> PruningPlan:
+    """Plan the pruning of a live model: its manifest (coupling, MACs) goes with the job.
+
+    ``checkpoint`` is the model's saved weights; without it the model's state dict is uploaded.
+    Set exactly one of ``target_flops``/``target_params`` (fractions to remove).
+    """
+    import torch
+
+    from clients.manifest import build_manifest
+
+    if (target_flops is None) == (target_params is None):
+        raise ValueError("set exactly one of target_flops or target_params, e.g. target_flops=0.5")
+    target = {"flops": target_flops} if target_flops is not None else {"params": target_params}
+    manifest = build_manifest(model, example_inputs)
+    if checkpoint is None:
+        with tempfile.TemporaryDirectory(prefix="prunegraph-") as tmp:
+            path = Path(tmp) / "model.pt"
+            torch.save(model.state_dict(), path)
+            checkpoint_id = client.upload(path)
+    else:
+        checkpoint_id = client.upload(checkpoint)
+    job_id = client.submit(
+        checkpoint_id,
+        methods=(method,) if method != "random" else ("l1",),
+        seed=seed,
+        target={k: float(v) for k, v in target.items() if v is not None},
+        plan_method=method,
+        manifest=manifest,
+    )
+    client.wait(job_id, timeout=timeout)
+    return client.plan(job_id)
