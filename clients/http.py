@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict
 
 from graphs.manifest import Manifest
 from graphs.plan import PruningPlan
-from graphs.report import Report
+from graphs.report import ALL_METHODS, Report
 
 if TYPE_CHECKING:
     from torch import nn
@@ -64,7 +64,7 @@ __all__ = [
     "plan_model",
 ]
 
-DEFAULT_METHODS: tuple[str, ...] = ("mrp", "srr", "hsc", "l1", "fpgm")
+DEFAULT_METHODS: tuple[str, ...] = ALL_METHODS
 _BACKOFF_S = 0.1  # first pause between connection attempts; doubles each time
 _MAX_BACKOFF_S = 2.0
 Checkpoint = str | os.PathLike[str] | bytes
