@@ -189,13 +189,17 @@ class _OnnxReader:
             self.tensors[f"{name}.bias"] = bias.reshape(-1)
         return name
 
-    def _on_conv(self, node: Any) -> None:
+    def _new_weight(self, node: Any) -> np.ndarray | None:
+        """The node's constant second input not yet taken by another layer, else None."""
         if len(node.input) < 2 or not self._const(node.input[1]):
-            return
+            return None
         if self._resolve(node.input[1]) in self.used:
-            return
-        w = self._array(node.input[1])
-        if w.ndim not in (3, 4, 5):
+            return None
+        return self._array(node.input[1])
+
+    def _on_conv(self, node: Any) -> None:
+        w = self._new_weight(node)
+        if w is None or w.ndim not in (3, 4, 5):
             return
         bias = (
             self._array(node.input[2])
@@ -208,12 +212,8 @@ class _OnnxReader:
             self.depthwise[name] = node
 
     def _on_gemm(self, node: Any) -> None:
-        if len(node.input) < 2 or not self._const(node.input[1]):
-            return
-        if self._resolve(node.input[1]) in self.used:
-            return
-        b = self._array(node.input[1])
-        if b.ndim != 2:
+        b = self._new_weight(node)
+        if b is None or b.ndim != 2:
             return
         w = b if self._attr(node, "transB", 0) else b.T
         alpha, beta = self._attr(node, "alpha", 1.0), self._attr(node, "beta", 1.0)
@@ -225,12 +225,8 @@ class _OnnxReader:
         self._add_layer(node, node.input[1], np.ascontiguousarray(w), bias)
 
     def _on_matmul(self, node: Any) -> None:
-        if len(node.input) < 2 or not self._const(node.input[1]) or self._const(node.input[0]):
-            return
-        if self._resolve(node.input[1]) in self.used:
-            return
-        b = self._array(node.input[1])
-        if b.ndim != 2:
+        b = None if self._const(node.input[0]) else self._new_weight(node)
+        if b is None or b.ndim != 2:
             return
         bias = None
         adds = self.consumers.get(node.output[0], [])
