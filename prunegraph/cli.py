@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -23,6 +23,9 @@ from rich.table import Table
 from graphs import AnalysisOptions, InvalidInputError, PruneGraphError, Report, analyze
 from graphs.manifest import Manifest
 from graphs.plan import PLAN_METHODS, Constraints, PruningPlan, Target
+
+if TYPE_CHECKING:
+    from service.ingest import ParsedCheckpoint
 from graphs.report import ALL_METHODS, LayerReport, MethodResult
 
 app = typer.Typer(
@@ -166,13 +169,22 @@ def _load_manifest(path: Path | None) -> Manifest | None:
         ) from None
 
 
-def _onnx_manifest(path: Path, fmt: str) -> Manifest | None:
-    """An ONNX graph carries its own coupling and shapes: derive the manifest from it."""
-    if fmt != "onnx":
-        return None
-    from service.onnx_manifest import manifest_from_onnx
+def _read_inputs(
+    checkpoint: Path, manifest: Path | None
+) -> tuple[ParsedCheckpoint, Manifest | None]:
+    """The checkpoint and its manifest: the given file, or for ONNX the one its graph carries.
 
-    return manifest_from_onnx(path)
+    Imported here: torch is only needed once a checkpoint is actually read.
+    """
+    from service.ingest import read_checkpoint
+
+    man = _load_manifest(manifest)
+    parsed = read_checkpoint(checkpoint)
+    if man is None and parsed.info.format == "onnx":
+        from service.onnx_manifest import manifest_from_onnx
+
+        man = manifest_from_onnx(checkpoint)
+    return parsed, man
 
 
 def _parse_methods(methods: str) -> list[str]:
@@ -201,16 +213,11 @@ def analyze_cmd(
     """Per-layer calibrated redundancy of a checkpoint (embedded: no server needed)."""
     out = _console()
     err = _console(stderr=True)
-    # Imported here: torch is only needed once a checkpoint is actually read.
-    from service.ingest import read_checkpoint
-
     t0 = time.perf_counter()
     try:
         _check_output(output)
         options = _options(alpha=alpha, min_explained=min_explained)
-        man = _load_manifest(manifest)
-        parsed = read_checkpoint(checkpoint)
-        man = man or _onnx_manifest(checkpoint, parsed.info.format)
+        parsed, man = _read_inputs(checkpoint, manifest)
         t_read = time.perf_counter() - t0
         with Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -305,7 +312,6 @@ def plan_cmd(
 ) -> None:
     """A pruning plan that reaches a FLOPs or params target (embedded: no server needed)."""
     from graphs.planner import plan_layers
-    from service.ingest import read_checkpoint
 
     out = _console()
     err = _console(stderr=True)
@@ -329,9 +335,7 @@ def plan_cmd(
             raise InvalidInputError(
                 f"unknown method {method!r}", hint=f"Choose one of {', '.join(PLAN_METHODS)}."
             )
-        man = _load_manifest(manifest)
-        parsed = read_checkpoint(checkpoint)
-        man = man or _onnx_manifest(checkpoint, parsed.info.format)
+        parsed, man = _read_inputs(checkpoint, manifest)
         plan = plan_layers(
             parsed.layers,
             method=method,
