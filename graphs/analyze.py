@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from graphs.baselines import fpgm, l1
+from graphs.cache import Cache
 from graphs.errors import InvalidInputError, NoPrunableLayersError
 from graphs.grouping import build_groups
-from graphs.hsc import hsc
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
-from graphs.mrp import mrp
+from graphs.options import AnalysisOptions, layer_seed
 from graphs.report import (
     ALL_METHODS,
     CheckpointInfo,
@@ -25,47 +22,10 @@ from graphs.report import (
     SkippedLayer,
     Summary,
 )
-from graphs.similarity import DEFAULT_ALPHA, DEFAULT_MIN_EXPLAINED
-from graphs.srr import srr
+from graphs.work import GroupWork
 
 Progress = Callable[[int, int, str], None]
 """Called as ``progress(done, total, group_name)`` after each group."""
-
-
-class AnalysisOptions(BaseModel):
-    """Method parameters; they are part of the report and of every cache key."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="null edge rate per layer")
-    min_explained: float = Field(
-        DEFAULT_MIN_EXPLAINED, ge=0, lt=1, description="least cos² between joined filters"
-    )
-    resolution: float = Field(1.0, gt=0, description="Leiden resolution (mrp)")
-    k: int = Field(5, ge=1, description="neighbours per hyperedge (hsc)")
-    n_rounds: int = Field(3, ge=0, description="structure-learning rounds (hsc)")
-
-    def parameters(self, method: str) -> dict[str, float | int | str]:
-        if method == "mrp":
-            return {**self._edges(), "resolution": self.resolution}
-        if method == "srr":
-            return self._edges()
-        if method == "hsc":
-            return {**self._edges(), "k": self.k, "n_rounds": self.n_rounds}
-        return {}
-
-    def _edges(self) -> dict[str, float | int | str]:
-        return {"alpha": self.alpha, "min_explained": self.min_explained}
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """A per-group seed that depends on the run's seed and the group's name only.
-
-    Results of a group therefore do not depend on which other groups are analysed, or in what
-    order (needed for caching and for distributing groups as separate tasks).
-    """
-    state = np.random.SeedSequence([int(seed), zlib.crc32(name.encode())])
-    return int(state.generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def analyze_group(
@@ -74,41 +34,11 @@ def analyze_group(
     methods: Sequence[str] = ALL_METHODS,
     options: AnalysisOptions | None = None,
     seed: int = 0,
+    cache: Cache | None = None,
 ) -> dict[str, MethodResult]:
     """Run the chosen methods on one group's filter vectors (n_filters, fan_in)."""
-    opts = options or AnalysisOptions()
-    X = group.vectors()
-    s = layer_seed(seed, group.name)
-    out: dict[str, MethodResult] = {}
-    for method in methods:
-        if method == "mrp":
-            out[method] = mrp(
-                X,
-                alpha=opts.alpha,
-                min_explained=opts.min_explained,
-                resolution=opts.resolution,
-                seed=s,
-            ).to_model()
-        elif method == "srr":
-            out[method] = srr(X, alpha=opts.alpha, min_explained=opts.min_explained).to_model()
-        elif method == "hsc":
-            out[method] = hsc(
-                X,
-                k=opts.k,
-                alpha=opts.alpha,
-                min_explained=opts.min_explained,
-                n_rounds=opts.n_rounds,
-                seed=s,
-            ).to_model()
-        elif method == "l1":
-            out[method] = l1(X).to_model()
-        elif method == "fpgm":
-            out[method] = fpgm(X).to_model()
-        else:
-            raise InvalidInputError(
-                f"unknown method {method!r}", hint=f"Choose from {', '.join(ALL_METHODS)}."
-            )
-    return out
+    work = GroupWork(group, seed=seed, options=options, cache=cache)
+    return {method: work.result(method) for method in methods}
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
@@ -132,6 +62,7 @@ def analyze(
     options: AnalysisOptions | None = None,
     progress: Progress | None = None,
     manifest: Manifest | None = None,
+    cache: Cache | None = None,
 ) -> Report:
     """Calibrated per-layer redundancy of a checkpoint's layers.
 
@@ -146,6 +77,8 @@ def analyze(
         progress: optional callback after each group.
         manifest: coupling groups and MACs (design §2): coupled layers are scored as one group
             and the summary gains FLOPs and FLOPs-weighted redundancy.
+        cache: per-group results already computed are taken from it, new ones stored in it
+            (:mod:`graphs.cache`); the report is the same with or without.
 
     Returns:
         the :class:`Report`; byte-identical JSON for the same inputs and seed.
@@ -167,7 +100,7 @@ def analyze(
         )
     reports: list[LayerReport] = []
     for i, group in enumerate(groups):
-        results = analyze_group(group, methods=chosen, options=opts, seed=seed)
+        results = analyze_group(group, methods=chosen, options=opts, seed=seed, cache=cache)
         head = group.members[0]
         reports.append(
             LayerReport(
@@ -254,3 +187,14 @@ def summarize(
         flops=macs[1] if macs is not None else None,
         methods=per_method,
     )
+
+
+__all__ = [
+    "AnalysisOptions",
+    "Progress",
+    "analyze",
+    "analyze_group",
+    "check_methods",
+    "layer_seed",
+    "summarize",
+]

@@ -33,6 +33,7 @@ hypergraph, get the cluster label -1 and never represent a cluster.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,27 @@ class HscLayerResult:
     clusters: np.ndarray
     representatives: np.ndarray
 
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        scalars = [self.redundancy, self.n_clusters, self.eigengap, self.n_components, self.k]
+        np.savez(
+            buf,
+            scalars=np.asarray([*scalars, self.threshold, self.null_dim], dtype=np.float64),
+            clusters=self.clusters,
+            representatives=self.representatives,
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, value: bytes) -> HscLayerResult:
+        with np.load(io.BytesIO(value), allow_pickle=False) as z:
+            r, nc, gap, ncomp, k, t, m = (float(v) for v in z["scalars"])
+            return cls(
+                redundancy=r, n_clusters=int(nc), eigengap=gap, n_components=int(ncomp), k=int(k),
+                threshold=t, null_dim=m, clusters=z["clusters"],
+                representatives=z["representatives"],
+            )  # fmt: skip
+
     def to_model(self) -> HscResult:
         return HscResult(
             redundancy=round(float(self.redundancy), 6),
@@ -92,6 +114,7 @@ def hsc(
     n_rounds: int = 3,
     n_clusters: int | None = None,
     seed: int = 0,
+    calibration: tuple[float, float] | None = None,
 ) -> HscLayerResult:
     """High-order spectral clustering of the filters of one layer.
 
@@ -103,6 +126,8 @@ def hsc(
         n_rounds: structure-learning rounds (0 disables learning).
         n_clusters: number of clusters to keep (planning); None picks it by eigengap.
         seed: seeds eigsh start vectors and k-means.
+        calibration: the layer's ``(threshold, null_dim)`` when already fitted with the same
+            ``alpha`` and ``min_explained`` (e.g. from :mod:`graphs.calibrated`).
 
     Returns:
         :class:`HscLayerResult`; ``clusters`` has shape (n,), ``representatives`` shape (K,).
@@ -129,7 +154,9 @@ def hsc(
             clusters=labels, representatives=live,
         )  # fmt: skip
     UL = U if live.size == n else U[live]
-    threshold, null_dim = calibrated_threshold(UL, alpha=alpha, min_explained=min_explained)
+    threshold, null_dim = calibration or calibrated_threshold(
+        UL, alpha=alpha, min_explained=min_explained
+    )
     H0 = knn_incidence(UL, k=k, threshold=threshold)
     data = H0.data.copy()
     for _ in range(n_rounds):

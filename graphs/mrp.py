@@ -35,13 +35,12 @@ import leidenalg
 import numpy as np
 
 from graphs._labels import mean_cosine_to_group, relabel_by_first_occurrence, round_list
+from graphs.calibrated import CalibratedGraph, calibrated_graph, checked_graph
 from graphs.report import MrpResult
 from graphs.similarity import (
     DEFAULT_ALPHA,
     DEFAULT_MIN_EXPLAINED,
-    calibrated_threshold,
     check_filters,
-    cosine_threshold_graph,
     unit_rows,
     upper_edges,
 )
@@ -121,6 +120,7 @@ def mrp(
     min_explained: float = DEFAULT_MIN_EXPLAINED,
     resolution: float = 1.0,
     seed: int = 0,
+    graph: CalibratedGraph | None = None,
 ) -> MrpLayerResult:
     """Redundancy of one layer by community detection (RMCD).
 
@@ -130,6 +130,8 @@ def mrp(
         min_explained: least cos² between joined filters (effect-size floor).
         resolution: Leiden resolution (RB configuration model).
         seed: Leiden's seed.
+        graph: the layer's calibrated graph when already built (see :mod:`graphs.calibrated`);
+            it must have been built from ``X`` with the same ``alpha`` and ``min_explained``.
 
     Returns:
         :class:`MrpLayerResult`.
@@ -141,9 +143,9 @@ def mrp(
     n_zero = int(zero.sum())
     live = np.flatnonzero(~zero)
     UL = U if live.size == n else U[live]  # no copy of wide layers without dead filters
-    threshold, null_dim = calibrated_threshold(UL, alpha=alpha, min_explained=min_explained)
-    G = cosine_threshold_graph(UL, threshold)
-    edges, cosines = upper_edges(G)
+    cg = checked_graph(graph, n) or calibrated_graph(U, alpha=alpha, min_explained=min_explained)
+    threshold, null_dim = cg.threshold, cg.null_dim
+    edges, cosines = upper_edges(cg.live_subgraph(live))
     weights = response_information(cosines)
     labels_live, modularity = leiden_communities(
         live.size, edges, weights, resolution=resolution, seed=seed

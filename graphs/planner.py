@@ -26,29 +26,30 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphs.analyze import AnalysisOptions, layer_seed
 from graphs.baselines import fpgm
+from graphs.cache import Cache
 from graphs.cost import CostModel, infer_consumers
 from graphs.errors import InvalidInputError, NoPrunableLayersError
 from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
+from graphs.options import AnalysisOptions, layer_seed
 from graphs.plan import Constraints, GroupPlan, PlanMethod, PruningPlan, Target
 from graphs.selection import GroupState, HscState, MrpState, SrrState
+from graphs.work import GroupWork
 
 GRAPH_METHODS = ("mrp", "srr", "hsc")
 
 
-def _state(group: LayerGroup, method: str, opts: AnalysisOptions, seed: int) -> GroupState:
-    X = group.vectors()
-    s = layer_seed(seed, group.name)
-    edges = {"alpha": opts.alpha, "min_explained": opts.min_explained}
+def _state(work: GroupWork, method: str) -> GroupState:
+    X, s, opts = work.X, work.seed, work.options
     if method == "mrp":
-        return MrpState(X, s, resolution=opts.resolution, **edges)
+        return MrpState(X, s, work.graph().graph, resolution=opts.resolution)
     if method == "srr":
-        return SrrState(X, s, **edges)
+        return SrrState(X, s, work.graph().graph)
     if method == "hsc":
-        return HscState(X, s, k=opts.k, n_rounds=opts.n_rounds, **edges)
+        edges = {"alpha": opts.alpha, "min_explained": opts.min_explained}
+        return HscState(X, s, work.hsc(), k=opts.k, n_rounds=opts.n_rounds, **edges)
     return GroupState(X, s)
 
 
@@ -117,6 +118,7 @@ def make_plan(
     checkpoint_sha256: str | None = None,
     prunable: dict[int, bool] | None = None,
     param_shapes: dict[str, list[int]] | None = None,
+    cache: Cache | None = None,
 ) -> PruningPlan:
     """A plan that removes ``target`` of the FLOPs or params by ``method``.
 
@@ -126,6 +128,8 @@ def make_plan(
         prunable: group id → whether it may lose channels (stem/classifier are not).
         step: filters removed per greedy iteration (int ≥ 1) or fraction of the group.
         param_shapes: all parameter shapes (manifest) for ``expected_shapes``.
+        cache: per-group graphs and clusterings already computed (by an analysis or an earlier
+            plan of the same weights, parameters and seed) are reused; see :mod:`graphs.cache`.
     """
     c = constraints or Constraints()
     opts = options or AnalysisOptions()
@@ -147,7 +151,7 @@ def make_plan(
     if method in GRAPH_METHODS:
         for gid, g in zip(ids, groups, strict=True):
             if limit[gid]:
-                states[gid] = _state(g, method, opts, seed)
+                states[gid] = _state(GroupWork(g, seed=seed, options=opts, cache=cache), method)
                 redundancy[gid] = round(states[gid].redundancy(), 6)
         while not budget.met():
             live = [
@@ -249,7 +253,7 @@ def make_plan(
         target=target,
         constraints=c,
         seed=seed,
-        parameters={**opts.parameters(method), "step": step},
+        parameters={**opts.parameters(method), "step": int(step) if step >= 1 else step},
         coupling="manifest" if any(g.coupling == "manifest" for g in groups) else "unknown",
         groups=plans,
         expected_shapes={k: shapes[k] for k in sorted(shapes)},
@@ -311,6 +315,7 @@ def plan_layers(
     step: float = 0.05,
     seed: int = 0,
     checkpoint_sha256: str | None = None,
+    cache: Cache | None = None,
 ) -> PruningPlan:
     """Plan for a checkpoint's layers: groups from the manifest (exact params and MACs, its
     stem/classifier/ignored groups kept whole) or, without one, from the layers alone (params
@@ -348,7 +353,7 @@ def plan_layers(
         return make_plan(
             groups, method=method, target=target, cost=cost, constraints=c, options=options,
             step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=prunable,
-            param_shapes=shapes,
+            param_shapes=shapes, cache=cache,
         )  # fmt: skip
     cost = CostModel.from_layers(groups, params_total)
     # Without a manifest: the stem is the first layer in order, and a group nothing reads is a
@@ -357,5 +362,5 @@ def plan_layers(
     edge = {i: False for i in range(len(groups)) if i == 0 or i not in consumed}
     return make_plan(
         groups, method=method, target=target, cost=cost, constraints=c, options=options,
-        step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=edge,
+        step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=edge, cache=cache,
     )  # fmt: skip

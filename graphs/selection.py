@@ -4,7 +4,8 @@ Each state holds one group's filters (n, d) and answers two questions for the pl
 ``redundancy()`` of the filters still kept, and ``take(n)``: the next filters to remove. Graph
 states keep the graph built once on all filters (same null threshold) and recompute only on the
 kept vertices, so a step costs a Leiden run or a covering on a subgraph, not a new similarity
-matrix. ``order()`` ranks the kept filters for removal beyond their redundancy (fallback).
+matrix (the graph and the hsc clustering come from :class:`graphs.work.GroupWork`, cached).
+``order()`` ranks the kept filters for removal beyond their redundancy (fallback).
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from graphs._labels import mean_cosine_to_group
-from graphs.hsc import hsc
+from graphs.hsc import HscLayerResult, hsc
 from graphs.mrp import leiden_communities, response_information
 from graphs.similarity import (
     DEFAULT_ALPHA,
     DEFAULT_MIN_EXPLAINED,
-    calibrated_threshold,
-    cosine_threshold_graph,
     unit_rows,
     upper_edges,
 )
@@ -47,12 +46,6 @@ class GroupState:
     def redundancy(self) -> float:
         return 0.0
 
-    def calibrated_graph(self, alpha: float, min_explained: float) -> sp.csr_matrix:
-        """The null-calibrated cosine graph over all filters (threshold fitted to the live ones),
-        built once; states recompute their figures on its subgraph of kept filters."""
-        t, _ = calibrated_threshold(self.U[~self.dead], alpha=alpha, min_explained=min_explained)
-        return cosine_threshold_graph(self.U, t)
-
     def redundant_count(self) -> int:
         return int(self.dead[self.alive].sum())
 
@@ -72,13 +65,11 @@ class GroupState:
 class MrpState(GroupState):
     """SRP: communities of the null-calibrated graph, recomputed on the kept filters."""
 
-    alpha: float = DEFAULT_ALPHA
-    min_explained: float = DEFAULT_MIN_EXPLAINED
+    G: sp.csr_matrix  # (n, n) calibrated graph over all filters (graphs.calibrated)
     resolution: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.G = self.calibrated_graph(self.alpha, self.min_explained)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -130,12 +121,10 @@ class MrpState(GroupState):
 class SrrState(GroupState):
     """SRR: quotient size and covering number of the γ-graph on the kept filters."""
 
-    alpha: float = DEFAULT_ALPHA
-    min_explained: float = DEFAULT_MIN_EXPLAINED
+    A: sp.csr_matrix  # (n, n) calibrated graph over all filters (graphs.calibrated)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.A = self.calibrated_graph(self.alpha, self.min_explained)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -174,6 +163,7 @@ class SrrState(GroupState):
 class HscState(GroupState):
     """hsc: clusters of the kNN hypergraph; every cluster keeps its medoid."""
 
+    result: HscLayerResult  # hsc of all filters, the cluster count by eigengap
     alpha: float = DEFAULT_ALPHA
     min_explained: float = DEFAULT_MIN_EXPLAINED
     k: int = 5
@@ -181,14 +171,6 @@ class HscState(GroupState):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.result = hsc(
-            self.X,
-            k=self.k,
-            alpha=self.alpha,
-            min_explained=self.min_explained,
-            n_rounds=self.n_rounds,
-            seed=self.seed,
-        )
         labels = self.result.clusters
         self.is_rep = np.zeros(self.X.shape[0], dtype=bool)
         self.is_rep[self.result.representatives] = True
@@ -228,4 +210,5 @@ class HscState(GroupState):
             n_rounds=self.n_rounds,
             n_clusters=n_keep,
             seed=self.seed,
+            calibration=(self.result.threshold, self.result.null_dim),
         ).representatives

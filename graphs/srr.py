@@ -27,13 +27,12 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from graphs._labels import relabel_by_first_occurrence, round_list
+from graphs.calibrated import CalibratedGraph, calibrated_graph, checked_graph
 from graphs.report import SrrResult
 from graphs.similarity import (
     DEFAULT_ALPHA,
     DEFAULT_MIN_EXPLAINED,
-    calibrated_threshold,
     check_filters,
-    cosine_threshold_graph,
     unit_rows,
 )
 
@@ -121,7 +120,11 @@ def _greedy_cover(B: sp.csr_matrix, ell: int) -> int:
 
 
 def srr(
-    X: np.ndarray, *, alpha: float = DEFAULT_ALPHA, min_explained: float = DEFAULT_MIN_EXPLAINED
+    X: np.ndarray,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    min_explained: float = DEFAULT_MIN_EXPLAINED,
+    graph: CalibratedGraph | None = None,
 ) -> SrrLayerResult:
     """Structural redundancy of one layer.
 
@@ -129,6 +132,7 @@ def srr(
         X: filter matrix of shape (n_filters, fan_in), n_filters ≥ 2.
         alpha: family-wise rate of chance edges between random filters.
         min_explained: least cos² between joined filters (effect-size floor).
+        graph: the layer's calibrated graph when already built (see :mod:`graphs.calibrated`).
 
     Returns:
         :class:`SrrLayerResult` (deterministic; no randomness is involved).
@@ -137,9 +141,9 @@ def srr(
     n = X.shape[0]
     U, norms = unit_rows(X)
     live = np.flatnonzero(norms > 0)
-    UL = U if live.size == n else U[live]  # no copy of wide layers without dead filters
-    threshold, null_dim = calibrated_threshold(UL, alpha=alpha, min_explained=min_explained)
-    A = cosine_threshold_graph(UL, threshold)
+    cg = checked_graph(graph, n) or calibrated_graph(U, alpha=alpha, min_explained=min_explained)
+    threshold, null_dim = cg.threshold, cg.null_dim
+    A = cg.live_subgraph(live)
     k, comp_live = connected_components(A, directed=False)
     c1 = greedy_covering_number(A, ell=1) if live.size else 0
     c2 = greedy_covering_number(A, ell=2) if live.size else 0

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -46,6 +46,8 @@ class JobOut(BaseModel):
     checkpoint_id: str
     request: dict[str, Any]
     has_plan: bool
+    cache_hits: int = Field(description="per-group results reused from earlier jobs")
+    cache_misses: int = Field(description="per-group results computed by this job")
     created_at: float
     updated_at: float
 
@@ -59,7 +61,9 @@ class State:
         self.tokens = settings.token_users()
         self.store = CheckpointStore(settings.data_dir)
         self.engine, self.sessions = init_db(settings.db_url())
-        self.runner = JobRunner(settings.db_url(), self.sessions, settings.workers)
+        self.runner = JobRunner(
+            settings.db_url(), self.sessions, settings.workers, settings.cache_dir()
+        )
 
 
 def _state(request: Request) -> State:
@@ -166,6 +170,8 @@ def _job_out(row: JobRow) -> JobOut:
         checkpoint_id=row.checkpoint_id,
         request=json.loads(row.request_json),
         has_plan=row.plan_json is not None,
+        cache_hits=row.cache_hits or 0,
+        cache_misses=row.cache_misses or 0,
         created_at=row.created_at,
         updated_at=row.updated_at,
     )

@@ -21,12 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from graphs.analyze import analyze, check_methods
+from graphs.analyze import AnalysisOptions, analyze, check_methods
+from graphs.cache import Cache
 from graphs.errors import PruneGraphError
 from graphs.manifest import Manifest
-from graphs.plan import PlanMethod, Target
+from graphs.plan import Constraints, PlanMethod, Target
 from graphs.planner import plan_layers
 from graphs.report import ALL_METHODS
+from service.cache import FileCache
 from service.db import DONE, FAILED, QUEUED, RUNNING, UNFINISHED, JobRow, make_engine
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,22 @@ class JobRequest(BaseModel):
     target: Target | None = Field(None, description='{"flops": 0.5} or {"params": 0.5}')
     plan_method: PlanMethod = "mrp"
     manifest: Manifest | None = None
+    options: AnalysisOptions = Field(
+        default_factory=AnalysisOptions, description="method parameters (alpha, min_explained, ...)"
+    )
+    constraints: Constraints = Field(
+        default_factory=Constraints, description="planning constraints (min_channels, ...)"
+    )
+    step: float = Field(
+        0.05, gt=0, description="filters per greedy step: an integer, or a fraction of a group"
+    )
+
+    @field_validator("step")
+    @classmethod
+    def _step(cls, v: float) -> float:
+        if not (v >= 1 and float(v).is_integer()) and not 0 < v < 1:
+            raise ValueError("step must be an integer >= 1 or a fraction in (0, 1)")
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -59,8 +77,16 @@ def _set(sessions: sessionmaker[Session], job_id: str, **values: Any) -> int:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def run_job(database_url: str, checkpoint_path: str, job_id: str) -> str:
-    """Run one job to done or failed (in a worker process); returns the final status."""
+def warm_up() -> None:
+    """Import what jobs need, once per worker process, so the first job does not pay for it."""
+    import service.ingest  # noqa: F401  (torch)
+
+
+def run_job(database_url: str, checkpoint_path: str, job_id: str, cache_dir: str | None) -> str:
+    """Run one job to done or failed (in a worker process); returns the final status.
+
+    ``cache_dir`` holds the per-group result cache (:mod:`service.cache`); None disables it.
+    """
     engine = make_engine(database_url)
     sessions = sessionmaker(engine)
     try:
@@ -75,8 +101,11 @@ def run_job(database_url: str, checkpoint_path: str, job_id: str) -> str:
             row = s.get(JobRow, job_id)
             assert row is not None
             request = JobRequest.model_validate_json(row.request_json)
+        cache = FileCache(Path(cache_dir)) if cache_dir is not None else None
         try:
-            report_json, plan_json = _compute(request, Path(checkpoint_path), sessions, job_id)
+            report_json, plan_json = _compute(
+                request, Path(checkpoint_path), sessions, job_id, cache
+            )
         except PruneGraphError as e:
             _set(sessions, job_id, status=FAILED, error=f"{e.message} {e.hint}")
             return FAILED
@@ -91,6 +120,8 @@ def run_job(database_url: str, checkpoint_path: str, job_id: str) -> str:
             progress=1.0,
             report_json=report_json,
             plan_json=plan_json,
+            cache_hits=cache.hits if cache is not None else 0,
+            cache_misses=cache.misses if cache is not None else 0,
         )
         return DONE
     finally:
@@ -98,7 +129,11 @@ def run_job(database_url: str, checkpoint_path: str, job_id: str) -> str:
 
 
 def _compute(
-    request: JobRequest, path: Path, sessions: sessionmaker[Session], job_id: str
+    request: JobRequest,
+    path: Path,
+    sessions: sessionmaker[Session],
+    job_id: str,
+    cache: Cache | None,
 ) -> tuple[str, str | None]:
     from service.ingest import read_checkpoint  # torch is imported in the worker only
 
@@ -119,8 +154,10 @@ def _compute(
         skipped=parsed.skipped,
         methods=request.methods,
         seed=request.seed,
+        options=request.options,
         manifest=manifest,
         progress=progress,
+        cache=cache,
     )
     plan_json = None
     if request.target is not None:
@@ -130,8 +167,12 @@ def _compute(
             target=request.target,
             params_total=parsed.info.n_params,
             manifest=manifest,
+            constraints=request.constraints,
+            options=request.options,
+            step=request.step,
             seed=request.seed,
             checkpoint_sha256=parsed.info.sha256,
+            cache=cache,
         )
         plan_json = plan.to_json()
     return report.to_json(), plan_json
@@ -140,19 +181,29 @@ def _compute(
 class JobRunner:
     """Submits jobs to a process pool; owned by the app's lifespan."""
 
-    def __init__(self, database_url: str, sessions: sessionmaker[Session], workers: int) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        sessions: sessionmaker[Session],
+        workers: int,
+        cache_dir: Path | None = None,
+    ) -> None:
         self.database_url = database_url
         self.sessions = sessions
         self.workers = workers
+        self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: the server process has threads (event loop, thread pool); fork could deadlock.
         ctx = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=warm_up)
+        for _ in range(self.workers):  # start the workers now, not at the first job
+            pool.submit(time.sleep, 0)
+        return pool
 
     def submit(self, job_id: str, checkpoint_path: Path) -> None:
-        args = (self.database_url, str(checkpoint_path), job_id)
+        args = (self.database_url, str(checkpoint_path), job_id, self.cache_dir)
         try:
             future = self._pool.submit(run_job, *args)
         except BrokenProcessPool:  # a worker died earlier: replace the pool, keep serving

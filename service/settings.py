@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     tokens: str = Field("", description="user:token pairs, comma-separated")
     tokens_file: Path | None = Field(None, description="user:token pairs, one a line")
     workers: int = Field(2, ge=1, description="analysis worker processes")
+    cache: bool = Field(
+        True, description="keep per-group results in data_dir/cache for later jobs to reuse"
+    )
+
+    def cache_dir(self) -> Path | None:
+        return self.data_dir / "cache" if self.cache else None
 
     def db_url(self) -> str:
         if self.database_url:

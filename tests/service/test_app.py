@@ -251,3 +251,56 @@ def test_restart_requeues_unfinished_jobs(tmp_path: Path) -> None:
     with TestClient(create_app(settings)) as c:
         job = _wait(c, "left-running")
         assert job["status"] == "done", job
+
+
+def test_replanning_reuses_the_cached_analysis(client: TestClient, data_dir: Path) -> None:
+    """A second job on the same checkpoint, parameters and seed but another target computes
+    nothing again (every per-group artifact is a cache hit), and its plan is the one computed
+    from scratch without any cache."""
+    from graphs.planner import plan_layers
+    from service.ingest import read_checkpoint
+
+    data = _model_bytes(seed=7)
+    ckpt = _upload(client, data).json()["id"]
+    opts = {"alpha": 0.05, "min_explained": 0.4}
+    jobs = []
+    for ratio in (0.2, 0.4):
+        body = {
+            "checkpoint_id": ckpt,
+            "methods": ["mrp", "hsc"],
+            "seed": 5,
+            "target": {"params": ratio},
+            "plan_method": "mrp",
+            "options": opts,
+            "constraints": {"min_channels": 2},
+            "step": 2,
+        }
+        jobs.append(_wait(client, client.post("/v1/jobs", json=body, headers=ALICE).json()["id"]))
+    first, second = jobs
+    assert first["status"] == second["status"] == "done"
+    assert first["cache_misses"] > 0
+    assert second["cache_misses"] == 0 and second["cache_hits"] > 0
+    assert any((data_dir / "cache").rglob("*"))
+    path = data_dir / "model.pt"
+    path.write_bytes(data)
+    parsed = read_checkpoint(path)
+    from graphs.options import AnalysisOptions
+    from graphs.plan import Constraints, Target
+
+    expected = plan_layers(
+        parsed.layers,
+        method="mrp",
+        target=Target(params=0.4),
+        params_total=parsed.info.n_params,
+        options=AnalysisOptions(**opts),
+        constraints=Constraints(min_channels=2),
+        step=2,
+        seed=5,
+        checkpoint_sha256=ckpt,
+    )
+    got = client.get(f"/v1/jobs/{second['id']}/plan", headers=ALICE).text
+    assert got == expected.to_json()
+    report = Report.model_validate_json(
+        client.get(f"/v1/jobs/{second['id']}/report", headers=ALICE).text
+    )
+    assert report.parameters["mrp"]["min_explained"] == 0.4
