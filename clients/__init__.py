@@ -7,7 +7,8 @@
   any weight changes (:class:`PlanMismatchError`).
 
 - :class:`PruneGraphClient`: the HTTP client of the service (upload, submit, wait, report/plan),
-  with its exception tree in :mod:`clients.http`; :func:`plan_model` plans a live model.
+  with its exception tree in :mod:`clients.http`; ``client.plan(model, example_inputs,
+  target_flops=0.5)`` plans a live model in one call.
 
 Activation capture and the PCC loss arrive later (design §6).
 """
@@ -27,7 +28,6 @@ from clients.http import (
     PruneGraphClientError,
     PruneGraphHTTPError,
     ServerError,
-    plan_model,
 )
 from clients.manifest import build_manifest, manifest_from_factory
 
@@ -49,5 +49,4 @@ __all__ = [
     "apply_plan",
     "build_manifest",
     "manifest_from_factory",
-    "plan_model",
 ]

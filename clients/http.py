@@ -5,8 +5,10 @@ optional progress bar on stderr) and fetches the :class:`~graphs.report.Report` 
 :class:`~graphs.plan.PruningPlan`::
 
     with PruneGraphClient("http://127.0.0.1:8000", token="secret") as client:
-        report = client.analyze("resnet56.pt")
-        plan = client.plan_for("resnet56.pt", target={"flops": 0.5})
+        report = client.analyze("resnet56.pt")                # or a live nn.Module
+        plan = client.plan(model, torch.zeros(1, 3, 32, 32), target_flops=0.5, method="mrp")
+        apply_plan(model, plan)                                  # clients.apply_plan
+        plan = client.plan_for("resnet56.pt", target={"params": 0.3})   # a file, no manifest
 
 Any ``httpx.Client`` can be injected (``http=``), e.g. FastAPI's ``TestClient`` to run the real
 app in-process. Connection failures (``httpx.ConnectError``/``ConnectTimeout``: the request never
@@ -34,13 +36,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, overload
 
 import httpx
 from pydantic import BaseModel, ConfigDict
 
+from graphs.analyze import AnalysisOptions
 from graphs.manifest import Manifest
-from graphs.plan import PruningPlan
+from graphs.plan import Constraints, PruningPlan
 from graphs.report import ALL_METHODS, Report
 
 if TYPE_CHECKING:
@@ -61,13 +64,14 @@ __all__ = [
     "PruneGraphClientError",
     "PruneGraphHTTPError",
     "ServerError",
-    "plan_model",
 ]
 
 DEFAULT_METHODS: tuple[str, ...] = ALL_METHODS
 _BACKOFF_S = 0.1  # first pause between connection attempts; doubles each time
 _MAX_BACKOFF_S = 2.0
 Checkpoint = str | os.PathLike[str] | bytes
+Options = AnalysisOptions | Mapping[str, Any]
+PlanConstraints = Constraints | Mapping[str, Any]
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -259,8 +263,16 @@ class PruneGraphClient:
         target: Mapping[str, float] | None = None,
         plan_method: str = "mrp",
         manifest: Manifest | Mapping[str, Any] | None = None,
+        options: Options | None = None,
+        constraints: PlanConstraints | None = None,
+        step: float | None = None,
     ) -> str:
-        """Submit an analysis job (planned too when ``target`` is set); returns the job id."""
+        """Submit an analysis job (planned too when ``target`` is set); returns the job id.
+
+        ``options`` are the methods' parameters (``alpha``, ``min_explained``, ...; see
+        :class:`graphs.AnalysisOptions`), ``constraints`` and ``step`` the planner's
+        (:class:`graphs.plan.Constraints`); the server's defaults apply to what is not given.
+        """
         body: dict[str, Any] = {
             "checkpoint_id": checkpoint_id,
             "methods": list(methods),
@@ -268,10 +280,14 @@ class PruneGraphClient:
             "target": dict(target) if target is not None else None,
             "plan_method": plan_method,
         }
-        if isinstance(manifest, Manifest):
-            body["manifest"] = manifest.model_dump(mode="json")
-        elif manifest is not None:
-            body["manifest"] = dict(manifest)
+        extra = {"manifest": manifest, "options": options, "constraints": constraints}
+        for name, value in extra.items():
+            if isinstance(value, BaseModel):
+                body[name] = value.model_dump(mode="json")
+            elif value is not None:
+                body[name] = dict(value)
+        if step is not None:
+            body["step"] = step
         return str(self._request("POST", "/v1/jobs", json=body).json()["id"])
 
     def job(self, job_id: str) -> JobStatus:
@@ -321,45 +337,147 @@ class PruneGraphClient:
     def report(self, job_id: str) -> Report:
         return Report.model_validate_json(self._request("GET", f"/v1/jobs/{job_id}/report").text)
 
-    def plan(self, job_id: str) -> PruningPlan:
-        text = self._request("GET", f"/v1/jobs/{job_id}/plan").text
-        return PruningPlan.model_validate_json(text)
+    @overload
+    def plan(self, job_or_model: str) -> PruningPlan: ...
+
+    @overload
+    def plan(
+        self,
+        job_or_model: nn.Module,
+        example_inputs: ExampleInputs,
+        *,
+        target_flops: float | None = None,
+        target_params: float | None = None,
+        method: str = "mrp",
+        checkpoint: Checkpoint | None = None,
+        seed: int = 0,
+        options: Options | None = None,
+        constraints: PlanConstraints | None = None,
+        step: float | None = None,
+        timeout: float = 600.0,
+        progress: bool = False,
+    ) -> PruningPlan: ...
+
+    def plan(
+        self,
+        job_or_model: str | nn.Module,
+        example_inputs: ExampleInputs | None = None,
+        *,
+        target_flops: float | None = None,
+        target_params: float | None = None,
+        method: str = "mrp",
+        checkpoint: Checkpoint | None = None,
+        seed: int = 0,
+        options: Options | None = None,
+        constraints: PlanConstraints | None = None,
+        step: float | None = None,
+        timeout: float = 600.0,
+        progress: bool = False,
+    ) -> PruningPlan:
+        """A job's plan (``plan(job_id)``), or in one call the plan of a live model.
+
+        ``plan(model, example_inputs, target_flops=0.5, method="mrp")`` builds the model's
+        manifest (coupling groups, MACs) from a forward pass on ``example_inputs``, uploads the
+        weights (``checkpoint``, or else the model's state dict), plans on the server and returns
+        the plan; apply it with :func:`clients.apply_plan`. Set exactly one of
+        ``target_flops``/``target_params`` (fractions to remove).
+        """
+        if isinstance(job_or_model, str):
+            text = self._request("GET", f"/v1/jobs/{job_or_model}/plan").text
+            return PruningPlan.model_validate_json(text)
+        if example_inputs is None:
+            raise TypeError("plan(model, example_inputs, ...): example inputs are needed")
+        if (target_flops is None) == (target_params is None):
+            raise ValueError("set exactly one of target_flops or target_params, e.g. 0.5")
+        from clients.manifest import build_manifest
+
+        manifest = build_manifest(job_or_model, example_inputs)
+        target = {"flops": target_flops} if target_flops is not None else {"params": target_params}
+        return self.plan_for(
+            checkpoint if checkpoint is not None else job_or_model,
+            target={k: float(v) for k, v in target.items() if v is not None},
+            method=method,
+            manifest=manifest,
+            seed=seed,
+            options=options,
+            constraints=constraints,
+            step=step,
+            timeout=timeout,
+            progress=progress,
+        )
 
     # -- one call each
 
+    def _upload_any(self, source: Checkpoint | nn.Module) -> str:
+        """Upload a path or bytes as they are, or a live model's state dict."""
+        if isinstance(source, (str, os.PathLike, bytes)):
+            return self.upload(source)
+        import torch
+
+        with tempfile.TemporaryDirectory(prefix="prunegraph-") as tmp:
+            path = Path(tmp) / "model.pt"
+            torch.save(source.state_dict(), path)
+            return self.upload(path)
+
     def analyze(
         self,
-        path: Checkpoint,
+        model_or_path: Checkpoint | nn.Module,
+        example_inputs: ExampleInputs | None = None,
         *,
         methods: Iterable[str] = DEFAULT_METHODS,
         seed: int = 0,
+        options: Options | None = None,
+        manifest: Manifest | Mapping[str, Any] | None = None,
         timeout: float = 600.0,
         progress: bool = False,
     ) -> Report:
-        """Upload, analyse and return the report."""
-        job_id = self.submit(self.upload(path), methods=methods, seed=seed)
+        """Upload, analyse and return the report.
+
+        ``model_or_path`` is a checkpoint (path or bytes) or a live ``nn.Module`` (its state dict
+        is uploaded). With ``example_inputs`` (a live model only) the model's manifest goes with
+        the job: coupled layers are scored together and the report gains FLOPs.
+        """
+        if example_inputs is not None:
+            if isinstance(model_or_path, (str, os.PathLike, bytes)):
+                raise TypeError("example_inputs need a live model, not a checkpoint file")
+            from clients.manifest import build_manifest
+
+            manifest = build_manifest(model_or_path, example_inputs)
+        job_id = self.submit(
+            self._upload_any(model_or_path),
+            methods=methods,
+            seed=seed,
+            options=options,
+            manifest=manifest,
+        )
         self.wait(job_id, timeout=timeout, progress=progress)
         return self.report(job_id)
 
     def plan_for(
         self,
-        path: Checkpoint,
+        model_or_path: Checkpoint | nn.Module,
         *,
         target: Mapping[str, float],
         method: str = "mrp",
         manifest: Manifest | Mapping[str, Any] | None = None,
         seed: int = 0,
+        options: Options | None = None,
+        constraints: PlanConstraints | None = None,
+        step: float | None = None,
         timeout: float = 600.0,
         progress: bool = False,
     ) -> PruningPlan:
         """Upload, plan for ``target`` (e.g. ``{"flops": 0.5}``) and return the plan."""
         job_id = self.submit(
-            self.upload(path),
+            self._upload_any(model_or_path),
             methods=(method,) if method != "random" else ("l1",),
             seed=seed,
             target=target,
             plan_method=method,
             manifest=manifest,
+            options=options,
+            constraints=constraints,
+            step=step,
         )
         self.wait(job_id, timeout=timeout, progress=progress)
         return self.plan(job_id)
@@ -381,47 +499,3 @@ class PruneGraphClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def plan_model(
-    client: PruneGraphClient,
-    model: nn.Module,
-    example_inputs: ExampleInputs,
-    checkpoint: Checkpoint | None = None,
-    *,
-    target_flops: float | None = None,
-    target_params: float | None = None,
-    method: str = "mrp",
-    seed: int = 0,
-    timeout: float = 600.0,
-) -> PruningPlan:
-    """Plan the pruning of a live model: its manifest (coupling, MACs) goes with the job.
-
-    ``checkpoint`` is the model's saved weights; without it the model's state dict is uploaded.
-    Set exactly one of ``target_flops``/``target_params`` (fractions to remove).
-    """
-    import torch
-
-    from clients.manifest import build_manifest
-
-    if (target_flops is None) == (target_params is None):
-        raise ValueError("set exactly one of target_flops or target_params, e.g. target_flops=0.5")
-    target = {"flops": target_flops} if target_flops is not None else {"params": target_params}
-    manifest = build_manifest(model, example_inputs)
-    if checkpoint is None:
-        with tempfile.TemporaryDirectory(prefix="prunegraph-") as tmp:
-            path = Path(tmp) / "model.pt"
-            torch.save(model.state_dict(), path)
-            checkpoint_id = client.upload(path)
-    else:
-        checkpoint_id = client.upload(checkpoint)
-    job_id = client.submit(
-        checkpoint_id,
-        methods=(method,) if method != "random" else ("l1",),
-        seed=seed,
-        target={k: float(v) for k, v in target.items() if v is not None},
-        plan_method=method,
-        manifest=manifest,
-    )
-    client.wait(job_id, timeout=timeout)
-    return client.plan(job_id)

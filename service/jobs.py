@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -77,9 +78,17 @@ def _set(sessions: sessionmaker[Session], job_id: str, **values: Any) -> int:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def warm_up() -> None:
-    """Import what jobs need, once per worker process, so the first job does not pay for it."""
-    import service.ingest  # noqa: F401  (torch)
+def warm_up(threads: int) -> None:
+    """Set up a worker process: ``threads`` BLAS/torch threads (the cores shared out among the
+    workers, so concurrent jobs do not oversubscribe them), and the imports jobs need, so the
+    first job does not pay for them."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import service.ingest  # noqa: F401
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
 
 
 def run_job(database_url: str, checkpoint_path: str, job_id: str, cache_dir: str | None) -> str:
@@ -197,7 +206,10 @@ class JobRunner:
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: the server process has threads (event loop, thread pool); fork could deadlock.
         ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=warm_up)
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        pool = ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=ctx, initializer=warm_up, initargs=(threads,)
+        )
         for _ in range(self.workers):  # start the workers now, not at the first job
             pool.submit(time.sleep, 0)
         return pool

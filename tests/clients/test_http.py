@@ -26,7 +26,6 @@ from clients import (
     PruneGraphClient,
     PruneGraphHTTPError,
     ServerError,
-    plan_model,
 )
 from graphs.plan import PruningPlan
 from graphs.report import Report
@@ -92,7 +91,7 @@ def test_plan_for_reaches_the_target(alice: PruneGraphClient, checkpoint: Path) 
 def test_plan_model_sends_the_manifest(alice: PruneGraphClient) -> None:
     torch.manual_seed(1)
     model = models.digit_cnn()
-    plan = plan_model(alice, model, torch.zeros(1, 1, 28, 28), target_flops=0.3, method="l1")
+    plan = alice.plan(model, torch.zeros(1, 1, 28, 28), target_flops=0.3, method="l1")
     assert plan.coupling == "manifest" and plan.flops_after is not None
     assert plan.achieved["flops"] >= 0.3
 
@@ -238,3 +237,32 @@ def test_server_errors_and_timeouts_are_not_retried() -> None:
 def test_retries_must_be_positive() -> None:
     with pytest.raises(ValueError, match="retries"):
         PruneGraphClient(retries=0)
+
+
+def test_analyze_a_live_model_with_its_manifest(alice: PruneGraphClient) -> None:
+    torch.manual_seed(2)
+    model = models.digit_cnn()
+    report = alice.analyze(
+        model, torch.zeros(1, 1, 28, 28), methods=["mrp"], options={"min_explained": 0.3}
+    )
+    assert report.summary.flops is not None  # the manifest went with the job
+    assert report.parameters["mrp"]["min_explained"] == 0.3
+    plain = alice.analyze(model, methods=["mrp"])  # the state dict alone
+    assert plain.summary.flops is None and plain.checkpoint.sha256 == report.checkpoint.sha256
+    with pytest.raises(TypeError, match="live model"):
+        alice.analyze(b"bytes", torch.zeros(1, 1, 28, 28))
+
+
+def test_plan_a_live_model_with_constraints(alice: PruneGraphClient) -> None:
+    torch.manual_seed(3)
+    model = models.digit_cnn()
+    x = torch.zeros(1, 1, 28, 28)
+    plan = alice.plan(
+        model, x, target_params=0.4, method="mrp", constraints={"round_to": 4}, step=1
+    )
+    assert plan.constraints.round_to == 4 and plan.parameters["step"] == 1
+    assert all(g.channels_after % 4 == 0 for g in plan.groups if g.remove)
+    with pytest.raises(ValueError, match="exactly one"):
+        alice.plan(model, x)
+    with pytest.raises(InvalidRequestError, match="step"):
+        alice.plan(model, x, target_params=0.4, step=1.5)
