@@ -36,6 +36,7 @@ test: $(STAMP) realdata lint
 bench: $(STAMP) realdata
 	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/speed.py --out benchmarks/results-latest.json
 	$(BIN)/python benchmarks/planning.py --out benchmarks/planning-latest.json
+	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/service_overhead.py --out benchmarks/service-latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
