@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from graphs import AnalysisOptions, InvalidInputError, PruneGraphError, Report, analyze
+from graphs.analyze import check_methods
 from graphs.manifest import Manifest
 from graphs.plan import PLAN_METHODS, Constraints, PruningPlan, Target
 
@@ -187,8 +188,30 @@ def _read_inputs(
     return parsed, man
 
 
+def _existing(path: Path) -> Path:
+    """The checkpoint to upload; refused before any connection when it cannot be read."""
+    if not path.is_file():
+        raise InvalidInputError(
+            f"checkpoint {path} not found or not a file", hint="Check the path."
+        )
+    return path
+
+
 def _parse_methods(methods: str) -> list[str]:
     return [m.strip() for m in methods.split(",") if m.strip()]
+
+
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="URL of a prunegraph service to compute on (same output as embedded)",
+        envvar="PRUNEGRAPH_SERVER",
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(help="bearer token for --server", envvar="PRUNEGRAPH_TOKEN", show_default=False),
+]
 
 
 @app.command("analyze")
@@ -209,14 +232,33 @@ def analyze_cmd(
     manifest: Annotated[
         Path | None, typer.Option(help="manifest JSON: coupling groups and FLOPs")
     ] = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
 ) -> None:
-    """Per-layer calibrated redundancy of a checkpoint (embedded: no server needed)."""
+    """Per-layer calibrated redundancy of a checkpoint (embedded, or on a service: --server)."""
     out = _console()
     err = _console(stderr=True)
     t0 = time.perf_counter()
     try:
         _check_output(output)
         options = _options(alpha=alpha, min_explained=min_explained)
+        chosen = check_methods(_parse_methods(methods))
+        if server is not None:
+            from prunegraph.remote import remote_report
+
+            report = remote_report(
+                server,
+                token,
+                _existing(checkpoint),
+                methods=chosen,
+                seed=seed,
+                options=options,
+                manifest=_load_manifest(manifest),
+                progress=err.is_terminal,
+            )
+            _emit(report.to_json(), output, as_json, lambda: render_report(report, out), out, err)
+            err.print(f"[dim]analysed on {server} in {time.perf_counter() - t0:.2f} s[/]")
+            return
         parsed, man = _read_inputs(checkpoint, manifest)
         t_read = time.perf_counter() - t0
         with Progress(
@@ -237,7 +279,7 @@ def analyze_cmd(
                 parsed.layers,
                 checkpoint=parsed.info,
                 skipped=parsed.skipped,
-                methods=_parse_methods(methods),
+                methods=chosen,
                 seed=seed,
                 options=options,
                 progress=tick,
@@ -309,8 +351,10 @@ def plan_cmd(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="write the JSON plan here")
     ] = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
 ) -> None:
-    """A pruning plan that reaches a FLOPs or params target (embedded: no server needed)."""
+    """A pruning plan that reaches a FLOPs or params target (embedded, or --server)."""
     from graphs.planner import plan_layers
 
     out = _console()
@@ -335,6 +379,24 @@ def plan_cmd(
             raise InvalidInputError(
                 f"unknown method {method!r}", hint=f"Choose one of {', '.join(PLAN_METHODS)}."
             )
+        if server is not None:
+            from prunegraph.remote import remote_plan
+
+            plan = remote_plan(
+                server,
+                token,
+                _existing(checkpoint),
+                method=method,
+                target=target,
+                seed=seed,
+                step=step,
+                constraints=constraints,
+                manifest=_load_manifest(manifest),
+                progress=err.is_terminal,
+            )
+            _emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
+            err.print(f"[dim]planned on {server} in {time.perf_counter() - t0:.2f} s[/]")
+            return
         parsed, man = _read_inputs(checkpoint, manifest)
         plan = plan_layers(
             parsed.layers,

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,43 +11,9 @@ import httpx
 import pytest
 
 from graphs.report import Report
+from tests.server_process import Server
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir, self.port = data_dir, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "prunegraph", "serve", "--port", str(self.port),
-               "--data-dir", str(self.data_dir), "--workers", "1"]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEGRAPH_TOKEN")}
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.kill()
-        raise AssertionError("prunegraph serve did not answer /healthz within 60 s")
-
-    def kill(self) -> None:
-        """SIGKILL the server and its worker processes (its whole session)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.proc = None
 
 
 @pytest.fixture

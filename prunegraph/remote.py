@@ -1,0 +1,113 @@
+"""The CLI's ``--server`` mode: the same report or plan, computed by a prunegraph service.
+
+The checkpoint is uploaded (content-addressed: a known file is stored once), a job is submitted
+with the same methods, parameters, seed, manifest and constraints as the embedded command would
+use, and the result is returned as the same model; the command then prints it exactly as in
+embedded mode. Client errors become :class:`graphs.PruneGraphError` with what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from clients.http import (
+    AuthenticationError,
+    ConnectionFailedError,
+    JobFailedError,
+    JobTimeoutError,
+    PruneGraphClient,
+    PruneGraphClientError,
+    PruneGraphHTTPError,
+)
+from graphs import AnalysisOptions, PruneGraphError, Report
+from graphs.manifest import Manifest
+from graphs.plan import Constraints, PruningPlan, Target
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _translated(server: str) -> Iterator[None]:
+    try:
+        yield
+    except AuthenticationError as e:
+        raise PruneGraphError(
+            f"the server {server} refused the token: {e.error}",
+            hint="Pass --token (or PRUNEGRAPH_TOKEN) with a token the server knows.",
+        ) from None
+    except PruneGraphHTTPError as e:
+        raise PruneGraphError(f"the server said: {e.error}", hint=e.hint) from None
+    except ConnectionFailedError as e:
+        raise PruneGraphError(
+            str(e), hint="Check --server, or start one with `prunegraph serve`."
+        ) from None
+    except JobFailedError as e:
+        raise PruneGraphError(
+            f"the job failed on the server: {e.reason}", hint="Fix the input named above."
+        ) from None
+    except JobTimeoutError as e:
+        raise PruneGraphError(str(e), hint="Raise --timeout, or try again later.") from None
+    except PruneGraphClientError as e:  # any other client error
+        raise PruneGraphError(str(e), hint="See the server's /docs.") from None
+
+
+def _run(
+    server: str,
+    token: str | None,
+    timeout: float,
+    progress: bool,
+    checkpoint: Path,
+    fetch: Callable[[PruneGraphClient, str], T],
+    **job: Any,
+) -> T:
+    with _translated(server), PruneGraphClient(server, token=token) as client:
+        job_id = client.submit(client.upload(checkpoint), **job)
+        client.wait(job_id, timeout=timeout, progress=progress)
+        return fetch(client, job_id)
+
+
+def remote_report(
+    server: str,
+    token: str | None,
+    checkpoint: Path,
+    *,
+    methods: Sequence[str],
+    seed: int,
+    options: AnalysisOptions,
+    manifest: Manifest | None,
+    timeout: float = 3600.0,
+    progress: bool = False,
+) -> Report:
+    """The report of ``checkpoint`` computed by the service at ``server``."""
+    return _run(
+        server, token, timeout, progress, checkpoint,
+        lambda c, job: c.report(job),
+        methods=methods, seed=seed, options=options, manifest=manifest,
+    )  # fmt: skip
+
+
+def remote_plan(
+    server: str,
+    token: str | None,
+    checkpoint: Path,
+    *,
+    method: str,
+    target: Target,
+    seed: int,
+    step: float,
+    constraints: Constraints,
+    manifest: Manifest | None,
+    timeout: float = 3600.0,
+    progress: bool = False,
+) -> PruningPlan:
+    """The plan of ``checkpoint`` computed by the service at ``server``."""
+    return _run(
+        server, token, timeout, progress, checkpoint,
+        lambda c, job: c.plan(job),
+        methods=(method,) if method != "random" else ("l1",),
+        seed=seed, target=target.model_dump(exclude_none=True), plan_method=method,
+        manifest=manifest, constraints=constraints, step=step,
+    )  # fmt: skip
