@@ -21,8 +21,11 @@ realdata: $(STAMP)
 	  || echo "warning: real checkpoints could not be fetched; tests marked 'real' will skip" >&2; \
 	else echo "warning: $(FETCH) not found; tests marked 'real' will skip" >&2; fi
 
+# The service on the embedded default (SQLite + local worker processes, data in prunegraph-data/),
+# analysing the real MobileNetV2 as a demo job; it prints the URL. PORT=8001 make run for another.
+PORT ?= 8000
 run: $(STAMP) realdata
-	$(BIN)/prunegraph analyze $(REALDATA)/mobilenet_v2_imagenet.pth
+	$(BIN)/prunegraph serve --port $(PORT) --demo $(REALDATA)/mobilenet_v2_imagenet.pth
 
 lint: $(STAMP)
 	$(BIN)/ruff check graphs service clients prunegraph tests benchmarks

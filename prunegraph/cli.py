@@ -461,6 +461,10 @@ def serve_cmd(
     workers: Annotated[
         int | None, typer.Option(help="analysis worker processes (PRUNEGRAPH_WORKERS)", min=1)
     ] = None,
+    demo: Annotated[
+        Path | None,
+        typer.Option(help="once serving, upload this checkpoint and analyse it as a demo job"),
+    ] = None,
 ) -> None:
     """Run the HTTP service; settings come from PRUNEGRAPH_* and these flags."""
     import uvicorn
@@ -479,7 +483,15 @@ def serve_cmd(
     except (ValidationError, ValueError) as e:
         raise _fail(_console(stderr=True), InvalidInputError(str(e), hint="Check PRUNEGRAPH_* "
                     "and the command's options.")) from None  # fmt: skip
-    _console(stderr=True).print(f"prunegraph serving on http://{host}:{port} (docs at /docs)")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    err = _console(stderr=True)
+    err.print(f"prunegraph serving on {url} (API docs at {url}/docs)", highlight=False)
+    if demo is not None and not demo.is_file():
+        err.print(f"[yellow]demo skipped:[/] {demo} not found", highlight=False)
+    elif demo is not None:
+        from prunegraph.demo import start_demo
+
+        start_demo(url, demo, next(iter(settings.token_users()), None), err)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
 

@@ -20,18 +20,29 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        log: Path | None = None,
+    ) -> None:
         self.data_dir, self.port = data_dir, _free_port()
-        self.env = env or {}
+        self.env, self.args, self.log = env or {}, args, log
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "prunegraph", "serve", "--port", str(self.port),
-               "--data-dir", str(self.data_dir), "--workers", "1"]  # fmt: skip
+               "--data-dir", str(self.data_dir), "--workers", "1", *self.args]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEGRAPH_TOKEN")}
         env.update(self.env)
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        out = self.log.open("ab") if self.log is not None else None
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=out)
+        finally:
+            if out is not None:
+                out.close()  # the child has its own copy
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -3,6 +3,7 @@ the same stdout as the embedded command, byte for byte, and clear errors (exit 2
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,3 +100,31 @@ def test_token_from_the_environment_and_errors(
     plan = ["plan", str(ckpt), "--target-flops", "0.5", "--server", server.url, "--token", TOKEN]
     res = runner.invoke(app, plan)  # FLOPs need a manifest: the job fails with the reason
     assert res.exit_code == 2 and "manifest" in res.stderr
+
+
+def test_serve_with_a_demo_checkpoint(files: tuple[Path, Path], tmp_path: Path) -> None:
+    """What `make run` does: the service starts, analyses the demo checkpoint through its own
+    HTTP API as the first token's user, and prints where the report is."""
+    import httpx
+
+    ckpt, _ = files
+    log = tmp_path / "serve.log"
+    demo = Server(
+        tmp_path / "data",
+        env={"PRUNEGRAPH_TOKENS": f"demo:{TOKEN}"},
+        args=("--demo", str(ckpt)),
+        log=log,
+    )
+    demo.start()
+    try:
+        deadline = time.monotonic() + 120
+        while "demo done" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = log.read_text()
+        assert f"prunegraph serving on {demo.url}" in text
+        assert "demo done: 5 groups analysed" in text, text  # the digit CNN has 5
+        jobs = httpx.get(f"{demo.url}/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert [j["status"] for j in jobs] == ["done"]
+        assert f"{demo.url}/v1/jobs/{jobs[0]['id']}/report" in text
+    finally:
+        demo.kill()
