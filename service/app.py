@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from service import errors
 from service.db import QUEUED, CheckpointRow, JobRow, init_db
 from service.errors import ApiError, not_found
-from service.jobs import JobRequest, JobRunner
+from service.jobs import JobRequest
+from service.runner import JobRunner
 from service.settings import Settings
 from service.storage import CheckpointStore, Upload
 
@@ -62,7 +63,12 @@ class State:
         self.store = CheckpointStore(settings.data_dir)
         self.engine, self.sessions = init_db(settings.db_url())
         self.runner = JobRunner(
-            settings.db_url(), self.sessions, settings.workers, settings.cache_dir()
+            settings.db_url(),
+            self.sessions,
+            settings.workers,
+            settings.cache_dir(),
+            settings.job_lease_s,
+            self.store.path,
         )
 
 
@@ -190,9 +196,10 @@ def create_job(state: State, body: JobRequest, user: str) -> JobOut:
             progress=0.0,
             created_at=now,
             updated_at=now,
+            **state.runner.lease(),
         )
         s.add(row)
-    state.runner.submit(row.id, state.store.path(body.checkpoint_id))
+    state.runner.submit(row.id, body.checkpoint_id)
     return _job_out(row)
 
 
@@ -241,7 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = State(cfg)
         app.state.pg = state
-        state.runner.requeue_unfinished(state.store.path)
+        state.runner.start()
         try:
             yield
         finally:

@@ -42,6 +42,8 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     report_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     plan_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    runner: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0, index=True)
     cache_hits: Mapped[int] = mapped_column(Integer, default=0)
     cache_misses: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)

@@ -9,7 +9,8 @@ bytes, never its name:
   protocol 2-5): read by :mod:`service.torch_reader` with ``torch.load(weights_only=True)`` only.
   The zip directory is checked here first: TorchScript archives are refused with advice, and so is
   any member whose declared size could not fit in the archive as written by ``torch.save``
-  (which stores members uncompressed), so a compression bomb is never inflated.
+  (which stores members uncompressed), so a compression bomb is never inflated, and any member
+  that stores more bytes than it declares (a forged directory).
 - safetensors (8-byte little-endian header length, then a JSON header starting with ``{``): the
   header is parsed and validated here (shapes, dtypes, offsets within the file) and tensors are
   read with numpy.
@@ -18,6 +19,7 @@ bytes, never its name:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -38,6 +40,7 @@ BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 RECURRENT_REASON = "recurrent/attention weights are not analysed yet"
 EMBEDDING_REASON = "embedding table: its rows are token vectors, not filters; not analysed"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+MAX_WRAPPERS = 16  # passes of prefix stripping; real wrappers nest 3 deep at most
 CHUNK = 1 << 20
 
 _ST_MAX_HEADER = 100 * 1024 * 1024
@@ -114,10 +117,14 @@ def strip_wrapper_prefixes(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarr
     dimensions; every key when there is none) carries it. Keys without it, such as
     AveragedModel's scalar ``n_averaged``, keep their names. A real submodule called ``module``
     next to other top-level layers keeps its name, and nothing is renamed onto an existing key.
+    At most :data:`MAX_WRAPPERS` levels are removed (each pass copies every key, and a hostile
+    file can repeat ``module.`` a million times in a few MB).
     """
     changed = True
-    while changed and tensors:
+    rounds = 0
+    while changed and tensors and rounds < MAX_WRAPPERS:
         changed = False
+        rounds += 1
         for prefix in WRAPPER_PREFIXES:
             weights = [k for k, a in tensors.items() if a.ndim >= 2] or list(tensors)
             if not all(k.startswith(prefix) for k in weights):
@@ -218,6 +225,15 @@ def check_torch_zip(path: Path, display: str, size: int) -> None:
                     hint="torch.save writes members uncompressed; upload the file torch.save "
                     "wrote, not a recompressed archive.",
                 )
+            forged = next(
+                (i for i in infos if i.compress_size > _deflated_bound(i.file_size)), None
+            )
+            if forged is not None:
+                raise corrupt(
+                    display,
+                    f"its zip member {forged.filename!r} declares {forged.file_size} bytes but "
+                    f"stores {forged.compress_size}, more than any compression of them needs",
+                )
             with zf.open(pkl[0]) as member:
                 _drain(member)  # zipfile checks the CRC at the end of the stream
     except (
@@ -229,6 +245,11 @@ def check_torch_zip(path: Path, display: str, size: int) -> None:
         RuntimeError,
     ) as e:
         raise corrupt(display, f"the zip archive cannot be read ({e})") from e
+
+
+def _deflated_bound(n: int) -> int:
+    """Most bytes that ``n`` bytes take once stored or deflated (deflate's worst case, slack)."""
+    return n + n // 100 + 1024
 
 
 def _is_torchscript_member(name: str) -> bool:
@@ -257,10 +278,12 @@ def read_safetensors(path: Path, display: str) -> RawCheckpoint:
         header = _st_header(display, f.read(n))
         start, data_len = 8 + n, size - 8 - n
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        checked = {k: _st_entry(display, k, v, data_len) for k, v in entries.items()}
+        _st_no_overlap(display, checked)
         tensors: dict[str, np.ndarray] = {}
         skipped: list[SkippedLayer] = []
         for key in sorted(entries, key=natural_key):
-            dtype, shape, begin, end = _st_entry(display, key, entries[key], data_len)
+            dtype, shape, begin, end = checked[key]
             if dtype not in _ST_DTYPES:
                 if len(shape) >= 2:
                     reason = f"has dtype {dtype}, which prunegraph cannot read"
@@ -299,6 +322,20 @@ def _st_header(display: str, raw: bytes) -> dict[str, object]:
     if not isinstance(header, dict):
         raise corrupt(display, "its safetensors header is not a JSON object")
     return header
+
+
+def _st_no_overlap(display: str, entries: Mapping[str, tuple[str, list[int], int, int]]) -> None:
+    """Refuse tensors that share bytes of the data section.
+
+    Writers lay tensors end to end; overlapping ranges would let a small file name its data
+    thousands of times, each read (and allocated) on its own.
+    """
+    spans = sorted((begin, end, key) for key, (_, _, begin, end) in entries.items() if end > begin)
+    for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
+        if begin_b < end_a:
+            raise corrupt(
+                display, f"tensors {a!r} and {b!r} share bytes of the safetensors data section"
+            )
 
 
 def _st_entry(

@@ -97,15 +97,20 @@ def read_checkpoint(
             "onnx": onnx_reader.read_onnx,
         }[fmt]
         raw = reader(p, display)
+        layers, skipped = extract_layers(
+            raw.tensors,
+            groups=groups,
+            known_groups=raw.groups,
+            known_producers=raw.producers,
+            ordered=raw.ordered,
+        )
     except OSError as e:
         raise CheckpointError(f"{display} cannot be read: {e.strerror or e}.") from e
-    layers, skipped = extract_layers(
-        raw.tensors,
-        groups=groups,
-        known_groups=raw.groups,
-        known_producers=raw.producers,
-        ordered=raw.ordered,
-    )
+    except MemoryError:
+        raise CheckpointError(
+            f"{display} needs more memory to read than this server has.",
+            hint="Upload a smaller checkpoint, e.g. only the model's state_dict of dense tensors.",
+        ) from None
     skipped = [*raw.skipped, *skipped]
     if raw.n_tensors == 0:
         keys = ", ".join(torch_reader.STATE_DICT_KEYS[:4])

@@ -1,4 +1,4 @@
-"""Analysis jobs: the request model, the worker function and the executor that runs it.
+"""Analysis jobs: the request model and the worker function (:mod:`service.runner` runs it).
 
 The worker runs in a separate process: it opens its own database session from the URL, claims the
 job (queued -> running, atomically, so a job never runs twice in one deployment), reads the
@@ -10,16 +10,15 @@ worker, and a crashed worker process fails only its own job.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
+import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from graphs.analyze import AnalysisOptions, analyze, check_methods
@@ -30,7 +29,7 @@ from graphs.plan import Constraints, PlanMethod, Target
 from graphs.planner import plan_layers
 from graphs.report import ALL_METHODS
 from service.cache import FileCache
-from service.db import DONE, FAILED, QUEUED, RUNNING, UNFINISHED, JobRow, make_engine
+from service.db import DONE, FAILED, QUEUED, RUNNING, JobRow, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +90,37 @@ def warm_up(threads: int) -> None:
     threadpool_limits(limits=threads)
 
 
-def run_job(database_url: str, checkpoint_path: str, job_id: str, cache_dir: str | None) -> str:
+@contextmanager
+def _heartbeat(sessions: sessionmaker[Session], job_id: str, lease_s: float) -> Iterator[None]:
+    """Renew the job's lease every third of it while the body runs (a thread of the worker)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease_s / 3):
+            with sessions.begin() as s:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id, JobRow.status == RUNNING)
+                    .values(lease_until=time.time() + lease_s)
+                )
+
+    thread = threading.Thread(target=beat, name=f"lease-{job_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def run_job(
+    database_url: str, checkpoint_path: str, job_id: str, cache_dir: str | None, lease_s: float
+) -> str:
     """Run one job to done or failed (in a worker process); returns the final status.
 
-    ``cache_dir`` holds the per-group result cache (:mod:`service.cache`); None disables it.
+    The job is claimed atomically (queued -> running), so it never runs twice at once; its lease
+    is renewed while it runs (see :mod:`service.runner`). ``cache_dir`` holds the per-group
+    result cache (:mod:`service.cache`); None disables it.
     """
     engine = make_engine(database_url)
     sessions = sessionmaker(engine)
@@ -103,7 +129,12 @@ def run_job(database_url: str, checkpoint_path: str, job_id: str, cache_dir: str
             claimed = s.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == QUEUED)
-                .values(status=RUNNING, progress=0.0, updated_at=time.time())
+                .values(
+                    status=RUNNING,
+                    progress=0.0,
+                    updated_at=time.time(),
+                    lease_until=time.time() + lease_s,
+                )
             )
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 return "skipped"
@@ -112,9 +143,10 @@ def run_job(database_url: str, checkpoint_path: str, job_id: str, cache_dir: str
             request = JobRequest.model_validate_json(row.request_json)
         cache = FileCache(Path(cache_dir)) if cache_dir is not None else None
         try:
-            report_json, plan_json = _compute(
-                request, Path(checkpoint_path), sessions, job_id, cache
-            )
+            with _heartbeat(sessions, job_id, lease_s):
+                report_json, plan_json = _compute(
+                    request, Path(checkpoint_path), sessions, job_id, cache
+                )
         except PruneGraphError as e:
             _set(sessions, job_id, status=FAILED, error=f"{e.message} {e.hint}")
             return FAILED
@@ -185,69 +217,3 @@ def _compute(
         )
         plan_json = plan.to_json()
     return report.to_json(), plan_json
-
-
-class JobRunner:
-    """Submits jobs to a process pool; owned by the app's lifespan."""
-
-    def __init__(
-        self,
-        database_url: str,
-        sessions: sessionmaker[Session],
-        workers: int,
-        cache_dir: Path | None = None,
-    ) -> None:
-        self.database_url = database_url
-        self.sessions = sessions
-        self.workers = workers
-        self.cache_dir = str(cache_dir) if cache_dir is not None else None
-        self._pool = self._new_pool()
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # spawn: the server process has threads (event loop, thread pool); fork could deadlock.
-        ctx = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
-        pool = ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=ctx, initializer=warm_up, initargs=(threads,)
-        )
-        for _ in range(self.workers):  # start the workers now, not at the first job
-            pool.submit(time.sleep, 0)
-        return pool
-
-    def submit(self, job_id: str, checkpoint_path: Path) -> None:
-        args = (self.database_url, str(checkpoint_path), job_id, self.cache_dir)
-        try:
-            future = self._pool.submit(run_job, *args)
-        except BrokenProcessPool:  # a worker died earlier: replace the pool, keep serving
-            self._pool.shutdown(wait=False, cancel_futures=False)
-            self._pool = self._new_pool()
-            future = self._pool.submit(run_job, *args)
-        future.add_done_callback(lambda f: self._finished(job_id, f))
-
-    def _finished(self, job_id: str, future: Future[str]) -> None:
-        exc = None if future.cancelled() else future.exception()
-        if exc is not None:  # the worker process died (killed, out of memory, ...)
-            with self.sessions.begin() as s:
-                s.execute(
-                    update(JobRow)
-                    .where(JobRow.id == job_id, JobRow.status.in_(UNFINISHED))
-                    .values(
-                        status=FAILED,
-                        error=f"the worker running this job stopped: {type(exc).__name__}",
-                        updated_at=time.time(),
-                    )
-                )
-
-    def requeue_unfinished(self, path_of: Any) -> list[str]:
-        """Re-queue jobs a previous process left queued or running; returns their ids."""
-        with self.sessions.begin() as s:
-            rows = s.scalars(select(JobRow).where(JobRow.status.in_(UNFINISHED))).all()
-            ids = [(r.id, r.checkpoint_id) for r in rows]
-            for r in rows:
-                r.status, r.progress, r.updated_at = QUEUED, 0.0, time.time()
-        for job_id, checkpoint_id in ids:
-            self.submit(job_id, path_of(checkpoint_id))
-        return [i for i, _ in ids]
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -99,6 +99,10 @@ class _OnnxReader:
         self.layer_of: dict[str, str] = {}  # a layer node's first output -> layer name
         self.traced: dict[str, str | None] = {}
         self.depthwise: dict[str, Any] = {}  # layer name -> its Conv node
+        self.arrays: dict[str, np.ndarray] = {}  # decoded constants
+        self.aliases_of: dict[str, list[str]] = {}  # constant -> Identity outputs naming it
+        for a, target in self.alias.items():
+            self.aliases_of.setdefault(target, []).append(a)
 
     def read(self) -> RawCheckpoint:
         for node in self.graph.node:
@@ -150,7 +154,14 @@ class _OnnxReader:
         return bool(name) and self._resolve(name) in self.protos
 
     def _array(self, name: str) -> np.ndarray:
-        proto = self.protos[self._resolve(name)]
+        """The constant's array, decoded once: many nodes may name one large initializer."""
+        key = self._resolve(name)
+        if key not in self.arrays:
+            self.arrays[key] = self._decode(key)
+        return self.arrays[key]
+
+    def _decode(self, key: str) -> np.ndarray:
+        proto = self.protos[key]
         if proto.data_location == self.onnx.TensorProto.EXTERNAL:
             raise CheckpointError(
                 f"{self.display} keeps tensor {proto.name!r} in an external data file; upload a "
@@ -270,7 +281,7 @@ class _OnnxReader:
         return skipped
 
     def _users(self, name: str) -> Iterable[Any]:
-        names = [name, *(a for a, target in self.alias.items() if target == name)]
+        names = [name, *self.aliases_of.get(name, [])]
         return [
             node for n in names for node in self.consumers.get(n, []) if node.op_type != "Identity"
         ]

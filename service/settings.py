@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     tokens: str = Field("", description="user:token pairs, comma-separated")
     tokens_file: Path | None = Field(None, description="user:token pairs, one a line")
     workers: int = Field(2, ge=1, description="analysis worker processes")
+    job_lease_s: float = Field(
+        30.0,
+        ge=0.5,
+        description="a queued or running job whose replica has not renewed it for this long "
+        "(crashed, killed) is taken over by any replica sharing the database",
+    )
     cache: bool = Field(
         True, description="keep per-group results in data_dir/cache for later jobs to reuse"
     )

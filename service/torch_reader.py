@@ -48,10 +48,17 @@ STATE_DICT_KEYS = (
     "student",
 )
 MAX_NESTING = 3
+# Tensors become dense float32 arrays. All of them together may need at most this many times the
+# file's size (half precision doubles, int8-quantized quadruples) plus the slack; a tensor past
+# that (a sparse or stride-0 tensor declaring terabytes, one storage viewed by thousands of
+# tensors) is skipped with its reason instead of being allocated.
+MAX_EXPANSION = 4
+EXPANSION_SLACK = 64 << 20
 
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_PICKLE_LINE = 1 << 16
 _NOT_KNOWN = len(STATE_DICT_KEYS)
+_PICKLE_OPCODES = frozenset(op.code for op in pickletools.opcodes)
 _ADVICE = re.compile(r"weights_only|trusted source|arbitrary code", re.IGNORECASE)
 
 
@@ -68,7 +75,15 @@ def read_torch(path: Path, display: str) -> RawCheckpoint:
         return RawCheckpoint("pytorch", {}, 1 if isinstance(obj, torch.Tensor) else 0, 0)
     tensors: dict[str, np.ndarray] = {}
     skipped: list[SkippedLayer] = []
+    size = path.stat().st_size
+    budget = MAX_EXPANSION * size + EXPANSION_SLACK
     for key, t in sd.items():
+        need = _dense_bytes(t)
+        if need > budget:
+            if t.dim() >= 2:
+                skipped.append(SkippedLayer(name=layer_name(key), reason=_too_big(need, size)))
+            continue
+        budget -= need
         try:
             tensors[key] = _tensor_to_numpy(t, torch)
         except (RuntimeError, TypeError, ValueError) as e:
@@ -76,6 +91,22 @@ def read_torch(path: Path, display: str) -> RawCheckpoint:
                 skipped.append(SkippedLayer(name=layer_name(key), reason=f"unreadable: {e}"))
     tensors = strip_wrapper_prefixes(tensors)
     return RawCheckpoint("pytorch", tensors, len(sd), count_params(tensors), skipped=skipped)
+
+
+def _dense_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t`` once converted: dense, floating types as float32 (float64 kept)."""
+    itemsize = t.element_size()
+    if t.is_floating_point() or t.is_quantized:
+        itemsize = max(itemsize, 4)
+    return int(t.numel()) * itemsize
+
+
+def _too_big(need: int, size: int) -> str:
+    return (
+        f"needs {need:,} bytes once dense, more than a {size:,}-byte file can hold (a sparse or "
+        "expanded tensor, or many tensors sharing one storage); not read. Save each weight as "
+        "its own dense tensor, e.g. t.to_dense().contiguous().clone()"
+    )
 
 
 def _tensor_to_numpy(t: torch.Tensor, torch_mod: Any) -> np.ndarray:
@@ -99,10 +130,16 @@ def find_state_dict(obj: object, torch_mod: Any) -> dict[str, torch.Tensor] | No
     the outermost known key on its path); then the one with the most elements in such tensors.
     """
     found: list[tuple[bool, int, int, int, dict[str, torch.Tensor]]] = []
+    # A pickle can reference one mapping from many places (``{k: d for k in ...}`` at every level
+    # is a few KB that unfolds to n**4 paths); each mapping is looked at once per (depth, rank).
+    seen: set[tuple[int, int, int]] = set()
 
     def walk(node: object, depth: int, rank: int) -> None:
         if not isinstance(node, Mapping) or depth > MAX_NESTING:
             return
+        if (id(node), depth, rank) in seen:
+            return
+        seen.add((id(node), depth, rank))
         tensors = {
             k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, torch_mod.Tensor)
         }
@@ -123,6 +160,13 @@ def _torch_load_error(path: Path, display: str, e: Exception) -> CheckpointError
     if _legacy_pickles_truncated(path):
         return corrupt(display, "the pickle stream ends early or declares more bytes than it has")
     if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in msg.lower():
+        op = re.search(r"Unsupported operand (\d+)", msg)
+        if op and chr(int(op.group(1)) % 256) not in _PICKLE_OPCODES:
+            return corrupt(
+                display,
+                f"its pickle holds the byte {int(op.group(1)) % 256:#04x}, "
+                "which is no pickle instruction",
+            )
         m = re.search(r"GLOBAL ([\w.]+)", msg)
         what = f" ({m.group(1)})" if m else ""
         return UnsafeCheckpointError(

@@ -304,3 +304,31 @@ def test_replanning_reuses_the_cached_analysis(client: TestClient, data_dir: Pat
         client.get(f"/v1/jobs/{second['id']}/report", headers=ALICE).text
     )
     assert report.parameters["mrp"]["min_explained"] == 0.4
+
+
+def test_a_live_replicas_jobs_are_left_alone_until_its_lease_expires(tmp_path: Path) -> None:
+    """Replicas share the database: a starting replica takes over only jobs whose lease ran out
+    (their replica died), never those another replica still renews."""
+    settings = _settings(tmp_path, workers=1, job_lease_s=1.0)
+    with TestClient(create_app(settings)) as c:
+        ckpt = _upload(c, _model_bytes()).json()["id"]
+    _, sessions = init_db(settings.db_url())
+    request = f'{{"checkpoint_id": "{ckpt}", "methods": ["l1"]}}'
+    with sessions.begin() as s:
+        for job_id, lease in (("alive", time.time() + 8.0), ("dead", time.time() - 1.0)):
+            s.add(
+                JobRow(
+                    id=job_id, owner="alice", checkpoint_id=ckpt, status=RUNNING, progress=0.5,
+                    request_json=request, runner="other-replica", lease_until=lease,
+                )
+            )  # fmt: skip
+    with TestClient(create_app(settings)) as c:
+        assert _wait(c, "dead")["status"] == "done"
+        with sessions() as s:
+            alive = s.get(JobRow, "alive")
+            assert alive is not None and alive.status == RUNNING
+            assert alive.runner == "other-replica"  # not touched while its lease holds
+        assert _wait(c, "alive")["status"] == "done"  # taken over once it expired
+        with sessions() as s:
+            row = s.get(JobRow, "alive")
+            assert row is not None and row.runner != "other-replica"

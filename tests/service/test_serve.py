@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path / "data")
+    s = Server(tmp_path / "data", env={"PRUNEGRAPH_JOB_LEASE_S": "2"})
     try:
         yield s
     finally:
@@ -50,7 +50,7 @@ def test_kill_9_mid_job_then_restart_loses_nothing(server: Server, realdata: Pat
     at_kill = _wait(server.url, job, {"running", "done"}, timeout=60)
     server.kill()
     assert at_kill["status"] == "running", "the job ended before the kill: nothing was tested"
-    server.start()  # same data dir and database
+    server.start()  # same data dir and database: the job is re-run once its lease (2 s) expires
     done = _wait(server.url, job, {"done", "failed"})
     assert done["status"] == "done", done
     report = Report.model_validate_json(httpx.get(f"{server.url}/v1/jobs/{job}/report").text)
