@@ -5,7 +5,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Engine, Float, Integer, String, Text, create_engine, event
+from sqlalchemy import (
+    Engine,
+    Float,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
@@ -71,4 +81,26 @@ def make_engine(url: str) -> Engine:
 def init_db(url: str) -> tuple[Engine, sessionmaker[Session]]:
     engine = make_engine(url)
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a database made by an earlier version up to date.
+
+    Every column added since the first version is nullable or has a default, so adding it is
+    the whole migration (no Alembic needed yet; a change of that kind would need one).
+    """
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            ddl = column.type.compile(dialect=engine.dialect)
+            default = getattr(column.default, "arg", None)
+            clause = f" DEFAULT {default!r}" if isinstance(default, (int, float)) else ""
+            with engine.begin() as conn:
+                conn.execute(
+                    text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl}{clause}")
+                )

@@ -332,3 +332,22 @@ def test_a_live_replicas_jobs_are_left_alone_until_its_lease_expires(tmp_path: P
         with sessions() as s:
             row = s.get(JobRow, "alive")
             assert row is not None and row.runner != "other-replica"
+
+
+def test_a_database_of_the_first_version_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "prunegraph.db"
+    with sqlite3.connect(db) as conn:  # the jobs table as the first version created it
+        conn.execute(
+            "CREATE TABLE jobs (id VARCHAR(32) PRIMARY KEY, owner VARCHAR(200), "
+            "checkpoint_id VARCHAR(64), request_json TEXT, status VARCHAR(16), progress FLOAT, "
+            "error TEXT, report_json TEXT, plan_json TEXT, created_at FLOAT, updated_at FLOAT)"
+        )
+        conn.execute(
+            "INSERT INTO jobs VALUES ('old', 'alice', 'x', '{}', 'done', 1.0, NULL, '{}', NULL, "
+            "0.0, 0.0)"
+        )
+    with TestClient(create_app(_settings(tmp_path, workers=1))) as c:
+        job = c.get("/v1/jobs/old", headers=ALICE).json()
+        assert job["status"] == "done" and job["cache_hits"] == 0
