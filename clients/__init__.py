@@ -10,9 +10,12 @@
   with its exception tree in :mod:`clients.http`; ``client.plan(model, example_inputs,
   target_flops=0.5)`` plans a live model in one call.
 
-Activation capture and the PCC loss arrive later (design §6).
+- :func:`capture_activations`: post-activation feature maps on calibration data, for the
+  data-aware methods (``ci``, ``vectors="activations"``); :class:`PCCLoss`: the pixel-level
+  cross-correlation loss that decorrelates channels during pre-training.
 """
 
+from clients.activations import Activations, capture_activations
 from clients.apply import apply_plan
 from clients.errors import PlanError, PlanMismatchError
 from clients.http import (
@@ -30,8 +33,10 @@ from clients.http import (
     ServerError,
 )
 from clients.manifest import build_manifest, manifest_from_factory
+from clients.pcc import PCCLoss, pixel_correlation
 
 __all__ = [
+    "Activations",
     "AuthenticationError",
     "ConnectionFailedError",
     "InvalidRequestError",
@@ -39,6 +44,7 @@ __all__ = [
     "JobStatus",
     "JobTimeoutError",
     "NotFoundError",
+    "PCCLoss",
     "PayloadTooLargeError",
     "PlanError",
     "PlanMismatchError",
@@ -48,5 +54,7 @@ __all__ = [
     "ServerError",
     "apply_plan",
     "build_manifest",
+    "capture_activations",
     "manifest_from_factory",
+    "pixel_correlation",
 ]

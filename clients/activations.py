@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,16 +75,41 @@ class Activations:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file (tensors + metadata); returns the path."""
-        from safetensors.torch import save_file
+        """Write a safetensors file (tensors + metadata); returns the path.
 
+        The bytes are a function of the content alone (keys in sorted order; the safetensors
+        library orders metadata at random), so the same capture is the same upload id.
+        """
         out = Path(path)
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(out), self.metadata())
+        out.write_bytes(_safetensors_bytes(self.tensors, self.metadata()))
         return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Layer name -> numpy maps (layers of one capture point share one array): what
+        ``graphs.analyze`` and ``graphs.planner.plan_layers`` take as ``activations``."""
+        shared = {k: t.numpy() for k, t in self.tensors.items()}
+        return {layer: shared[key] for layer, key in self.layers.items()}
 
     def __getitem__(self, layer: str) -> torch.Tensor:
         """The (samples, channels, pixels) maps of a prunable layer."""
         return self.tensors[self.layers[layer]]
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding of float32 tensors, header keys sorted."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        array = tensors[name].detach().to("cpu", torch.float32).contiguous().numpy()
+        data = array.astype("<f4", copy=False).tobytes()
+        end = offset + len(data)
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, end]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
+    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
 
 
 @dataclass(eq=False)

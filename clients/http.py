@@ -49,6 +49,7 @@ from graphs.report import ALL_METHODS, Report
 if TYPE_CHECKING:
     from torch import nn
 
+    from clients.activations import Activations
     from clients.manifest import ExampleInputs
 
 __all__ = [
@@ -71,6 +72,8 @@ _BACKOFF_S = 0.1  # first pause between connection attempts; doubles each time
 _MAX_BACKOFF_S = 2.0
 Checkpoint = str | os.PathLike[str] | bytes
 Options = AnalysisOptions | Mapping[str, Any]
+Calibration = Iterable[Any]
+"""Calibration batches: input tensors or (inputs, labels) pairs, e.g. a DataLoader."""
 PlanConstraints = Constraints | Mapping[str, Any]
 
 
@@ -254,6 +257,29 @@ class PruneGraphClient:
 
         return str(self._call(send).json()["id"])
 
+    def upload_activations(
+        self, checkpoint_id: str, activations: Activations | str | os.PathLike[str]
+    ) -> str:
+        """Upload feature maps of a checkpoint (:func:`clients.capture_activations`, or the file
+        its ``save`` wrote); returns their id for :meth:`submit`'s ``activations_id``."""
+        if not isinstance(activations, (str, os.PathLike)):
+            with tempfile.TemporaryDirectory(prefix="prunegraph-") as tmp:
+                return self.upload_activations(
+                    checkpoint_id, activations.save(Path(tmp) / "activations.safetensors")
+                )
+        path = Path(activations)
+        with path.open("rb") as f:
+
+            def send() -> httpx.Response:
+                f.seek(0)
+                return self._http.post(
+                    self._url(f"/v1/checkpoints/{checkpoint_id}/activations"),
+                    files={"file": (path.name, f)},
+                    headers=self._headers,
+                )
+
+            return str(self._call(send).json()["id"])
+
     def submit(
         self,
         checkpoint_id: str,
@@ -266,6 +292,7 @@ class PruneGraphClient:
         options: Options | None = None,
         constraints: PlanConstraints | None = None,
         step: float | None = None,
+        activations_id: str | None = None,
     ) -> str:
         """Submit an analysis job (planned too when ``target`` is set); returns the job id.
 
@@ -288,6 +315,8 @@ class PruneGraphClient:
                 body[name] = dict(value)
         if step is not None:
             body["step"] = step
+        if activations_id is not None:
+            body["activations_id"] = activations_id
         return str(self._request("POST", "/v1/jobs", json=body).json()["id"])
 
     def job(self, job_id: str) -> JobStatus:
@@ -354,6 +383,7 @@ class PruneGraphClient:
         options: Options | None = None,
         constraints: PlanConstraints | None = None,
         step: float | None = None,
+        calibration: Calibration | None = None,
         timeout: float = 600.0,
         progress: bool = False,
     ) -> PruningPlan: ...
@@ -371,6 +401,7 @@ class PruneGraphClient:
         options: Options | None = None,
         constraints: PlanConstraints | None = None,
         step: float | None = None,
+        calibration: Calibration | None = None,
         timeout: float = 600.0,
         progress: bool = False,
     ) -> PruningPlan:
@@ -380,7 +411,10 @@ class PruneGraphClient:
         manifest (coupling groups, MACs) from a forward pass on ``example_inputs``, uploads the
         weights (``checkpoint``, or else the model's state dict), plans on the server and returns
         the plan; apply it with :func:`clients.apply_plan`. Set exactly one of
-        ``target_flops``/``target_params`` (fractions to remove).
+        ``target_flops``/``target_params`` (fractions to remove). ``calibration`` (batches, or a
+        DataLoader) makes the plan data-aware: the model's feature maps on them are captured
+        (:func:`clients.capture_activations`) and sent — required by ``method="ci"``, and used
+        by the graph methods with ``options={"vectors": "activations"}``.
         """
         if isinstance(job_or_model, str):
             text = self._request("GET", f"/v1/jobs/{job_or_model}/plan").text
@@ -393,6 +427,11 @@ class PruneGraphClient:
 
         manifest = build_manifest(job_or_model, example_inputs)
         target = {"flops": target_flops} if target_flops is not None else {"params": target_params}
+        activations = None
+        if calibration is not None:
+            from clients.activations import capture_activations
+
+            activations = capture_activations(job_or_model, _batches(calibration), seed=seed)
         return self.plan_for(
             checkpoint if checkpoint is not None else job_or_model,
             target={k: float(v) for k, v in target.items() if v is not None},
@@ -402,6 +441,7 @@ class PruneGraphClient:
             options=options,
             constraints=constraints,
             step=step,
+            activations=activations,
             timeout=timeout,
             progress=progress,
         )
@@ -428,6 +468,8 @@ class PruneGraphClient:
         seed: int = 0,
         options: Options | None = None,
         manifest: Manifest | Mapping[str, Any] | None = None,
+        calibration: Calibration | None = None,
+        activations: Activations | str | os.PathLike[str] | None = None,
         timeout: float = 600.0,
         progress: bool = False,
     ) -> Report:
@@ -436,19 +478,31 @@ class PruneGraphClient:
         ``model_or_path`` is a checkpoint (path or bytes) or a live ``nn.Module`` (its state dict
         is uploaded). With ``example_inputs`` (a live model only) the model's manifest goes with
         the job: coupled layers are scored together and the report gains FLOPs.
+        ``calibration`` batches (a live model only) or saved ``activations`` add feature maps:
+        needed by ``ci`` and by data-aware graphs (``options={"vectors": "activations"}``).
         """
+        if calibration is not None:
+            if isinstance(model_or_path, (str, os.PathLike, bytes)):
+                raise TypeError("calibration needs a live model; pass saved activations instead")
+            from clients.activations import capture_activations
+
+            activations = capture_activations(model_or_path, _batches(calibration), seed=seed)
         if example_inputs is not None:
             if isinstance(model_or_path, (str, os.PathLike, bytes)):
                 raise TypeError("example_inputs need a live model, not a checkpoint file")
             from clients.manifest import build_manifest
 
             manifest = build_manifest(model_or_path, example_inputs)
+        checkpoint_id = self._upload_any(model_or_path)
         job_id = self.submit(
-            self._upload_any(model_or_path),
+            checkpoint_id,
             methods=methods,
             seed=seed,
             options=options,
             manifest=manifest,
+            activations_id=(
+                self.upload_activations(checkpoint_id, activations) if activations else None
+            ),
         )
         self.wait(job_id, timeout=timeout, progress=progress)
         return self.report(job_id)
@@ -464,12 +518,15 @@ class PruneGraphClient:
         options: Options | None = None,
         constraints: PlanConstraints | None = None,
         step: float | None = None,
+        activations: Activations | str | os.PathLike[str] | None = None,
         timeout: float = 600.0,
         progress: bool = False,
     ) -> PruningPlan:
-        """Upload, plan for ``target`` (e.g. ``{"flops": 0.5}``) and return the plan."""
+        """Upload, plan for ``target`` (e.g. ``{"flops": 0.5}``) and return the plan
+        (``activations``: feature maps for ``ci`` and data-aware graphs)."""
+        checkpoint_id = self._upload_any(model_or_path)
         job_id = self.submit(
-            self._upload_any(model_or_path),
+            checkpoint_id,
             methods=(method,) if method != "random" else ("l1",),
             seed=seed,
             target=target,
@@ -478,6 +535,9 @@ class PruneGraphClient:
             options=options,
             constraints=constraints,
             step=step,
+            activations_id=(
+                self.upload_activations(checkpoint_id, activations) if activations else None
+            ),
         )
         self.wait(job_id, timeout=timeout, progress=progress)
         return self.plan(job_id)
@@ -499,3 +559,10 @@ class PruneGraphClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _batches(calibration: Any) -> Iterable[Any]:
+    """A single tensor is one batch; anything else is iterated as batches."""
+    import torch
+
+    return [calibration] if isinstance(calibration, torch.Tensor) else calibration

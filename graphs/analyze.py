@@ -8,12 +8,15 @@ import numpy as np
 
 from graphs.cache import Cache
 from graphs.errors import InvalidInputError, NoPrunableLayersError
+from graphs.features import Activations, group_features
 from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
 from graphs.options import AnalysisOptions, layer_seed
 from graphs.report import (
     ALL_METHODS,
+    DATA_METHODS,
+    METHODS,
     CheckpointInfo,
     LayerReport,
     MethodResult,
@@ -35,21 +38,38 @@ def analyze_group(
     options: AnalysisOptions | None = None,
     seed: int = 0,
     cache: Cache | None = None,
+    features: np.ndarray | None = None,
 ) -> dict[str, MethodResult]:
-    """Run the chosen methods on one group's filter vectors (n_filters, fan_in)."""
-    work = GroupWork(group, seed=seed, options=options, cache=cache)
+    """Run the chosen methods on one group's filter vectors (n_filters, fan_in) and, for ``ci``
+    and data-aware graphs, its feature maps (samples, n_filters, pixels)."""
+    work = GroupWork(group, seed=seed, options=options, cache=cache, features=features)
     return {method: work.result(method) for method in methods}
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
     """Validate and de-duplicate method names, keeping the canonical order."""
-    unknown = sorted(set(methods) - set(ALL_METHODS))
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         raise InvalidInputError(
             f"unknown or missing methods: {', '.join(unknown) or '(none given)'}",
-            hint=f"Choose one or more of {', '.join(ALL_METHODS)}.",
+            hint=f"Choose one or more of {', '.join(METHODS)}.",
         )
-    return [m for m in ALL_METHODS if m in set(methods)]
+    return [m for m in METHODS if m in set(methods)]
+
+
+def check_features(
+    methods: Sequence[str], options: AnalysisOptions, activations: Activations | None
+) -> None:
+    """Refuse, before any work, what needs feature maps when there are none."""
+    needs: list[str] = [m for m in methods if m in DATA_METHODS]
+    if options.vectors == "activations":
+        needs.append("vectors=activations")
+    if needs and activations is None:
+        raise InvalidInputError(
+            f"{', '.join(needs)} need feature maps, and no activations were given",
+            hint="Capture them with clients.capture_activations on calibration data and pass "
+            "the file (--activations acts.safetensors, or an activations_id in a job).",
+        )
 
 
 def analyze(
@@ -63,6 +83,7 @@ def analyze(
     progress: Progress | None = None,
     manifest: Manifest | None = None,
     cache: Cache | None = None,
+    activations: Activations | None = None,
 ) -> Report:
     """Calibrated per-layer redundancy of a checkpoint's layers.
 
@@ -79,6 +100,8 @@ def analyze(
             and the summary gains FLOPs and FLOPs-weighted redundancy.
         cache: per-group results already computed are taken from it, new ones stored in it
             (:mod:`graphs.cache`); the report is the same with or without.
+        activations: feature maps per layer name, shape (samples, channels, pixels), for
+            ``ci`` and ``options.vectors == "activations"`` (see :mod:`graphs.features`).
 
     Returns:
         the :class:`Report`; byte-identical JSON for the same inputs and seed.
@@ -91,6 +114,7 @@ def analyze(
     if not 0 <= seed < 2**32:
         raise InvalidInputError(f"seed must be in [0, 2**32), got {seed}")
     opts = options or AnalysisOptions()
+    check_features(chosen, opts, activations)
     groups, dw_skipped = build_groups(layers, manifest)
     if not groups:
         why = "; ".join(f"{s.name}: {s.reason}" for s in [*skipped, *dw_skipped][:5])
@@ -100,7 +124,10 @@ def analyze(
         )
     reports: list[LayerReport] = []
     for i, group in enumerate(groups):
-        results = analyze_group(group, methods=chosen, options=opts, seed=seed, cache=cache)
+        maps = group_features(group, activations) if activations is not None else None
+        results = analyze_group(
+            group, methods=chosen, options=opts, seed=seed, cache=cache, features=maps
+        )
         head = group.members[0]
         reports.append(
             LayerReport(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +23,11 @@ class AnalysisOptions(BaseModel):
     resolution: float = Field(1.0, gt=0, description="Leiden resolution (mrp)")
     k: int = Field(5, ge=1, description="neighbours per hyperedge (hsc)")
     n_rounds: int = Field(3, ge=0, description="structure-learning rounds (hsc)")
+    vectors: Literal["weights", "activations"] = Field(
+        "weights",
+        description="what the graph methods compare: filter weights, or the channels' "
+        "feature maps (Pearson correlation; needs captured activations)",
+    )
 
     def parameters(self, method: str) -> dict[str, float | int | str]:
         if method == "mrp":
@@ -33,7 +39,13 @@ class AnalysisOptions(BaseModel):
         return {}
 
     def _edges(self) -> dict[str, float | int | str]:
-        return {"alpha": self.alpha, "min_explained": self.min_explained}
+        edges: dict[str, float | int | str] = {
+            "alpha": self.alpha,
+            "min_explained": self.min_explained,
+        }
+        if self.vectors != "weights":
+            edges["vectors"] = self.vectors
+        return edges
 
 
 def layer_seed(seed: int, name: str) -> int:

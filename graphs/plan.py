@@ -14,8 +14,8 @@ from pydantic import Field, model_validator
 from graphs._frozen import Frozen
 
 PLAN_VERSION = "1.0"
-PlanMethod = Literal["mrp", "srr", "hsc", "l1", "fpgm", "random"]
-PLAN_METHODS: tuple[PlanMethod, ...] = ("mrp", "srr", "hsc", "l1", "fpgm", "random")
+PlanMethod = Literal["mrp", "srr", "hsc", "l1", "fpgm", "random", "ci"]
+PLAN_METHODS: tuple[PlanMethod, ...] = ("mrp", "srr", "hsc", "l1", "fpgm", "random", "ci")
 
 
 class Target(Frozen):

@@ -26,10 +26,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from graphs.analyze import check_features
 from graphs.baselines import fpgm
 from graphs.cache import Cache
 from graphs.cost import CostModel, infer_consumers
 from graphs.errors import InvalidInputError, NoPrunableLayersError
+from graphs.features import Activations, group_features
 from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
@@ -42,7 +44,7 @@ GRAPH_METHODS = ("mrp", "srr", "hsc")
 
 
 def _state(work: GroupWork, method: str) -> GroupState:
-    X, s, opts = work.X, work.seed, work.options
+    X, s, opts = work.V, work.seed, work.options
     if method == "mrp":
         return MrpState(X, s, work.graph().graph, resolution=opts.resolution)
     if method == "srr":
@@ -119,6 +121,7 @@ def make_plan(
     prunable: dict[int, bool] | None = None,
     param_shapes: dict[str, list[int]] | None = None,
     cache: Cache | None = None,
+    activations: Activations | None = None,
 ) -> PruningPlan:
     """A plan that removes ``target`` of the FLOPs or params by ``method``.
 
@@ -130,9 +133,12 @@ def make_plan(
         param_shapes: all parameter shapes (manifest) for ``expected_shapes``.
         cache: per-group graphs and clusterings already computed (by an analysis or an earlier
             plan of the same weights, parameters and seed) are reused; see :mod:`graphs.cache`.
+        activations: feature maps per layer (samples, channels, pixels): needed by ``ci`` and
+            by graph methods with ``options.vectors == "activations"``.
     """
     c = constraints or Constraints()
     opts = options or AnalysisOptions()
+    check_features([method], opts, activations)
     if not (step >= 1 and float(step).is_integer()) and not 0 < step < 1:
         raise InvalidInputError(f"step must be an integer >= 1 or a fraction in (0, 1), got {step}")
     ids = [g.group_id if g.group_id is not None else i for i, g in enumerate(groups)]
@@ -148,10 +154,24 @@ def make_plan(
     redundancy: dict[int, float | None] = {gid: None for gid in ids}
     states: dict[int, GroupState] = {}
 
+    def work(g: LayerGroup) -> GroupWork:
+        maps = group_features(g, activations) if activations is not None else None
+        return GroupWork(g, seed=seed, options=opts, cache=cache, features=maps)
+
+    ci: dict[int, np.ndarray] = {}
+    if method == "ci":  # CHIP's adaptive rule: keep CI >= alpha * mean(CI), one alpha for all
+        ci = {gid: work(g).ci().ci for gid, g in zip(ids, groups, strict=True) if limit[gid]}
+    alpha_max = max((float(v.max() / v.mean()) for v in ci.values() if v.mean() > 0), default=1)
+
+    def below(gid: int, rho: float) -> int:
+        """Channels of a group under the ci rule's threshold at alpha = rho · alpha_max."""
+        v = ci[gid]
+        return int(np.sum(v < rho * alpha_max * 1.000001 * v.mean())) if v.mean() > 0 else 0
+
     if method in GRAPH_METHODS:
         for gid, g in zip(ids, groups, strict=True):
             if limit[gid]:
-                states[gid] = _state(GroupWork(g, seed=seed, options=opts, cache=cache), method)
+                states[gid] = _state(work(g), method)
                 redundancy[gid] = round(states[gid].redundancy(), 6)
         while not budget.met():
             live = [
@@ -183,7 +203,10 @@ def make_plan(
     def kept_at(rho: float) -> dict[int, int]:
         out = dict(budget.kept)
         for gid in ids:
-            r = base[gid] + math.ceil(rho * (limit[gid] - base[gid]) - 1e-9)
+            if method == "ci":
+                r = min(limit[gid], below(gid, rho)) if gid in ci else 0
+            else:
+                r = base[gid] + math.ceil(rho * (limit[gid] - base[gid]) - 1e-9)
             out[gid] = cost.channels[gid] - rounded(gid, r)
         return out
 
@@ -208,12 +231,18 @@ def make_plan(
                 budget.set(gid, budget.kept[gid] - step_of)
                 break
     extra = {gid: max(cost.channels[gid] - budget.kept[gid] - base[gid], 0) for gid in ids}
+    if method == "ci":
+        extra = dict.fromkeys(ids, 0)
 
     # Which filters: per method, original indices.
     plans: list[GroupPlan] = []
     for gid, g in zip(ids, groups, strict=True):
         n_remove = g.n_filters - budget.kept[gid]
-        idx = _choose(g, gid, method, states.get(gid), removed[gid], n_remove, seed)
+        if method == "ci":
+            order = np.lexsort((np.arange(g.n_filters), ci[gid])) if gid in ci else np.zeros(0)
+            idx = sorted(int(i) for i in order[:n_remove])
+        else:
+            idx = _choose(g, gid, method, states.get(gid), removed[gid], n_remove, seed)
         budget.set(gid, g.n_filters - len(idx))
         plans.append(
             GroupPlan(
@@ -240,7 +269,10 @@ def make_plan(
         min(base[gid], g.n_filters - budget.kept[gid]) for gid, g in zip(ids, groups, strict=True)
     )
     rule = (
-        f"{method}: uniform ratio by bisection"
+        "ci: keep the channels whose CI is at least alpha times their layer's mean CI, one "
+        "alpha for all layers, found by bisection (CHIP's adaptive rule)"
+        if method == "ci"
+        else f"{method}: uniform ratio by bisection"
         if method not in GRAPH_METHODS
         else f"{method}: greedy on redundancy removed {greedy} channels"
         + (f"; redundancy ran out, uniform fallback removed {fallback} more" if fallback else "")
@@ -293,6 +325,8 @@ def _choose(
 def _rationale(method: str, ok: bool, red: float | None, greedy: int, extra: int) -> str:
     if not ok:
         return "not pruned (ignored: stem, classifier or the user's choice)"
+    if method == "ci":
+        return "ci: the channels of lowest channel independence"
     if method not in GRAPH_METHODS:
         return f"{method}: uniform ratio"
     text = f"{method} redundancy {red:.3f}" if red is not None else method
@@ -316,6 +350,7 @@ def plan_layers(
     seed: int = 0,
     checkpoint_sha256: str | None = None,
     cache: Cache | None = None,
+    activations: Activations | None = None,
 ) -> PruningPlan:
     """Plan for a checkpoint's layers: groups from the manifest (exact params and MACs, its
     stem/classifier/ignored groups kept whole) or, without one, from the layers alone (params
@@ -353,7 +388,7 @@ def plan_layers(
         return make_plan(
             groups, method=method, target=target, cost=cost, constraints=c, options=options,
             step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=prunable,
-            param_shapes=shapes, cache=cache,
+            param_shapes=shapes, cache=cache, activations=activations,
         )  # fmt: skip
     cost = CostModel.from_layers(groups, params_total)
     # Without a manifest: the stem is the first layer in order, and a group nothing reads is a
@@ -363,4 +398,5 @@ def plan_layers(
     return make_plan(
         groups, method=method, target=target, cost=cost, constraints=c, options=options,
         step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=edge, cache=cache,
+        activations=activations,
     )  # fmt: skip

@@ -15,8 +15,12 @@ from graphs._frozen import Frozen
 
 SCHEMA_VERSION = "1.0"
 
-Method = Literal["mrp", "srr", "hsc", "l1", "fpgm"]
+Method = Literal["mrp", "srr", "hsc", "l1", "fpgm", "ci"]
 ALL_METHODS: tuple[Method, ...] = ("mrp", "srr", "hsc", "l1", "fpgm")
+"""The weight-only methods: the default, and all that a checkpoint alone allows."""
+DATA_METHODS: tuple[Method, ...] = ("ci",)
+"""Methods that need feature maps (captured activations)."""
+METHODS: tuple[Method, ...] = ALL_METHODS + DATA_METHODS
 
 
 class MrpResult(Frozen):
@@ -86,8 +90,19 @@ class FpgmResult(Frozen):
     gm_distance: list[float] = Field(description="sum of distances to the layer's other filters")
 
 
+class CiResult(Frozen):
+    """CHIP channel independence from feature maps: importance per channel (no redundancy)."""
+
+    method: Literal["ci"] = "ci"
+    redundancy: None = None
+    ci: list[float] = Field(description="mean drop of the nuclear norm when the channel is removed")
+    ci_std: list[float] = Field(description="its standard deviation over the samples")
+    n_samples: int
+
+
 MethodResult = Annotated[
-    MrpResult | SrrResult | HscResult | L1Result | FpgmResult, Field(discriminator="method")
+    MrpResult | SrrResult | HscResult | L1Result | FpgmResult | CiResult,
+    Field(discriminator="method"),
 ]
 
 

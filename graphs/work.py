@@ -10,26 +10,47 @@ float64 arrays and JSON of the already rounded report models.
 
 from __future__ import annotations
 
+import io
 import zipfile
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
 from pydantic import TypeAdapter
 
+from graphs._labels import round_list
 from graphs.baselines import fpgm, l1
 from graphs.cache import Cache, cache_key, vectors_digest
 from graphs.calibrated import CalibratedGraph, calibrated_graph
+from graphs.ci import CiLayerResult, channel_independence
 from graphs.errors import InvalidInputError
+from graphs.features import activation_vectors
 from graphs.hsc import HscLayerResult, hsc
 from graphs.layers import LayerGroup
 from graphs.mrp import mrp
 from graphs.options import AnalysisOptions, layer_seed
-from graphs.report import ALL_METHODS, MethodResult
+from graphs.report import METHODS, CiResult, MethodResult
 from graphs.similarity import check_filters, unit_rows
 from graphs.srr import srr
 
 T = TypeVar("T")
 _RESULT: TypeAdapter[MethodResult] = TypeAdapter(MethodResult)
+
+
+def _ci_to_bytes(r: CiLayerResult) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, ci=r.ci, ci_std=r.ci_std, n=np.asarray([r.n_samples]),
+             tags=np.asarray([r.regime, r.method]))  # fmt: skip
+    return buf.getvalue()
+
+
+def _ci_from_bytes(value: bytes) -> CiLayerResult:
+    with np.load(io.BytesIO(value), allow_pickle=False) as z:
+        regime, method = (str(t) for t in z["tags"])
+        return CiLayerResult(
+            ci=z["ci"], ci_std=z["ci_std"], n_samples=int(z["n"][0]),
+            regime=regime, method=method,  # type: ignore[arg-type]
+        )  # fmt: skip
 
 
 class GroupWork:
@@ -38,8 +59,11 @@ class GroupWork:
     Args:
         group: the group.
         seed: the run's seed (the group's own seed is :func:`graphs.options.layer_seed`).
-        options: method parameters.
+        options: method parameters; ``options.vectors == "activations"`` makes the graph
+            methods compare the channels' feature maps instead of their weights.
         cache: optional content-addressed store shared across calls and processes.
+        features: the group's feature maps (samples, n_filters, pixels), for ``ci`` and
+            data-aware graphs (see :func:`graphs.features.group_features`).
     """
 
     def __init__(
@@ -49,20 +73,48 @@ class GroupWork:
         seed: int = 0,
         options: AnalysisOptions | None = None,
         cache: Cache | None = None,
+        features: np.ndarray | None = None,
     ) -> None:
         self.group = group
         self.X = group.vectors()
+        self.features = features
         self.seed = layer_seed(seed, group.name)
         self.options = options or AnalysisOptions()
         self.cache = cache
-        self._digest: str | None = None
+        self._digests: dict[str, str] = {}
+        self._V: np.ndarray | None = None
         self._graph: CalibratedGraph | None = None
         self._hsc: HscLayerResult | None = None
+        self._ci: CiLayerResult | None = None
 
-    def _key(self, kind: str, **parameters: float | int | str | None) -> str:
-        if self._digest is None:
-            self._digest = vectors_digest(self.X)
-        return cache_key(kind, self._digest, name=self.group.name, **parameters)
+    @property
+    def V(self) -> np.ndarray:
+        """The vectors the graph methods compare, (n_filters, d): weights or feature maps."""
+        if self._V is None:
+            if self.options.vectors == "weights":
+                self._V = self.X
+            else:
+                self._V = activation_vectors(self._maps("data-aware graphs"))
+        return self._V
+
+    def _maps(self, what: str) -> np.ndarray:
+        if self.features is None:
+            raise InvalidInputError(
+                f"{what} need feature maps of {self.group.name}, and none were given",
+                hint="Capture them with clients.capture_activations and pass them with the "
+                "checkpoint (--activations FILE, or activations_id in a job).",
+            )
+        return self.features
+
+    def _key(self, kind: str, source: str, **parameters: float | int | str | None) -> str:
+        """Key of an artifact computed from ``source``: weights, vectors (V) or features."""
+        if source not in self._digests:
+            if source == "features":
+                array = self._maps("feature-map methods")
+            else:
+                array = self.X if source == "weights" else self.V
+            self._digests[source] = vectors_digest(array)
+        return cache_key(kind, self._digests[source], name=self.group.name, **parameters)
 
     def _get(self, key: str) -> bytes | None:
         return self.cache.get(key) if self.cache is not None else None
@@ -85,10 +137,10 @@ class GroupWork:
         """The null-calibrated cosine graph over all filters (alpha, min_explained)."""
         if self._graph is None:
             o = self.options
-            key = self._key("graph", alpha=o.alpha, min_explained=o.min_explained)
+            key = self._key("graph", "vectors", alpha=o.alpha, min_explained=o.min_explained)
             self._graph = self._cached(key, CalibratedGraph.from_bytes)
             if self._graph is None:
-                U, _ = unit_rows(check_filters(self.X, min_rows=2))
+                U, _ = unit_rows(check_filters(self.V, min_rows=2))
                 self._graph = calibrated_graph(U, alpha=o.alpha, min_explained=o.min_explained)
                 self._put(key, self._graph.to_bytes())
         return self._graph
@@ -97,12 +149,12 @@ class GroupWork:
         """hsc's clustering with the eigengap's cluster count (k, n_rounds, seed)."""
         if self._hsc is None:
             o = self.options
-            key = self._key("hsc", seed=self.seed, **o.parameters("hsc"))
+            key = self._key("hsc", "vectors", seed=self.seed, **o.parameters("hsc"))
             self._hsc = self._cached(key, HscLayerResult.from_bytes)
             if self._hsc is None:
-                g = self.graph() if self.X.shape[0] >= 2 else None
+                g = self.graph() if self.V.shape[0] >= 2 else None
                 self._hsc = hsc(
-                    self.X,
+                    self.V,
                     k=o.k,
                     alpha=o.alpha,
                     min_explained=o.min_explained,
@@ -113,13 +165,26 @@ class GroupWork:
                 self._put(key, self._hsc.to_bytes())
         return self._hsc
 
+    def ci(self) -> CiLayerResult:
+        """Channel independence of the group's feature maps."""
+        if self._ci is None:
+            key = self._key("ci", "features")
+            self._ci = self._cached(key, _ci_from_bytes)
+            if self._ci is None:
+                self._ci = channel_independence(self._maps("ci"))
+                self._put(key, _ci_to_bytes(self._ci))
+        return self._ci
+
     def result(self, method: str) -> MethodResult:
         """The report model of ``method`` on this group."""
-        if method not in ALL_METHODS:
+        if method not in METHODS:
             raise InvalidInputError(
-                f"unknown method {method!r}", hint=f"Choose from {', '.join(ALL_METHODS)}."
+                f"unknown method {method!r}", hint=f"Choose from {', '.join(METHODS)}."
             )
-        key = self._key("result", method=method, seed=self.seed, **self.options.parameters(method))
+        source = {"l1": "weights", "fpgm": "weights", "ci": "features"}.get(method, "vectors")
+        key = self._key(
+            "result", source, method=method, seed=self.seed, **self.options.parameters(method)
+        )
         cached = self._cached(key, _RESULT.validate_json)
         if cached is not None:
             return cached
@@ -128,22 +193,25 @@ class GroupWork:
         return value
 
     def _compute(self, method: str) -> MethodResult:
-        o, X = self.options, self.X
+        o, X, V = self.options, self.X, self.V if method in ("mrp", "srr") else self.X
         if method == "l1":
             return l1(X).to_model()
         if method == "fpgm":
             return fpgm(X).to_model()
         if method == "hsc":
             return self.hsc().to_model()
-        if X.shape[0] < 2:  # the methods' own validation says what is wrong
-            return (mrp(X) if method == "mrp" else srr(X)).to_model()
+        if method == "ci":
+            r = self.ci()
+            return CiResult(ci=round_list(r.ci), ci_std=round_list(r.ci_std), n_samples=r.n_samples)
+        if V.shape[0] < 2:  # the methods' own validation says what is wrong
+            return (mrp(V) if method == "mrp" else srr(V)).to_model()
         if method == "mrp":
             return mrp(
-                X,
+                V,
                 alpha=o.alpha,
                 min_explained=o.min_explained,
                 resolution=o.resolution,
                 seed=self.seed,
                 graph=self.graph(),
             ).to_model()
-        return srr(X, alpha=o.alpha, min_explained=o.min_explained, graph=self.graph()).to_model()
+        return srr(V, alpha=o.alpha, min_explained=o.min_explained, graph=self.graph()).to_model()

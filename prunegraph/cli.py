@@ -21,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from graphs import AnalysisOptions, InvalidInputError, PruneGraphError, Report, analyze
-from graphs.analyze import check_methods
+from graphs.analyze import check_features, check_methods
+from graphs.features import Activations
 from graphs.manifest import Manifest
 from graphs.plan import PLAN_METHODS, Constraints, PruningPlan, Target
 
@@ -105,7 +106,7 @@ def _console(*, stderr: bool = False) -> Console:
     return console
 
 
-def _options(**values: float) -> AnalysisOptions:
+def _options(**values: float | str) -> AnalysisOptions:
     try:
         return AnalysisOptions(**values)
     except ValidationError as e:
@@ -189,12 +190,21 @@ def _read_inputs(
 
 
 def _existing(path: Path) -> Path:
-    """The checkpoint to upload; refused before any connection when it cannot be read."""
+    """A file to read or upload; refused before any work when it is not there."""
     if not path.is_file():
-        raise InvalidInputError(
-            f"checkpoint {path} not found or not a file", hint="Check the path."
-        )
+        raise InvalidInputError(f"{path} not found or not a file", hint="Check the path.")
     return path
+
+
+def _read_activations(path: Path | None, parsed: ParsedCheckpoint) -> Activations | None:
+    """The feature maps of ``--activations``, checked against the checkpoint's layers."""
+    if path is None:
+        return None
+    from service.activations import check_activations, read_activations
+
+    acts = read_activations(_existing(path))
+    check_activations(acts, parsed.layers)
+    return acts
 
 
 def _parse_methods(methods: str) -> list[str]:
@@ -207,6 +217,16 @@ ServerOpt = Annotated[
         help="URL of a prunegraph service to compute on (same output as embedded)",
         envvar="PRUNEGRAPH_SERVER",
     ),
+]
+ActivationsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="feature maps (clients.capture_activations(...).save): for ci and --vectors "
+        "activations"
+    ),
+]
+VectorsOpt = Annotated[
+    str, typer.Option(help="what the graph methods compare: weights or activations")
 ]
 TokenOpt = Annotated[
     str | None,
@@ -232,6 +252,8 @@ def analyze_cmd(
     manifest: Annotated[
         Path | None, typer.Option(help="manifest JSON: coupling groups and FLOPs")
     ] = None,
+    activations: ActivationsOpt = None,
+    vectors: VectorsOpt = "weights",
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -241,8 +263,9 @@ def analyze_cmd(
     t0 = time.perf_counter()
     try:
         _check_output(output)
-        options = _options(alpha=alpha, min_explained=min_explained)
+        options = _options(alpha=alpha, min_explained=min_explained, vectors=vectors)
         chosen = check_methods(_parse_methods(methods))
+        check_features(chosen, options, {} if activations is not None else None)
         if server is not None:
             from prunegraph.remote import remote_report
 
@@ -254,12 +277,14 @@ def analyze_cmd(
                 seed=seed,
                 options=options,
                 manifest=_load_manifest(manifest),
+                activations=_existing(activations) if activations is not None else None,
                 progress=err.is_terminal,
             )
             _emit(report.to_json(), output, as_json, lambda: render_report(report, out), out, err)
             err.print(f"[dim]analysed on {server} in {time.perf_counter() - t0:.2f} s[/]")
             return
         parsed, man = _read_inputs(checkpoint, manifest)
+        acts = _read_activations(activations, parsed)
         t_read = time.perf_counter() - t0
         with Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -284,6 +309,7 @@ def analyze_cmd(
                 options=options,
                 progress=tick,
                 manifest=man,
+                activations=acts,
             )
     except PruneGraphError as e:
         raise _fail(err, e) from None
@@ -327,7 +353,9 @@ def render_plan(plan: PruningPlan, console: Console) -> None:
 @app.command("plan")
 def plan_cmd(
     checkpoint: Annotated[Path, typer.Argument(help=".pt/.pth, .safetensors or ONNX file")],
-    method: Annotated[str, typer.Option(help="mrp, srr, hsc, l1, fpgm or random")] = "mrp",
+    method: Annotated[
+        str, typer.Option(help="mrp, srr, hsc, ci (needs --activations), l1, fpgm or random")
+    ] = "mrp",
     target_flops: Annotated[
         float | None, typer.Option(help="fraction of FLOPs to remove (needs a manifest)")
     ] = None,
@@ -351,6 +379,12 @@ def plan_cmd(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="write the JSON plan here")
     ] = None,
+    alpha: Annotated[float, typer.Option(help="null edge rate per layer")] = 0.05,
+    min_explained: Annotated[
+        float, typer.Option(help="least cos² between filters joined as redundant (0 = any)")
+    ] = 0.5,
+    activations: ActivationsOpt = None,
+    vectors: VectorsOpt = "weights",
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -379,6 +413,8 @@ def plan_cmd(
             raise InvalidInputError(
                 f"unknown method {method!r}", hint=f"Choose one of {', '.join(PLAN_METHODS)}."
             )
+        options = _options(alpha=alpha, min_explained=min_explained, vectors=vectors)
+        check_features([method], options, {} if activations is not None else None)
         if server is not None:
             from prunegraph.remote import remote_plan
 
@@ -391,7 +427,9 @@ def plan_cmd(
                 seed=seed,
                 step=step,
                 constraints=constraints,
+                options=options,
                 manifest=_load_manifest(manifest),
+                activations=_existing(activations) if activations is not None else None,
                 progress=err.is_terminal,
             )
             _emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
@@ -405,9 +443,11 @@ def plan_cmd(
             params_total=parsed.info.n_params,
             manifest=man,
             constraints=constraints,
+            options=options,
             step=step,
             seed=seed,
             checkpoint_sha256=parsed.info.sha256,
+            activations=_read_activations(activations, parsed),
         )
     except PruneGraphError as e:
         raise _fail(err, e) from None

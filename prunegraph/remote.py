@@ -60,11 +60,15 @@ def _run(
     timeout: float,
     progress: bool,
     checkpoint: Path,
+    activations: Path | None,
     fetch: Callable[[PruneGraphClient, str], T],
     **job: Any,
 ) -> T:
     with _translated(server), PruneGraphClient(server, token=token) as client:
-        job_id = client.submit(client.upload(checkpoint), **job)
+        checkpoint_id = client.upload(checkpoint)
+        if activations is not None:
+            job["activations_id"] = client.upload_activations(checkpoint_id, activations)
+        job_id = client.submit(checkpoint_id, **job)
         client.wait(job_id, timeout=timeout, progress=progress)
         return fetch(client, job_id)
 
@@ -78,12 +82,13 @@ def remote_report(
     seed: int,
     options: AnalysisOptions,
     manifest: Manifest | None,
+    activations: Path | None = None,
     timeout: float = 3600.0,
     progress: bool = False,
 ) -> Report:
     """The report of ``checkpoint`` computed by the service at ``server``."""
     return _run(
-        server, token, timeout, progress, checkpoint,
+        server, token, timeout, progress, checkpoint, activations,
         lambda c, job: c.report(job),
         methods=methods, seed=seed, options=options, manifest=manifest,
     )  # fmt: skip
@@ -99,15 +104,17 @@ def remote_plan(
     seed: int,
     step: float,
     constraints: Constraints,
+    options: AnalysisOptions,
     manifest: Manifest | None,
+    activations: Path | None = None,
     timeout: float = 3600.0,
     progress: bool = False,
 ) -> PruningPlan:
     """The plan of ``checkpoint`` computed by the service at ``server``."""
     return _run(
-        server, token, timeout, progress, checkpoint,
+        server, token, timeout, progress, checkpoint, activations,
         lambda c, job: c.plan(job),
         methods=(method,) if method != "random" else ("l1",),
         seed=seed, target=target.model_dump(exclude_none=True), plan_method=method,
-        manifest=manifest, constraints=constraints, step=step,
+        manifest=manifest, constraints=constraints, step=step, options=options,
     )  # fmt: skip

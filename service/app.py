@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import errors
-from service.db import QUEUED, CheckpointRow, JobRow, init_db
+from service.db import QUEUED, ActivationsRow, CheckpointRow, JobRow, init_db
 from service.errors import ApiError, not_found
 from service.jobs import JobRequest
 from service.runner import JobRunner
@@ -37,6 +37,13 @@ class CheckpointOut(BaseModel):
     size_bytes: int
     n_layers: int
     skipped: list[dict[str, str]]
+
+
+class ActivationsOut(BaseModel):
+    id: str = Field(description="sha256 of the activations file; pass it as activations_id")
+    checkpoint_id: str
+    n_layers: int
+    n_samples: int
 
 
 class JobOut(BaseModel):
@@ -61,6 +68,7 @@ class State:
         self.settings = settings
         self.tokens = settings.token_users()
         self.store = CheckpointStore(settings.data_dir)
+        self.activations = CheckpointStore(settings.data_dir, "activations")
         self.engine, self.sessions = init_db(settings.db_url())
         self.runner = JobRunner(
             settings.db_url(),
@@ -69,6 +77,7 @@ class State:
             settings.cache_dir(),
             settings.job_lease_s,
             self.store.path,
+            self.activations.root,
         )
 
 
@@ -157,14 +166,76 @@ def _own_checkpoint(s: Session, checkpoint_id: str, user: str) -> CheckpointRow:
     return row
 
 
+def _store_activations(
+    state: State, upload: Upload, user: str, checkpoint_id: str
+) -> ActivationsOut:
+    from service.activations import check_activations, read_activations
+    from service.ingest import read_checkpoint
+
+    try:
+        with state.sessions() as s:
+            _own_checkpoint(s, checkpoint_id, user)
+        acts = read_activations(upload.tmp_path, name=upload.filename or "the activations")
+        parsed = read_checkpoint(
+            state.store.path(checkpoint_id), name=f"checkpoint {checkpoint_id}"
+        )
+        check_activations(acts, parsed.layers)
+    except BaseException:
+        upload.tmp_path.unlink(missing_ok=True)
+        raise
+    state.activations.commit(upload)
+    n_samples = max(int(m.shape[0]) for m in acts.values())
+    row = ActivationsRow(
+        id=upload.sha256, owner=user, checkpoint_id=checkpoint_id,
+        n_layers=len(acts), n_samples=n_samples,
+    )  # fmt: skip
+    try:
+        with state.sessions.begin() as s:
+            if s.get(ActivationsRow, (upload.sha256, user, checkpoint_id)) is None:
+                s.add(row)
+    except IntegrityError:
+        pass  # the same file uploaded concurrently by the same user
+    return ActivationsOut(
+        id=row.id, checkpoint_id=checkpoint_id, n_layers=row.n_layers, n_samples=n_samples
+    )
+
+
+async def upload_activations(
+    state: State, request: Request, user: str, checkpoint_id: str
+) -> ActivationsOut:
+    upload = await state.activations.receive(
+        request.headers.get("content-type"),
+        request.headers.get("content-length"),
+        request.stream(),
+        state.settings.max_upload_bytes,
+    )
+    return await run_in_threadpool(_store_activations, state, upload, user, checkpoint_id)
+
+
 def delete_checkpoint(state: State, checkpoint_id: str, user: str) -> None:
     with state.sessions.begin() as s:
         s.delete(_own_checkpoint(s, checkpoint_id, user))
         s.execute(delete(JobRow).where(JobRow.checkpoint_id == checkpoint_id, JobRow.owner == user))
+        acts = s.scalars(
+            select(ActivationsRow.id).where(
+                ActivationsRow.checkpoint_id == checkpoint_id, ActivationsRow.owner == user
+            )
+        ).all()
+        s.execute(
+            delete(ActivationsRow).where(
+                ActivationsRow.checkpoint_id == checkpoint_id, ActivationsRow.owner == user
+            )
+        )
         s.flush()
         others = s.scalar(select(func.count()).where(CheckpointRow.id == checkpoint_id))
+        unused = [
+            a for a in acts
+            if not s.scalar(select(func.count()).where(ActivationsRow.id == a))
+        ]  # fmt: skip
     if not others:
         state.store.delete(checkpoint_id)
+    for a in unused:
+        state.activations.delete(a)
 
 
 def _job_out(row: JobRow) -> JobOut:
@@ -186,6 +257,16 @@ def _job_out(row: JobRow) -> JobOut:
 def create_job(state: State, body: JobRequest, user: str) -> JobOut:
     with state.sessions.begin() as s:
         _own_checkpoint(s, body.checkpoint_id, user)
+        if body.activations_id is not None:
+            key = (body.activations_id, user, body.checkpoint_id)
+            if s.get(ActivationsRow, key) is None:
+                raise ApiError(
+                    404,
+                    f"activations {body.activations_id} not found for checkpoint "
+                    f"{body.checkpoint_id}",
+                    "Upload them with POST /v1/checkpoints/{checkpoint_id}/activations and "
+                    "pass the id it returns.",
+                )
         now = time.time()
         row = JobRow(
             id=uuid.uuid4().hex,
@@ -240,6 +321,19 @@ def job_result(state: State, job_id: str, user: str, kind: str) -> Response:
 
 # ---- the app -------------------------------------------------------------------------------
 
+_MULTIPART_FILE = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            }
+        }
+    },
+}
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     cfg = settings or Settings()
@@ -262,26 +356,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post(
-        "/v1/checkpoints",
-        status_code=201,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["file"],
-                            "properties": {"file": {"type": "string", "format": "binary"}},
-                        }
-                    }
-                },
-            }
-        },
-    )
+    @app.post("/v1/checkpoints", status_code=201, openapi_extra={"requestBody": _MULTIPART_FILE})
     async def post_checkpoint(request: Request, state: StateDep, user: UserDep) -> CheckpointOut:
         return await upload_checkpoint(state, request, user)
+
+    @app.post(
+        "/v1/checkpoints/{checkpoint_id}/activations",
+        status_code=201,
+        openapi_extra={"requestBody": _MULTIPART_FILE},
+    )
+    async def post_activations(
+        checkpoint_id: str, request: Request, state: StateDep, user: UserDep
+    ) -> ActivationsOut:
+        return await upload_activations(state, request, user, checkpoint_id)
 
     @app.delete("/v1/checkpoints/{checkpoint_id}", status_code=204)
     def del_checkpoint(checkpoint_id: str, state: StateDep, user: UserDep) -> Response:

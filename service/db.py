@@ -40,6 +40,19 @@ class CheckpointRow(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
+class ActivationsRow(Base):
+    """Feature maps a user uploaded for one of their checkpoints (file shared by sha256)."""
+
+    __tablename__ = "activations"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    checkpoint_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    n_layers: Mapped[int] = mapped_column(Integer)
+    n_samples: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 class JobRow(Base):
     __tablename__ = "jobs"
 

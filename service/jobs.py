@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from graphs.analyze import AnalysisOptions, analyze, check_methods
+from graphs.analyze import AnalysisOptions, analyze, check_features, check_methods
 from graphs.cache import Cache
 from graphs.errors import PruneGraphError
 from graphs.manifest import Manifest
@@ -52,6 +52,24 @@ class JobRequest(BaseModel):
     step: float = Field(
         0.05, gt=0, description="filters per greedy step: an integer, or a fraction of a group"
     )
+    activations_id: str | None = Field(
+        None,
+        description="feature maps uploaded with POST /v1/checkpoints/{id}/activations: needed "
+        "by the ci method and by options.vectors = activations",
+    )
+
+    @model_validator(mode="after")
+    def _needs_activations(self) -> JobRequest:
+        if self.activations_id is None:
+            try:
+                check_features(
+                    [*self.methods, *([self.plan_method] if self.target else [])],
+                    self.options,
+                    None,
+                )
+            except PruneGraphError as e:
+                raise ValueError(f"{e.message}. Upload them and pass activations_id.") from None
+        return self
 
     @field_validator("step")
     @classmethod
@@ -114,7 +132,12 @@ def _heartbeat(sessions: sessionmaker[Session], job_id: str, lease_s: float) -> 
 
 
 def run_job(
-    database_url: str, checkpoint_path: str, job_id: str, cache_dir: str | None, lease_s: float
+    database_url: str,
+    checkpoint_path: str,
+    job_id: str,
+    cache_dir: str | None,
+    lease_s: float,
+    activations_dir: str = "",
 ) -> str:
     """Run one job to done or failed (in a worker process); returns the final status.
 
@@ -144,8 +167,10 @@ def run_job(
         cache = FileCache(Path(cache_dir)) if cache_dir is not None else None
         try:
             with _heartbeat(sessions, job_id, lease_s):
+                aid = request.activations_id
+                acts = Path(activations_dir) / aid if aid else None
                 report_json, plan_json = _compute(
-                    request, Path(checkpoint_path), sessions, job_id, cache
+                    request, Path(checkpoint_path), sessions, job_id, cache, acts
                 )
         except PruneGraphError as e:
             _set(sessions, job_id, status=FAILED, error=f"{e.message} {e.hint}")
@@ -175,12 +200,19 @@ def _compute(
     sessions: sessionmaker[Session],
     job_id: str,
     cache: Cache | None,
+    activations_path: Path | None,
 ) -> tuple[str, str | None]:
     from service.ingest import read_checkpoint  # torch is imported in the worker only
 
     manifest = request.manifest
     groups = {layer.name: layer.groups for layer in manifest.layers} if manifest else None
     parsed = read_checkpoint(path, groups=groups, name=f"checkpoint {request.checkpoint_id[:12]}")
+    acts = None
+    if activations_path is not None:
+        from service.activations import check_activations, read_activations
+
+        acts = read_activations(activations_path, name=f"activations {request.activations_id}")
+        check_activations(acts, parsed.layers)
     if manifest is None and parsed.info.format == "onnx":
         from service.onnx_manifest import manifest_from_onnx
 
@@ -199,6 +231,7 @@ def _compute(
         manifest=manifest,
         progress=progress,
         cache=cache,
+        activations=acts,
     )
     plan_json = None
     if request.target is not None:
@@ -214,6 +247,7 @@ def _compute(
             seed=request.seed,
             checkpoint_sha256=parsed.info.sha256,
             cache=cache,
+            activations=acts,
         )
         plan_json = plan.to_json()
     return report.to_json(), plan_json

@@ -44,6 +44,7 @@ class JobRunner:
         cache_dir: the per-group result cache, or None.
         lease_s: seconds a job stays claimed by this replica without a renewal.
         path_of: checkpoint id -> the stored file's path.
+        activations_dir: where uploaded activations are stored (by sha256).
     """
 
     def __init__(
@@ -54,7 +55,9 @@ class JobRunner:
         cache_dir: Path | None,
         lease_s: float,
         path_of: Callable[[str], Path],
+        activations_dir: Path,
     ) -> None:
+        self.activations_dir = str(activations_dir)
         self.database_url = database_url
         self.sessions = sessions
         self.workers = workers
@@ -89,11 +92,11 @@ class JobRunner:
         with self._lock:
             self._pending.add(job_id)
         try:
-            future = self._pool.submit(run_job, *args, self.lease_s)
+            future = self._pool.submit(run_job, *args, self.lease_s, self.activations_dir)
         except BrokenProcessPool:  # a worker died earlier: replace the pool, keep serving
             self._pool.shutdown(wait=False, cancel_futures=False)
             self._pool = self._new_pool()
-            future = self._pool.submit(run_job, *args, self.lease_s)
+            future = self._pool.submit(run_job, *args, self.lease_s, self.activations_dir)
         future.add_done_callback(lambda f: self._finished(job_id, f))
 
     def _finished(self, job_id: str, future: Future[str]) -> None:

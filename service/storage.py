@@ -93,8 +93,10 @@ class _FilePart:
 
 
 class CheckpointStore:
-    def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / "checkpoints"
+    """Files by sha256 under ``data_dir/<kind>`` (checkpoints, activations), temp files apart."""
+
+    def __init__(self, data_dir: Path, kind: str = "checkpoints") -> None:
+        self.root = data_dir / kind
         self.tmp = data_dir / "tmp"
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)

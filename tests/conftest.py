@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def realdata() -> Path:
     """Directory of the real checkpoints fetched by ../shared/realdata/fetch.sh."""
     root = Path(

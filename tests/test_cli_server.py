@@ -76,6 +76,22 @@ def test_plan_json_is_identical(server: Server, files: tuple[Path, Path]) -> Non
         assert local == remote and '"round_to": 2' in remote
 
 
+def test_data_aware_plan_is_identical(server: Server, files: tuple[Path, Path]) -> None:
+    from clients.activations import capture_activations
+
+    ckpt, manifest = files
+    model = models.digit_cnn()
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    acts = capture_activations(model, [x]).save(ckpt.parent / "acts.safetensors")
+    for method in ("ci", "mrp"):
+        args = ["plan", str(ckpt), "--method", method, "--target-flops", "0.4", "--json",
+                "--manifest", str(manifest), "--activations", str(acts),
+                "--vectors", "activations"]  # fmt: skip
+        local, remote = _both(server, *args)
+        assert local == remote
+
+
 def test_token_from_the_environment_and_errors(
     server: Server, files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

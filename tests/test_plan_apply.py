@@ -1,4 +1,5 @@
-"""Plans applied to live models: every method, 30 % and 50 % FLOPs, five architectures.
+"""Plans applied to live models: every method (ci on captured feature maps), 30 % and 50 %
+FLOPs, six architectures.
 
 The pruned model must run, have exactly the plan's parameter count, MACs within 1 % of the plan,
 and a FLOPs reduction within ±2 points of the target; coupled layers keep equal widths.
@@ -11,12 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from clients import apply_plan, build_manifest
+from clients import apply_plan, build_manifest, capture_activations
 from graphs.manifest import Manifest
 from graphs.plan import PLAN_METHODS, Target
 from graphs.planner import plan_layers
@@ -30,6 +32,7 @@ class Case:
     x: torch.Tensor
     manifest: Manifest
     parsed: ParsedCheckpoint
+    activations: dict[str, np.ndarray]
 
 
 def _case(
@@ -42,7 +45,9 @@ def _case(
     model.eval()
     path = tmp / "model.pt"
     torch.save(model.state_dict(), path)
-    return Case(model, x, build_manifest(model, x), read_checkpoint(path))
+    batch = torch.randn((8, *x.shape[1:]), generator=torch.Generator().manual_seed(0))
+    acts = capture_activations(model, [batch], max_pixels=64).arrays()  # for ci plans
+    return Case(model, x, build_manifest(model, x), read_checkpoint(path), acts)
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str | None]] = {
@@ -98,6 +103,7 @@ def test_plan_and_apply(
         params_total=case.parsed.info.n_params,
         manifest=case.manifest,
         checkpoint_sha256=case.parsed.info.sha256,
+        activations=case.activations,
     )
     assert plan.coupling == "manifest"
     assert plan.params_before == sum(p.numel() for p in case.model.parameters())

@@ -1,0 +1,109 @@
+"""Captured feature maps: reading an activations file and checking it against its checkpoint.
+
+The file is what ``clients.capture_activations(...).save(path)`` writes: safetensors with one
+float tensor (samples, channels, pixels) per capture point and metadata ``format =
+prunegraph-activations`` and ``layers`` (layer name -> tensor name). It is parsed by the same
+validating safetensors reader as checkpoints: no pickle, bounded, every offset checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from graphs.errors import CheckpointError, InvalidInputError
+from graphs.features import Activations
+from graphs.layers import LayerWeights
+from service import formats
+
+FORMAT = "prunegraph-activations"
+_WRITE = "Write it with clients.capture_activations(model, batches).save('acts.safetensors')."
+
+
+def _metadata(path: Path, display: str) -> dict[str, str]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if n <= 0 or n > 100 * 2**20:
+            raise CheckpointError(f"{display} is not a safetensors file", hint=_WRITE)
+        header = formats._st_header(display, f.read(n))
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{display} is not a prunegraph activations file (no format={FORMAT} metadata)",
+            hint=_WRITE,
+        )
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def read_activations(path: str | os.PathLike[str], *, name: str | None = None) -> Activations:
+    """Layer name -> feature maps (samples, channels, pixels), float32 or float64.
+
+    Raises:
+        CheckpointError: not a (valid) activations file, or tensors that are not 3-D finite maps.
+    """
+    p = Path(path)
+    display = name or os.fspath(path)
+    try:
+        if formats.detect_format(p, display, p.stat().st_size) != "safetensors":
+            raise CheckpointError(f"{display} is not a safetensors file", hint=_WRITE)
+        meta = _metadata(p, display)
+        raw = formats.read_safetensors(p, display)
+    except OSError as e:
+        raise CheckpointError(f"{display} cannot be read: {e.strerror or e}.") from e
+    try:
+        layers = json.loads(meta.get("layers", ""))
+        if not isinstance(layers, dict):
+            raise ValueError
+    except ValueError:
+        raise CheckpointError(f"{display}: its 'layers' metadata is not a JSON object") from None
+    out: dict[str, np.ndarray] = {}
+    for layer, key in sorted(layers.items()):
+        maps = raw.tensors.get(str(key))
+        if maps is None:
+            raise CheckpointError(f"{display}: layer {layer!r} names a missing tensor {key!r}")
+        if maps.ndim != 3 or 0 in maps.shape:
+            raise CheckpointError(
+                f"{display}: maps of {layer!r} have shape {list(maps.shape)}, not "
+                "(samples, channels, pixels)",
+                hint=_WRITE,
+            )
+        if not np.isfinite(maps).all():
+            raise CheckpointError(
+                f"{display}: maps of {layer!r} contain NaN or Inf",
+                hint="Capture them from a model whose forward pass is finite on the batches.",
+            )
+        out[str(layer)] = maps
+    if not out:
+        raise CheckpointError(f"{display} holds no feature maps", hint=_WRITE)
+    return out
+
+
+def check_activations(activations: Activations, layers: Sequence[LayerWeights]) -> None:
+    """Refuse maps that do not belong to the checkpoint: unknown layers or other widths.
+
+    Raises:
+        InvalidInputError: naming the first mismatches and what to do.
+    """
+    width = {layer.name: layer.n_filters for layer in layers}
+    unknown = sorted(set(activations) - set(width))
+    if unknown:
+        raise InvalidInputError(
+            f"the activations name layers the checkpoint does not have: {', '.join(unknown[:5])}"
+            + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""),
+            hint="Capture the activations from the model this checkpoint was saved from.",
+        )
+    wrong = [
+        f"{n} has {m.shape[1]} channels, the checkpoint {width[n]}"
+        for n, m in sorted(activations.items())
+        if m.shape[1] != width[n]
+    ]
+    if wrong:
+        raise InvalidInputError(
+            f"the activations do not fit the checkpoint: {'; '.join(wrong[:3])}",
+            hint="Capture the activations from the model this checkpoint was saved from.",
+        )
