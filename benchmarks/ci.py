@@ -157,6 +157,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def capture_memory(samples: int, max_pixels: int) -> dict[str, float]:
+    """In a fresh process: capture a ResNet-56's maps on ``samples`` inputs (batches of 64)."""
+    import torch
+
+    from clients.activations import capture_activations
+    from tests.clients.models import resnet56
+
+    torch.manual_seed(0)
+    model = resnet56("A")
+    gen = torch.Generator().manual_seed(0)
+    batches = (torch.randn(64, 3, 32, 32, generator=gen) for _ in range((samples + 63) // 64))
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    acts = capture_activations(model, batches, max_samples=samples, max_pixels=max_pixels)
+    seconds = time.perf_counter() - t0
+    stored = sum(t.numel() * 4 for t in acts.tensors.values()) / 2**20
+    return {
+        "max_pixels": max_pixels,
+        "layers": len(acts.layers),
+        "seconds": round(seconds, 2),
+        "stored_mb": round(stored, 1),
+        "rss_before_mb": round(base, 1),
+        "peak_rss_mb": round(_rss_mb(), 1),
+    }
+
+
+def capture_rows(samples: int) -> list[dict[str, float]]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    rows = []
+    for max_pixels in (256, 1024):
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            rows.append(pool.submit(capture_memory, samples, max_pixels).result())
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 samples, naive on 8 of them")
@@ -197,6 +235,14 @@ def main() -> None:
         f" {tot['rss_after_gram_mb']:.0f} MB after it (baseline {tot['baseline_rss_mb']:.0f} MB);"
         f" BLAS threads {args.threads}; machine busy {busy}"
     )
+    result["capture"] = capture_rows(args.samples)
+    for r in result["capture"]:
+        print(
+            f"capture of {r['layers']:.0f} layers, {args.samples} samples, "
+            f"max_pixels {r['max_pixels']:.0f}:"
+            f" {r['seconds']:.1f} s, {r['stored_mb']:.0f} MB of maps kept, peak RSS"
+            f" {r['peak_rss_mb']:.0f} MB (model and imports {r['rss_before_mb']:.0f} MB)"
+        )
     if args.out:
         meta = {**run_meta(), "blas_threads": str(args.threads), "machine_busy": str(busy)}
         args.out.write_text(json.dumps({"meta": meta, **result}, indent=2) + "\n")
