@@ -40,6 +40,7 @@ bench: $(STAMP) realdata
 	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/speed.py --out benchmarks/results-latest.json
 	$(BIN)/python benchmarks/planning.py --out benchmarks/planning-latest.json
 	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/service_overhead.py --out benchmarks/service-latest.json
+	$(BIN)/python benchmarks/ci.py --out benchmarks/ci-latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
