@@ -29,6 +29,8 @@ from service.settings import Settings
 from service.storage import CheckpointStore, Upload
 
 ANONYMOUS = "anonymous"
+TOKEN_COOKIE = "prunegraph_token"
+"""Cookie the dashboard stores the token in (entered once); the API accepts it like a header."""
 
 
 class CheckpointOut(BaseModel):
@@ -90,11 +92,12 @@ def _user(request: Request, state: Annotated[State, Depends(_state)]) -> str:
     if not state.tokens:
         return ANONYMOUS
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":  # the dashboard's browser sends the token as a cookie
+        token = request.cookies.get(TOKEN_COOKIE, "")
     user = None
-    if scheme.lower() == "bearer":
-        for known, name in state.tokens.items():
-            if secrets.compare_digest(known.encode(), token.strip().encode()):
-                user = name
+    for known, name in state.tokens.items():
+        if token and secrets.compare_digest(known.encode(), token.strip().encode()):
+            user = name
     if user is None:
         raise ApiError(
             401,
