@@ -92,8 +92,12 @@ def _user(request: Request, state: Annotated[State, Depends(_state)]) -> str:
     if not state.tokens:
         return ANONYMOUS
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":  # the dashboard's browser sends the token as a cookie
+    if scheme.lower() != "bearer" and request.method in ("GET", "HEAD"):
+        # the dashboard's browser sends the token as a cookie; only for reads, so that another
+        # site cannot make a logged-in browser change anything (no CSRF)
         token = request.cookies.get(TOKEN_COOKIE, "")
+    elif scheme.lower() != "bearer":
+        token = ""
     user = None
     for known, name in state.tokens.items():
         if token and secrets.compare_digest(known.encode(), token.strip().encode()):
