@@ -231,7 +231,15 @@ def _nearest_producer(chain: list[_Candidate], i: int) -> str | None:
     return None
 
 
+NAME_INFERENCE_BUDGET = 4_000_000
+"""Most (depthwise-shaped layers × layers) for inferring producers from names: each search
+scans the names, so a hostile file of thousands of flat depthwise-shaped layers would cost
+quadratic time. Beyond it those layers stay regular convs (a manifest or ONNX says more)."""
+
+
 def _orderless_producers(chain: list[_Candidate], known: Mapping[str, str | None]) -> None:
+    if sum(c.dw_shaped for c in chain) * len(chain) > NAME_INFERENCE_BUDGET:
+        return
     order = NameOrder({c.name: (c.out, int(c.weight.shape[1])) for c in chain})
     by_name = {c.name: c for c in chain}
     seen: set[str] = set()

@@ -47,15 +47,25 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'prunegraph.db').resolve()}"
 
     def token_users(self) -> dict[str, str]:
-        """token -> user; empty when auth is off."""
-        pairs = [p for p in self.tokens.split(",") if p.strip()]
+        """token -> user; empty when auth is off.
+
+        Raises:
+            ValueError: a malformed entry (named by its place, never echoed: it may be a
+                secret) or a token given to two users.
+        """
+        entries = [("PRUNEGRAPH_TOKENS", i + 1, p) for i, p in enumerate(self.tokens.split(","))]
         if self.tokens_file is not None:
             lines = self.tokens_file.read_text(encoding="utf-8").splitlines()
-            pairs += [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            entries += [(str(self.tokens_file), i + 1, ln) for i, ln in enumerate(lines)]
         users: dict[str, str] = {}
-        for pair in pairs:
-            user, sep, token = pair.strip().partition(":")
+        for where, index, entry in entries:
+            if not entry.strip() or entry.lstrip().startswith("#"):
+                continue
+            user, sep, token = (part.strip() for part in entry.partition(":"))
+            place = f"entry {index}" if where == "PRUNEGRAPH_TOKENS" else f"line {index}"
             if not sep or not user or not token:
-                raise ValueError(f"token entry {pair.strip()!r} is not user:token")
+                raise ValueError(f"{where} {place} is not user:token")
+            if token in users and users[token] != user:
+                raise ValueError(f"{where} {place}: a token of user {users[token]!r} is reused")
             users[token] = user
         return users
