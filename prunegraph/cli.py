@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,8 +41,8 @@ app = typer.Typer(
 
 
 def _fail(console: Console, err: PruneGraphError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {err.message}", highlight=False, markup=True)
-    console.print(f"[yellow]what to do:[/] {err.hint}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False, markup=True)
+    console.print(f"[yellow]what to do:[/] {escape(err.hint)}", highlight=False)
     return typer.Exit(code=2)
 
 
@@ -234,6 +235,48 @@ TokenOpt = Annotated[
 ]
 
 
+def _analyze_here(
+    checkpoint: Path,
+    manifest: Path | None,
+    activations: Path | None,
+    methods: list[str],
+    seed: int,
+    options: AnalysisOptions,
+    err: Console,
+) -> tuple[Report, float]:
+    """Embedded analysis with a progress bar on stderr; returns the report and the read time."""
+    t0 = time.perf_counter()
+    parsed, man = _read_inputs(checkpoint, manifest)
+    acts = _read_activations(activations, parsed)
+    t_read = time.perf_counter() - t0
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("analysing", total=None)
+
+        def tick(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        report = analyze(
+            parsed.layers,
+            checkpoint=parsed.info,
+            skipped=parsed.skipped,
+            methods=methods,
+            seed=seed,
+            options=options,
+            progress=tick,
+            manifest=man,
+            activations=acts,
+        )
+    return report, t_read
+
+
 @app.command("analyze")
 def analyze_cmd(
     checkpoint: Annotated[Path, typer.Argument(help=".pt/.pth, .safetensors or ONNX file")],
@@ -283,34 +326,9 @@ def analyze_cmd(
             _emit(report.to_json(), output, as_json, lambda: render_report(report, out), out, err)
             err.print(f"[dim]analysed on {server} in {time.perf_counter() - t0:.2f} s[/]")
             return
-        parsed, man = _read_inputs(checkpoint, manifest)
-        acts = _read_activations(activations, parsed)
-        t_read = time.perf_counter() - t0
-        with Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-            disable=not err.is_terminal,
-        ) as bar:
-            task = bar.add_task("analysing", total=None)
-
-            def tick(done: int, total: int, name: str) -> None:
-                bar.update(task, completed=done, total=total, description=name)
-
-            report = analyze(
-                parsed.layers,
-                checkpoint=parsed.info,
-                skipped=parsed.skipped,
-                methods=chosen,
-                seed=seed,
-                options=options,
-                progress=tick,
-                manifest=man,
-                activations=acts,
-            )
+        report, t_read = _analyze_here(
+            checkpoint, manifest, activations, chosen, seed, options, err
+        )
     except PruneGraphError as e:
         raise _fail(err, e) from None
     t_total = time.perf_counter() - t0
@@ -453,6 +471,131 @@ def plan_cmd(
         raise _fail(err, e) from None
     _emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
     err.print(f"[dim]planned in {time.perf_counter() - t0:.2f} s[/]")
+
+
+def _report_of(
+    path: Path,
+    *,
+    manifest: Path | None,
+    activations: Path | None,
+    methods: list[str],
+    seed: int,
+    options: AnalysisOptions,
+    server: str | None,
+    token: str | None,
+    err: Console,
+) -> Report:
+    """A report JSON as it is, or the report of a checkpoint (embedded or on ``server``)."""
+    head = _existing(path).open("rb").read(1)
+    if head == b"{":  # a checkpoint never starts with "{": a report
+        try:
+            return Report.model_validate_json(path.read_bytes())
+        except ValidationError:
+            if path.suffix == ".json":
+                raise InvalidInputError(
+                    f"{path} is not a prunegraph report",
+                    hint="Pass a checkpoint, or a report written by `prunegraph analyze -o`.",
+                ) from None
+    if server is not None:
+        from prunegraph.remote import remote_report
+
+        return remote_report(
+            server, token, path, methods=methods, seed=seed, options=options,
+            manifest=_load_manifest(manifest), activations=activations,
+            progress=err.is_terminal,
+        )  # fmt: skip
+    report, _ = _analyze_here(path, manifest, activations, methods, seed, options, err)
+    return report
+
+
+@app.command("check")
+def check_cmd(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="checkpoint (.pt/.pth, .safetensors, ONNX) or a report JSON")
+    ],
+    max_redundancy: Annotated[
+        float | None, typer.Option(help="limit on the model's (FLOPs-weighted) redundancy")
+    ] = None,
+    max_layer_redundancy: Annotated[
+        float | None, typer.Option(help="limit on every layer's redundancy")
+    ] = None,
+    layer_max: Annotated[
+        list[str] | None,
+        typer.Option(help="PATTERN=LIMIT per layer, e.g. 'features.*=0.5' (repeatable)"),
+    ] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="earlier report JSON (or checkpoint) to compare with")
+    ] = None,
+    max_growth: Annotated[
+        float | None, typer.Option(help="limit on the growth since --baseline")
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="mrp (default), srr or hsc")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="manifest JSON: coupling and FLOPs weighting")
+    ] = None,
+    activations: ActivationsOpt = None,
+    vectors: VectorsOpt = "weights",
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="pyproject.toml with [tool.prunegraph.check] (default: nearest)"),
+    ] = None,
+    junit: Annotated[Path | None, typer.Option(help="write JUnit XML here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Fail a build on model bloat: exit 0 within the thresholds, 1 beyond, 2 on bad input."""
+    from prunegraph.check import evaluate, find_config, junit_xml, parse_config, parse_layer_max
+
+    out = _console()
+    err = _console(stderr=True)
+    try:
+        if config is not None:
+            try:
+                import tomllib
+
+                data = tomllib.loads(_existing(config).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise InvalidInputError(f"cannot read {config}: {e}", hint="Fix it.") from None
+            cfg = parse_config(data.get("tool", {}).get("prunegraph", {}).get("check", {}),
+                               str(config))  # fmt: skip
+        else:
+            cfg, _ = find_config(Path.cwd())
+        flags = {
+            "method": method, "max_redundancy": max_redundancy,
+            "max_layer_redundancy": max_layer_redundancy, "max_growth": max_growth,
+        }  # fmt: skip
+        updates: dict[str, object] = {k: v for k, v in flags.items() if v is not None}
+        if layer_max:
+            updates["layer_max"] = {**cfg.layer_max, **parse_layer_max(layer_max)}
+        cfg = parse_config({**cfg.model_dump(), **updates}, "the command line")
+        if cfg.max_growth is not None and baseline is None:
+            raise InvalidInputError("--max-growth needs --baseline", hint="Pass an earlier report.")
+        options = _options(vectors=vectors)
+        check_features([cfg.method], options, {} if activations is not None else None)
+        kw = dict(manifest=manifest, activations=activations, methods=[cfg.method], seed=seed,
+                  options=options, server=server, token=token, err=err)  # fmt: skip
+        report = _report_of(checkpoint, **kw)  # type: ignore[arg-type]
+        base = _report_of(baseline, **kw) if baseline is not None else None  # type: ignore[arg-type]
+        result = evaluate(report, cfg, base)
+        if junit is not None:
+            try:
+                junit.write_text(junit_xml(result), encoding="utf-8")
+            except OSError as e:
+                raise _output_error(junit, e) from None
+    except PruneGraphError as e:
+        raise _fail(err, e) from None
+    if as_json:
+        out.out(result.model_dump_json(indent=2), highlight=False)
+    else:
+        for c in result.checks:
+            mark = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
+            out.print(f"{mark} {c.message}", highlight=False)
+        verdict = "[green]passed[/]" if result.passed else "[bold red]failed[/]"
+        out.print(f"prunegraph check {verdict}: {sum(c.passed for c in result.checks)} of "
+                  f"{len(result.checks)} checks within their limits")  # fmt: skip
+    raise typer.Exit(code=0 if result.passed else 1)
 
 
 @app.command("manifest")

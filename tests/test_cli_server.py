@@ -76,6 +76,15 @@ def test_plan_json_is_identical(server: Server, files: tuple[Path, Path]) -> Non
         assert local == remote and '"round_to": 2' in remote
 
 
+def test_check_is_identical(server: Server, files: tuple[Path, Path]) -> None:
+    ckpt, manifest = files
+    args = ["check", str(ckpt), "--manifest", str(manifest), "--max-redundancy", "0.5",
+            "--layer-max", "conv_layers.*=0.0", "--json"]  # fmt: skip
+    local = runner.invoke(app, args)
+    remote = runner.invoke(app, [*args, "--server", server.url, "--token", TOKEN])
+    assert local.exit_code == remote.exit_code and local.stdout == remote.stdout
+
+
 def test_data_aware_plan_is_identical(server: Server, files: tuple[Path, Path]) -> None:
     from clients.activations import capture_activations
 
