@@ -311,37 +311,55 @@ def capture_activations(
 
 
 class _Sink:
-    """Keeps the subsampled maps of the capture points as the model runs."""
+    """Keeps the subsampled maps of the capture points as the model runs, written straight
+    into buffers of the final size (no concatenation: peak memory ≈ the kept maps)."""
 
-    def __init__(self, points: dict[str, str], max_pixels: int, seed: int) -> None:
+    def __init__(
+        self, points: dict[str, str], max_pixels: int, max_samples: int, seed: int
+    ) -> None:
         self.keys = {p: f"capture.{i}" for i, p in enumerate(sorted(set(points.values())))}
         self.max_pixels = max_pixels
+        self.max_samples = max_samples
         self.generator = torch.Generator().manual_seed(seed)
-        self.chunks: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys.values()}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.filled: dict[str, int] = {}
         self.pixels: dict[str, torch.Tensor | None] = {}
         self.shapes: dict[str, list[int]] = {}
         self.n_take = 0
 
     def add(self, point: str, out: torch.Tensor) -> None:
         key = self.keys[point]
-        # a copy: later in-place ops (out += identity, ReLU(inplace=True)) must not change it
-        maps = out[: self.n_take].detach().to("cpu", torch.float32, copy=True)
+        x = out[: self.n_take].detach()
         if key not in self.pixels:
             self.shapes[key] = list(out.shape[1:])
             self.pixels[key] = _keep(out.shape, self.max_pixels, self.generator)
-        if maps.dim() == 2:  # linear: (N, C) -> one sample whose pixels are the N inputs
-            maps = maps.T.unsqueeze(0)
+        if x.dim() == 2:  # linear: (N, C) -> one sample whose pixels are the N inputs
+            maps = x.T.unsqueeze(0)
+            size = (1, x.shape[1], self.max_samples)
         else:
-            maps = maps.reshape(maps.shape[0], maps.shape[1], -1)
+            maps = x.reshape(x.shape[0], x.shape[1], -1)
             idx = self.pixels[key]
-            maps = maps if idx is None else maps[:, :, idx]
-        self.chunks[key].append(maps)
+            if idx is not None:
+                maps = maps[:, :, idx.to(maps.device)]
+            size = (self.max_samples, maps.shape[1], maps.shape[2])
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(size, dtype=torch.float32)
+            self.filled[key] = 0
+        at, n = self.filled[key], maps.shape[2] if x.dim() == 2 else maps.shape[0]
+        # a copy: later in-place ops (out += identity, ReLU(inplace=True)) must not change it
+        if x.dim() == 2:
+            self.buffers[key][:, :, at : at + n].copy_(maps)
+        else:
+            self.buffers[key][at : at + n].copy_(maps)
+        self.filled[key] = at + n
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            k: torch.cat(v, dim=2 if len(self.shapes[k]) == 1 else 0)
-            for k, v in self.chunks.items()
-        }
+        out = {}
+        for key, buf in self.buffers.items():
+            n = self.filled[key]
+            kept = buf[:, :, :n] if len(self.shapes[key]) == 1 else buf[:n]
+            out[key] = kept.clone() if n < self.max_samples else kept  # frees the rest
+        return out
 
 
 def _hooks(model: nn.Module, sink: _Sink) -> list[torch.utils.hooks.RemovableHandle]:
@@ -392,7 +410,7 @@ def _capture(
             missing = [n for n in wanted if n not in points]
             if missing:
                 raise ValueError(f"layers that did not run in the forward pass: {missing[:5]}")
-            sink = _Sink(points, max_pixels, seed)
+            sink = _Sink(points, max_pixels, max_samples, seed)
         sink.n_take = min(x.shape[0], max_samples - taken)
         handles = _hooks(model, sink)
         try:
