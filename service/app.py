@@ -5,8 +5,10 @@ Run with ``uvicorn --factory service.app:main``; settings come from ``PRUNEGRAPH
 
 from __future__ import annotations
 
+import importlib
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -350,6 +352,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = State(cfg)
         app.state.pg = state
         state.runner.start()
+        # the first upload needs torch to validate a .pt file: import it now, in the background,
+        # so the server answers at once and that upload does not wait for the import
+        threading.Thread(
+            target=importlib.import_module, args=("service.ingest",), daemon=True
+        ).start()
         try:
             yield
         finally:
@@ -402,6 +409,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def get_plan(job_id: str, state: StateDep, user: UserDep) -> Response:
         return job_result(state, job_id, user, "plan")
 
+    from service import dashboard  # the pages (it imports this module, so not at the top)
+
+    dashboard.install(app)
     return app
 
 

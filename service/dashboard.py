@@ -1,0 +1,202 @@
+"""The redundancy dashboard at ``/``: server-rendered HTML and SVG, one small vendored script.
+
+Pages: ``/`` (the caller's checkpoints and jobs), ``/jobs/{id}`` (summary, per-layer redundancy
+of each method side by side, the plan), ``/jobs/{id}/layer?name=L`` (the layer's filter graph
+coloured by mrp community, hsc cluster sizes), ``/compare?a=J1&b=J2`` (per-layer redundancy
+deltas), ``/login`` and ``/logout``. JSON: ``GET /v1/jobs/{id}/layers/{layer}/graph``.
+
+Auth: with tokens configured, a page needs the token in the ``prunegraph_token`` cookie (set by
+``/login``: HttpOnly, SameSite=Strict) or a bearer header, else it redirects to ``/login``. The
+API accepts the same cookie for GET requests, which is how ``static/dashboard.js`` polls a running
+job. Nothing is loaded from another origin (a Content-Security-Policy says so).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
+
+from fastapi import Depends, FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from service import pages
+from service.app import ANONYMOUS, TOKEN_COOKIE, State, StateDep, UserDep
+from service.layer_graph import LayerGraph, find_job, layer_graph
+
+STATIC = Path(__file__).parent / "static"
+COOKIE_MAX_AGE = 30 * 24 * 3600
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+_env = Environment(
+    loader=PackageLoader("service", "templates"), autoescape=True, undefined=StrictUndefined
+)
+_env.filters["when"] = pages.when
+
+
+class LoginRequired(Exception):
+    def __init__(self, next_path: str) -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
+
+
+def token_user(state: State, token: str) -> str | None:
+    """The user of ``token``, or None; compares every known token in constant time."""
+    user = None
+    for known, name in state.tokens.items():
+        if token and secrets.compare_digest(known.encode(), token.strip().encode()):
+            user = name
+    return user
+
+
+def page_user(request: Request, state: StateDep) -> str:
+    if not state.tokens:
+        return ANONYMOUS
+    scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+    token = bearer if scheme.lower() == "bearer" else request.cookies.get(TOKEN_COOKIE, "")
+    user = token_user(state, token)
+    if user is None:
+        query = f"?{request.url.query}" if request.url.query else ""
+        raise LoginRequired(request.url.path + query)
+    return user
+
+
+PageUser = Annotated[str, Depends(page_user)]
+
+
+def _base(request: Request) -> str:
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _safe_next(path: str) -> str:
+    """Only a path on this site (no scheme, host or protocol-relative //) to go back to."""
+    parts = urlsplit(path)
+    if not path.startswith("/") or path.startswith("//") or "\\" in path or parts.netloc:
+        return "/"
+    return path
+
+
+def render(request: Request, state: State, user: str | None, page: pages.Page) -> HTMLResponse:
+    context = {"base": _base(request), "user": user, "auth": bool(state.tokens), **page.context}
+    html = _env.get_template(page.template).render(context)
+    return HTMLResponse(html, status_code=page.status, headers=HEADERS)
+
+
+def _redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303, headers={"Cache-Control": "no-store"})
+
+
+def login_page(
+    request: Request, state: State, next_path: str, error: str | None = None, status: int = 200
+) -> Response:
+    if not state.tokens:
+        return _redirect(_base(request) + _safe_next(next_path))
+    context = {"next": _safe_next(next_path), "error": error}
+    return render(request, state, None, pages.Page("login.html", context, status))
+
+
+def login(request: Request, state: State, token: str, next_path: str) -> Response:
+    """Check the token; on success store it in the cookie and go back to ``next``."""
+    origin = request.headers.get("origin")
+    if origin and urlsplit(origin).netloc != request.headers.get("host", ""):
+        return login_page(request, state, next_path, "Log in from this site's form.", 403)
+    if state.tokens and token_user(state, token) is None:
+        return login_page(request, state, next_path, "That token is not known to this server.", 401)
+    response = _redirect(_base(request) + _safe_next(next_path))
+    if state.tokens:
+        response.set_cookie(
+            TOKEN_COOKIE,
+            token.strip(),
+            max_age=COOKIE_MAX_AGE,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+    return response
+
+
+def logout(request: Request, state: State) -> Response:
+    response = _redirect(_base(request) + ("/login" if state.tokens else "/"))
+    response.delete_cookie(TOKEN_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+def graph_json(state: State, job_id: str, user: str, layer: str) -> LayerGraph:
+    row = find_job(state.sessions, job_id, user)
+    path = state.store.path(row.checkpoint_id) if row is not None else Path()
+    return layer_graph(
+        state.sessions, job_id, user, layer, path, state.activations.root,
+        state.settings.cache_dir(),
+    )  # fmt: skip
+
+
+def install(app: FastAPI) -> None:
+    """Add the dashboard's pages, its static files and the layer-graph JSON route to ``app``."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    async def to_login(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, LoginRequired)
+        return _redirect(f"{_base(request)}/login?next={quote(exc.next_path)}")
+
+    app.add_exception_handler(LoginRequired, to_login)
+    page: dict[str, Any] = {"response_class": HTMLResponse, "include_in_schema": False}
+
+    @app.get("/", **page)
+    def index(request: Request, state: StateDep, user: PageUser) -> Response:
+        return render(request, state, user, pages.index_page(state, user))
+
+    @app.get("/jobs/{job_id}", **page)
+    def job(job_id: str, request: Request, state: StateDep, user: PageUser) -> Response:
+        return render(request, state, user, pages.job_page(state, user, job_id, _base(request)))
+
+    @app.get("/jobs/{job_id}/part", **page)
+    def job_part(job_id: str, request: Request, state: StateDep, user: PageUser) -> Response:
+        part = pages.job_page(state, user, job_id, _base(request), part=True)
+        return render(request, state, user, part)
+
+    @app.get("/jobs/{job_id}/layer", **page)
+    def layer(
+        job_id: str, request: Request, state: StateDep, user: PageUser, name: str = ""
+    ) -> Response:
+        view = pages.layer_page(state, user, job_id, name, _base(request))
+        return render(request, state, user, view)
+
+    @app.get("/compare", **page)
+    def compare(
+        request: Request, state: StateDep, user: PageUser, a: str = "", b: str = ""
+    ) -> Response:
+        return render(request, state, user, pages.compare_page(state, user, a, b, _base(request)))
+
+    @app.get("/login", **page)
+    def get_login(request: Request, state: StateDep, next: str = "/") -> Response:
+        return login_page(request, state, next)
+
+    @app.post("/login", **page)
+    def post_login(
+        request: Request,
+        state: StateDep,
+        token: Annotated[str, Form()] = "",
+        next: Annotated[str, Form()] = "/",
+    ) -> Response:
+        return login(request, state, token, next)
+
+    @app.api_route("/logout", methods=["GET", "POST"], **page)
+    def get_logout(request: Request, state: StateDep) -> Response:
+        return logout(request, state)
+
+    @app.get("/v1/jobs/{job_id}/layers/{layer:path}/graph")
+    def get_layer_graph(job_id: str, layer: str, state: StateDep, user: UserDep) -> LayerGraph:
+        """A layer's filter similarity graph with a seeded 2-D layout, its nodes carrying the
+        report's mrp community and hsc cluster (drawing capped at 400 filters, 5000 edges)."""
+        return graph_json(state, job_id, user, layer)
