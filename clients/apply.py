@@ -17,6 +17,11 @@ Everything is checked against the model before the first weight changes, and rai
   touches channel ranges the plan format cannot express;
 - the parameter shapes predicted from that coupling equal ``expected_shapes`` (a plan for
   another model fails here even on layers that the plan does not prune).
+
+Groups whose unit is ``neurons`` (an FFN's intermediate neurons) or ``heads`` (an attention
+block's heads; k/v heads with their q heads under grouped-query attention) carry the exact
+(parameter, axis, entries per index) they shrink; they are checked and pruned layer by layer by
+:mod:`clients.attention`, which also updates the attention module's head counts.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from clients.attention import check_unit_group, prune_unit_group
 from clients.errors import PlanError, PlanMismatchError
 from clients.manifest import (
     ROOT_TYPES,
@@ -149,9 +155,9 @@ def _check_coupling(plan: PruningPlan, structures: dict[int, GroupStructure]) ->
                 )
             owner[name] = gp
     for gp in plan.groups:
-        s = structures[gp.id]
-        if not gp.remove:
+        if not gp.remove or gp.id not in structures:
             continue
+        s = structures[gp.id]
         others = sorted({owner[p].id for p in s.producers if p in owner} - {gp.id})
         if others:
             coupled = [p for p in s.producers if p in owner and owner[p].id != gp.id]
@@ -194,7 +200,7 @@ def _predicted_shapes(
     for gp in plan.groups:
         if not gp.remove:
             continue
-        for pa in structures[gp.id].params:
+        for pa in structures[gp.id].params if gp.id in structures else gp.params:
             shapes[pa.param][pa.axis] -= len(gp.remove) * pa.per_channel
             touched.add((pa.param, pa.axis))
     return shapes, touched
@@ -267,7 +273,10 @@ def apply_plan(
     if len(set(ids)) != len(ids):
         raise PlanMismatchError("plan group ids must be unique; the plan file is corrupt")
     for gp in parsed.groups:
-        _check_group(gp, modules, traced)
+        if gp.unit == "channels":
+            _check_group(gp, modules, traced)
+        else:
+            check_unit_group(gp, model)
     _, outputs = find_roles(traced)
     for gp in parsed.groups:
         hit = sorted(set(gp.producers) & set(outputs)) if gp.remove else []
@@ -277,18 +286,25 @@ def apply_plan(
                 "the model's output: the pruned model would change what it returns (e.g. fewer "
                 "classes); keep that layer whole (build the plan with a manifest, or --ignore it)"
             )
-    structures = {gp.id: group_structure(traced, modules[gp.producers[0]]) for gp in parsed.groups}
+    structures = {
+        gp.id: group_structure(traced, modules[gp.producers[0]])
+        for gp in parsed.groups
+        if gp.unit == "channels"
+    }
     _check_coupling(parsed, structures)
     _check_shapes(model, parsed, structures)
 
     dg = traced.dg
     try:
         for gp in parsed.groups:
-            if not gp.remove:
+            if not gp.remove or gp.unit != "channels":
                 continue
             root = modules[gp.producers[0]]
             group = dg.get_pruning_group(root, _prune_fn(root), idxs=list(gp.remove))
             group.prune()
+        for gp in parsed.groups:
+            if gp.unit != "channels":
+                prune_unit_group(gp, model)
     except Exception as exc:
         raise PlanError(
             f"torch-pruning failed while applying the plan ({exc}); the model is partly pruned: "
@@ -303,5 +319,11 @@ def apply_plan(
         raise PlanError(f"pruned shapes differ from the plan (actual, expected): {wrong}")
     with torch.no_grad(), keep_training_flags(model):
         model.eval()
-        model(*as_input_tuple(example_inputs))
+        try:
+            model(*as_input_tuple(example_inputs))
+        except Exception as exc:
+            raise PlanError(
+                f"the pruned model's forward pass fails ({exc}); a module may keep a width the "
+                "plan changed (e.g. a head count under another attribute name)"
+            ) from exc
     return model

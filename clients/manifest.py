@@ -11,6 +11,8 @@ conv/linear layer becomes one :class:`graphs.manifest.ChannelGroup`:
   pruning handlers: conv/linear weight axis 0 (out) or 1 (in), biases, BatchNorm/GroupNorm/
   InstanceNorm/LayerNorm affine parameters, per-channel PReLU weights, unwrapped parameters; a
   linear layer after a flatten of C×H×W gets ``per_channel = H·W``.
+- ``attention``: the attention blocks (q/k/v/o by name) with the heads their modules keep
+  (:func:`clients.attention.attention_blocks`), so that plans remove whole heads.
 
 A group is marked ``prunable=False`` (with the reason) when one of its members cannot be written
 as a whole axis of ``channels × per_channel`` entries (a zero-padding shortcut or a concatenation
@@ -40,6 +42,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.utils import op_counter
 
+from clients.attention import attention_blocks
 from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
 
 __all__ = ["ExampleInputs", "build_manifest", "manifest_from_factory"]
@@ -551,6 +554,7 @@ def build_manifest(
         groups=groups,
         costs=_costs(traced, structures),
         ignored=sorted(reasons, key=traced.order.__getitem__),
+        attention=attention_blocks(model),
     )
 
 

@@ -25,6 +25,7 @@ from graphs.report import (
     SkippedLayer,
     Summary,
 )
+from graphs.transformer import KINDS, adapt_manifest
 from graphs.work import GroupWork
 
 Progress = Callable[[int, int, str], None]
@@ -115,6 +116,8 @@ def analyze(
         raise InvalidInputError(f"seed must be in [0, 2**32), got {seed}")
     opts = options or AnalysisOptions()
     check_features(chosen, opts, activations)
+    if manifest is not None:
+        manifest = adapt_manifest(layers, manifest)
     groups, dw_skipped = build_groups(layers, manifest)
     if not groups:
         why = "; ".join(f"{s.name}: {s.reason}" for s in [*skipped, *dw_skipped][:5])
@@ -129,13 +132,14 @@ def analyze(
             group, methods=chosen, options=opts, seed=seed, cache=cache, features=maps
         )
         head = group.members[0]
+        channels = group.unit == "channels"
         reports.append(
             LayerReport(
                 name=group.name,
-                kind=head.kind,
-                shape=list(head.shape),
+                kind=head.kind if channels else KINDS[group.unit],
+                shape=list(head.shape) if channels else [group.n_filters, group.fan_in],
                 n_filters=group.n_filters,
-                fan_in=sum(m.fan_in for m in group.members),
+                fan_in=group.fan_in,
                 groups=head.groups,
                 members=[m.name for m in group.members],
                 coupling=group.coupling,

@@ -76,6 +76,13 @@ class CostModel:
         channels = {i: g.n_filters for i, g in enumerate(groups)}
         tensors: list[_Tensor] = []
         for i, g in enumerate(groups):
+            if g.unit != "channels":  # neurons/heads: every axis and bias by name, exactly
+                for m, (axis, per) in zip(g.members, g.axes, strict=True):
+                    tensors.append(_Tensor(f"{m.name}.weight", list(m.shape), [(axis, i, per)]))
+                    if m.bias is not None:  # o's and down's biases keep their size
+                        shrink = [(0, i, per)] if axis == 0 else []
+                        tensors.append(_Tensor(f"{m.name}.bias", [m.shape[0]], shrink))
+                continue
             for m in g.members:
                 tensors.append(_Tensor(f"{m.name}.weight", list(m.shape), [(0, i, 1)]))
                 rest = m.params - int(m.weight.size)
@@ -146,7 +153,8 @@ def infer_consumers(groups: Sequence[LayerGroup]) -> dict[int, list[tuple[int, i
     with that many input channels, or a linear whose inputs are a whole multiple of them, as
     after a flatten), together with the layers right after it that take the same input (heads
     side by side, as in MTCNN). Returns ``{i: [(j, entries per channel), ...]}``; a group with
-    no consumer is a model output.
+    no consumer is a model output. Transformer groups (neurons, heads) contain their consumers
+    and are never consumers of another group (they read the residual stream).
     """
 
     def fan(layer: LayerWeights) -> int:
@@ -157,16 +165,19 @@ def infer_consumers(groups: Sequence[LayerGroup]) -> dict[int, list[tuple[int, i
         return layer.groups == 1 and (f == n or (flatten and layer.kind == "linear" and f % n == 0))
 
     heads = [g.members[0] for g in groups]
+    plain = [g.unit == "channels" for g in groups]
     out: dict[int, list[tuple[int, int]]] = {}
     for i, g in enumerate(groups):
         n = g.n_filters
         flat = heads[i].kind != "linear"  # only a conv's output is flattened into a linear
-        first = next((j for j in range(i + 1, len(groups)) if takes(heads[j], n, flat)), None)
-        if first is None:
+        first = next(
+            (j for j in range(i + 1, len(groups)) if plain[j] and takes(heads[j], n, flat)), None
+        )
+        if first is None or not plain[i]:
             continue
         out[i] = [(first, fan(heads[first]) // n)]
         for j in range(first + 1, len(groups)):
-            if fan(heads[j]) != fan(heads[first]) or not takes(heads[j], n, flat):
+            if not plain[j] or fan(heads[j]) != fan(heads[first]) or not takes(heads[j], n, flat):
                 break
             out[i].append((j, fan(heads[j]) // n))
     return out

@@ -33,7 +33,13 @@ def group_features(group: LayerGroup, activations: Activations) -> np.ndarray:
     Raises:
         InvalidInputError: a member has no maps, or maps of another width or sample count.
     """
-    missing = [m.name for m in group.members if m.name not in activations]
+    if group.unit == "heads":
+        raise InvalidInputError(
+            f"feature maps of attention heads are not supported (group {group.name})",
+            hint="Use the weight-based methods (mrp, srr, hsc, l1, fpgm) for transformers.",
+        )
+    members = group.producers  # an FFN's neurons are the channels of up (and gate)
+    missing = [m.name for m in members if m.name not in activations]
     if missing:
         raise InvalidInputError(
             f"no feature maps for layer {missing[0]} (group {group.name})",
@@ -42,7 +48,7 @@ def group_features(group: LayerGroup, activations: Activations) -> np.ndarray:
         )
     parts: list[np.ndarray] = []
     seen: set[int] = set()
-    for m in group.members:
+    for m in members:
         maps = activations[m.name]
         if id(maps) in seen:
             continue

@@ -7,6 +7,11 @@ are scored inside the group of their producer (coupling ``inferred``), and never
 depthwise conv whose reader could not tell (``groups_source`` inferred, onnx or manifest, producer
 None) is skipped with the reason; only hand-built layers (``groups_source`` default) fall back to
 the nearest preceding non-depthwise layer of the same width.
+
+Transformer blocks found by name (:mod:`graphs.transformer`) become one group each: an FFN's
+neurons, an attention block's heads (or k/v head groups); attention projections whose heads are
+unknown are skipped with the reason. With a manifest, its channel groups of a block are merged
+into the block's group first (:func:`graphs.transformer.adapt_manifest`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ from collections.abc import Sequence
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
 from graphs.report import SkippedLayer
+from graphs.transformer import (
+    adapt_manifest,
+    block_group,
+    find_blocks,
+    manifest_block_groups,
+)
 
 
 def build_groups(
@@ -38,7 +49,23 @@ def build_groups(
     order: list[str] = []
     skipped: list[SkippedLayer] = []
     last_producer: LayerWeights | None = None
+    blocks: dict[str, LayerGroup] = {}  # by its first member (q or up)
+    in_block: set[str] = set()
+    for b in find_blocks(layers):
+        made = block_group(b)
+        if made is None:
+            continue
+        in_block.update(m.name for m in b.members)
+        if isinstance(made, str):
+            skipped += [SkippedLayer(name=m.name, reason=made) for m in b.members]
+        else:
+            blocks[made.name] = made
     for layer in layers:
+        if layer.name in in_block:
+            if layer.name in blocks:
+                members[layer.name] = [layer]
+                order.append(layer.name)
+            continue
         if not layer.is_depthwise:
             members[layer.name] = [layer]
             order.append(layer.name)
@@ -83,7 +110,8 @@ def build_groups(
                 )
             )
     groups = [
-        LayerGroup(
+        blocks.get(name)
+        or LayerGroup(
             name=name,
             members=tuple(members[name]),
             coupling="inferred" if len(members[name]) > 1 else "unknown",
@@ -96,12 +124,17 @@ def build_groups(
 def _manifest_groups(
     layers: Sequence[LayerWeights], manifest: Manifest
 ) -> tuple[list[LayerGroup], list[SkippedLayer]]:
+    manifest = adapt_manifest(layers, manifest)
+    blocks, skipped, covered, axes = manifest_block_groups(layers, manifest)
     by_name = {layer.name: layer for layer in layers}
     groups: list[LayerGroup] = []
-    skipped: list[SkippedLayer] = []
-    covered: set[str] = set()
     for g in manifest.groups:
         covered.update(g.producers)
+        if g.id in blocks:
+            groups.append(blocks[g.id])
+            continue
+        if any((pa.param, pa.axis) in axes for pa in g.params):
+            continue  # channels of a block that cannot be analysed as one
         missing = [p for p in g.producers if p not in by_name]
         if missing:
             skipped.append(

@@ -2,15 +2,24 @@
 
 A :class:`LayerWeights` is one prunable layer as read from a checkpoint; a :class:`LayerGroup` is
 the unit that is scored and pruned (one layer, or coupled layers that must lose the same output
-channels, such as a producer conv and the depthwise conv that follows it).
+channels, such as a producer conv and the depthwise conv that follows it; or a transformer
+block's FFN neurons or attention heads, see :mod:`graphs.transformer`).
+
+Weights may be read-only views of a memory-mapped file (:mod:`service.safetensors_file`): they
+are read when a group's vectors are built, and :func:`release` then drops the mapped pages from
+the process's resident memory, so analysing a checkpoint holds about one group in memory at a
+time.
 """
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from graphs.manifest import Heads, Unit
 
 LayerKind = Literal["conv1d", "conv2d", "conv3d", "linear"]
 GroupsSource = Literal["default", "shape", "inferred", "manifest", "onnx"]
@@ -34,6 +43,8 @@ class LayerWeights:
         extra_params: parameters of that BatchNorm (its weight and bias).
         producer: for a depthwise conv, the layer whose output channels it filters, when the
             reader knows it (else the grouping takes the nearest preceding layer of that width).
+        heads: for an attention projection (q/k/v/o), its block's heads when known (config.json
+            next to the checkpoint, or a manifest); the weights alone cannot tell them.
     """
 
     name: str
@@ -45,6 +56,7 @@ class LayerWeights:
     bn: str | None = None
     extra_params: int = field(default=0)
     producer: str | None = None
+    heads: Heads | None = None
 
     def __post_init__(self) -> None:
         if self.weight.ndim != _KIND_NDIM[self.kind]:
@@ -84,32 +96,98 @@ class LayerWeights:
         return n + (int(self.bias.size) if self.bias is not None else 0)
 
     def filters(self) -> np.ndarray:
-        """The filter matrix, shape (n_filters, fan_in), float64."""
-        return np.asarray(self.weight, dtype=np.float64).reshape(self.n_filters, -1)
+        """The filter matrix, shape (n_filters, fan_in), float64 (a writable array of its own
+        when the weight is a read-only view of a mapped file)."""
+        return as_float64(self.weight).reshape(self.n_filters, -1)
+
+
+def as_float64(weight: np.ndarray) -> np.ndarray:
+    """``weight`` as a writable float64 array; a file-mapped weight is copied, then released."""
+    out = np.asarray(weight, dtype=np.float64)
+    if not out.flags.writeable:
+        out = out.copy()
+    release(weight)
+    return out
+
+
+def release(arr: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from the process's resident set.
+
+    The array stays valid: the pages stay in the OS page cache and the next access maps them
+    again. Does nothing for arrays that do not view an ``mmap`` (or where ``madvise`` is missing).
+    """
+    base: object = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if not isinstance(base, memoryview) or not isinstance(base.obj, mmap.mmap):
+        return
+    if not hasattr(mmap, "MADV_DONTNEED") or arr.nbytes == 0:
+        return
+    mm = base.obj
+    start = arr.__array_interface__["data"][0] - np.frombuffer(base, np.uint8).ctypes.data
+    lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = min(start + arr.nbytes, len(mm))
+    if 0 <= lo < hi:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 @dataclass(frozen=True, eq=False)
 class LayerGroup:
-    """Layers whose output channels are scored and pruned as one unit.
+    """Layers whose output channels (or neurons, or heads) are scored and pruned as one unit.
 
-    ``members[0]`` is the producer; every member has the same number of output channels.
+    ``members[0]`` is the producer; every member has the same number of output channels. For
+    ``unit`` ``neurons`` and ``heads`` (linear members only), ``axes[i] = (axis, per)`` says that
+    vertex j owns entries ``[j·per, (j+1)·per)`` of axis ``axis`` of member i's weight (rows of
+    q/k/v and up/gate, columns of o and down).
     """
 
     name: str
     members: tuple[LayerWeights, ...]
     coupling: Coupling = "none"
     group_id: int | None = None  # the manifest's channel group, when a manifest made it
+    unit: Unit = "channels"
+    axes: tuple[tuple[int, int], ...] = ()
+    heads: Heads | None = None
 
     def __post_init__(self) -> None:
         if not self.members:
             raise ValueError(f"{self.name}: a group needs at least one layer")
-        widths = {m.n_filters for m in self.members}
+        if self.unit == "channels":
+            widths = {m.n_filters for m in self.members}
+        else:
+            if len(self.axes) != len(self.members) or any(
+                m.kind != "linear" or m.shape[a] % per for m, (a, per) in self._parts()
+            ):
+                raise ValueError(f"{self.name}: every member needs an axis its vertices divide")
+            widths = {m.shape[a] // per for m, (a, per) in self._parts()}
         if len(widths) != 1:
             raise ValueError(f"{self.name}: members have different widths {sorted(widths)}")
 
+    def _parts(self) -> list[tuple[LayerWeights, tuple[int, int]]]:
+        return list(zip(self.members, self.axes, strict=True))
+
     @property
     def n_filters(self) -> int:
-        return self.members[0].n_filters
+        """Vertices: output channels, neurons, or heads (k/v heads under GQA)."""
+        if self.unit == "channels":
+            return self.members[0].n_filters
+        m, (axis, per) = self._parts()[0]
+        return m.shape[axis] // per
+
+    @property
+    def producers(self) -> tuple[LayerWeights, ...]:
+        """The members whose OUTPUTS the group's indices remove (rows of q/k/v or up/gate; o
+        and down lose input columns)."""
+        if self.unit == "channels":
+            return self.members
+        return tuple(m for m, (axis, _) in self._parts() if axis == 0)
+
+    @property
+    def fan_in(self) -> int:
+        """Length of a vertex's vector."""
+        if self.unit == "channels":
+            return sum(m.fan_in for m in self.members)
+        return sum(int(m.weight.size) // self.n_filters for m in self.members)
 
     @property
     def params(self) -> int:
@@ -123,7 +201,12 @@ class LayerGroup:
         same: a member's say in a similarity is proportional to its fan-in. (A depthwise conv's
         9 values per channel therefore cannot outvote its producer's 96; depthwise kernels are
         often near-identical shapes, which would otherwise make every channel look alike.)
+        Neurons and heads: member i contributes each vertex's rows (axis 0) or columns (axis 1)
+        of ``axes[i]``, flattened, scaled the same way: an FFN neuron is its row of up (and
+        gate) and its column of down; a head its rows of q, k, v and its columns of o.
         """
+        if self.unit != "channels":
+            return self._unit_vectors()
         if len(self.members) == 1:
             return self.members[0].filters()
         parts = []
@@ -132,3 +215,27 @@ class LayerGroup:
             rms = float(np.sqrt(np.mean(f * f)))
             parts.append(f / rms if rms > 0 else f)
         return np.concatenate(parts, axis=1)
+
+    def _unit_vectors(self) -> np.ndarray:
+        """Neurons/heads: written member by member into one array (peak: the result plus one
+        member in float64), so that a large FFN costs about its vectors' size once."""
+        n = self.n_filters
+        widths = [int(m.weight.size) // n for m in self.members]
+        out = np.empty((n, sum(widths)))
+        start = 0
+        for i, width in enumerate(widths):
+            f = self._block(i)
+            ss = float(np.einsum("ij,ij->", f, f))
+            rms = float(np.sqrt(ss / f.size)) if f.size else 0.0
+            np.divide(f, rms if rms > 0 else 1.0, out=out[:, start : start + width])
+            start += width
+        return out
+
+    def _block(self, i: int) -> np.ndarray:
+        """Member i as (vertices, entries): its rows or columns of each vertex, flattened."""
+        m, (axis, per) = self._parts()[i]
+        n = self.n_filters
+        w = as_float64(m.weight)
+        if axis == 0:
+            return w.reshape(n, -1)
+        return w.reshape(w.shape[0], n, per).transpose(1, 0, 2).reshape(n, -1)

@@ -17,6 +17,8 @@ from pydantic import Field, model_validator
 from graphs._frozen import Frozen
 
 MANIFEST_VERSION = "1.0"
+Unit = Literal["channels", "neurons", "heads"]
+"""What a group's index removes: output channels, FFN neurons or attention heads."""
 
 
 class ParamAxis(Frozen):
@@ -60,6 +62,39 @@ class ModuleCost(Frozen):
     in_group: int | None = None
 
 
+class Heads(Frozen):
+    """How an attention block's projections split into heads (not in the weights: config.json or
+    the live module). ``num_kv_heads < num_heads`` is grouped-query attention: each k/v head
+    serves ``num_heads / num_kv_heads`` consecutive q heads."""
+
+    num_heads: int = Field(ge=1)
+    num_kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Heads:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}"
+            )
+        return self
+
+    @property
+    def n_rep(self) -> int:
+        """q heads per k/v head."""
+        return self.num_heads // self.num_kv_heads
+
+
+class AttentionBlock(Frozen):
+    """An attention block's q/k/v/o linear layers and its heads."""
+
+    q: str
+    k: str
+    v: str
+    o: str
+    heads: Heads
+
+
 class ManifestLayer(Frozen):
     name: str
     kind: Literal["conv1d", "conv2d", "conv3d", "linear"]
@@ -82,6 +117,11 @@ class Manifest(Frozen):
         default_factory=list,
         description="layers whose output channels are never pruned (stem and classifier by "
         "default, plus the user's)",
+    )
+    attention: list[AttentionBlock] = Field(
+        default_factory=list,
+        exclude_if=lambda v: not v,
+        description="attention blocks with their heads (lets plans remove whole heads)",
     )
 
     @model_validator(mode="after")

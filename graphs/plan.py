@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from graphs._frozen import Frozen
+from graphs.manifest import Heads, ParamAxis, Unit
 
 PLAN_VERSION = "1.0"
 PlanMethod = Literal["mrp", "srr", "hsc", "l1", "fpgm", "random", "ci"]
@@ -55,6 +56,21 @@ class GroupPlan(Frozen):
     remove: list[int] = Field(description="sorted ORIGINAL indices of the removed channels")
     redundancy: float | None = Field(description="the method's redundancy of the group")
     rationale: str
+    unit: Unit = Field(
+        "channels",
+        exclude_if=lambda v: v == "channels",
+        description="what an index removes: output channels of the producers, FFN neurons, or "
+        "attention heads (a k/v head with its q heads under grouped-query attention)",
+    )
+    params: list[ParamAxis] = Field(
+        default_factory=list,
+        exclude_if=lambda v: not v,
+        description="neurons and heads: every (parameter, axis) that loses per_channel "
+        "consecutive entries per removed index",
+    )
+    heads: Heads | None = Field(
+        None, exclude_if=lambda v: v is None, description="heads: the block's heads before pruning"
+    )
 
 
 class PruningPlan(Frozen):

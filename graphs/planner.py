@@ -38,6 +38,7 @@ from graphs.manifest import Manifest
 from graphs.options import AnalysisOptions, layer_seed
 from graphs.plan import Constraints, GroupPlan, PlanMethod, PruningPlan, Target
 from graphs.selection import GroupState, HscState, MrpState, SrrState
+from graphs.transformer import adapt_manifest, plan_fields
 from graphs.work import GroupWork
 
 GRAPH_METHODS = ("mrp", "srr", "hsc")
@@ -143,7 +144,7 @@ def make_plan(
         raise InvalidInputError(f"step must be an integer >= 1 or a fraction in (0, 1), got {step}")
     ids = [g.group_id if g.group_id is not None else i for i, g in enumerate(groups)]
     ok = {
-        gid: (prunable or {}).get(gid, True) and not any(m.name in c.ignored for m in g.members)
+        gid: (prunable or {}).get(gid, True) and not any(m.name in c.ignored for m in g.producers)
         for gid, g in zip(ids, groups, strict=True)
     }
     budget = _Budget(cost, target, ids)
@@ -248,7 +249,7 @@ def make_plan(
             GroupPlan(
                 id=gid,
                 name=g.name,
-                producers=[m.name for m in g.members],
+                producers=[m.name for m in g.producers],
                 channels_before=g.n_filters,
                 channels_after=g.n_filters - len(idx),
                 remove=idx,
@@ -256,6 +257,7 @@ def make_plan(
                 rationale=_rationale(
                     method, ok[gid], redundancy[gid], min(base[gid], len(idx)), extra[gid]
                 ),
+                **plan_fields(g),
             )
         )
     shapes = {**(param_shapes or {}), **cost.shapes(budget.kept)}
@@ -356,6 +358,8 @@ def plan_layers(
     stem/classifier/ignored groups kept whole) or, without one, from the layers alone (params
     estimated, coupling ``unknown``, FLOPs targets refused; the first layer in checkpoint order
     and every layer no other layer reads are kept whole as stem and outputs)."""
+    if manifest is not None:
+        manifest = adapt_manifest(layers, manifest)  # transformer blocks: one group of vertices
     groups, _ = build_groups(layers, manifest)
     if not groups:
         raise NoPrunableLayersError("no layer of the checkpoint can be planned")
@@ -392,9 +396,11 @@ def plan_layers(
         )  # fmt: skip
     cost = CostModel.from_layers(groups, params_total)
     # Without a manifest: the stem is the first layer in order, and a group nothing reads is a
-    # model output (classifier or head), whose channels are never removed.
+    # model output (classifier or head), whose channels are never removed. Transformer groups
+    # (neurons, heads) hold their own consumers.
     consumed = infer_consumers(groups)
-    edge = {i: False for i in range(len(groups)) if i == 0 or i not in consumed}
+    plain = [i for i, g in enumerate(groups) if g.unit == "channels"]
+    edge = {i: False for i in plain if i == plain[0] or i not in consumed}
     return make_plan(
         groups, method=method, target=target, cost=cost, constraints=c, options=options,
         step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=edge, cache=cache,

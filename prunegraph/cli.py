@@ -644,6 +644,14 @@ def serve_cmd(
     workers: Annotated[
         int | None, typer.Option(help="analysis worker processes (PRUNEGRAPH_WORKERS)", min=1)
     ] = None,
+    dask_scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="run the per-layer analysis on this Dask cluster, e.g. tcp://127.0.0.1:8786; "
+            "its workers must share the data dir (PRUNEGRAPH_DASK_SCHEDULER)",
+            show_default=False,
+        ),
+    ] = None,
     demo: Annotated[
         Path | None,
         typer.Option(help="once serving, upload this checkpoint and analyse it as a demo job"),
@@ -660,6 +668,8 @@ def serve_cmd(
         overrides["data_dir"] = data_dir
     if workers is not None:
         overrides["workers"] = workers
+    if dask_scheduler is not None:
+        overrides["dask_scheduler"] = dask_scheduler
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
         settings.token_users()  # a malformed token list is a usage error, before listening
@@ -669,6 +679,9 @@ def serve_cmd(
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     err = _console(stderr=True)
     err.print(f"prunegraph serving on {url} (API docs at {url}/docs)", highlight=False)
+    if settings.dask_scheduler:
+        err.print(f"per-layer analysis runs on the Dask cluster {settings.dask_scheduler}",
+                  highlight=False)  # fmt: skip
     if demo is not None and not demo.is_file():
         err.print(f"[yellow]demo skipped:[/] {demo} not found", highlight=False)
     elif demo is not None:

@@ -82,6 +82,7 @@ class State:
             settings.job_lease_s,
             self.store.path,
             self.activations.root,
+            settings.dask_scheduler,
         )
 
 

@@ -12,16 +12,14 @@ bytes, never its name:
   (which stores members uncompressed), so a compression bomb is never inflated, and any member
   that stores more bytes than it declares (a forged directory).
 - safetensors (8-byte little-endian header length, then a JSON header starting with ``{``): the
-  header is parsed and validated here (shapes, dtypes, offsets within the file) and tensors are
-  read with numpy.
+  header is parsed and validated (shapes, dtypes, offsets within the file) and tensors are
+  memory-mapped, read lazily (:mod:`service.safetensors_file`, also for sharded folders).
 - ONNX (protobuf ``ModelProto`` starting with its ``ir_version`` field): :mod:`service.onnx_reader`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import re
 import zipfile
 from collections.abc import Mapping
@@ -44,23 +42,6 @@ MAX_WRAPPERS = 16  # passes of prefix stripping; real wrappers nest 3 deep at mo
 CHUNK = 1 << 20
 
 _ST_MAX_HEADER = 100 * 1024 * 1024
-_ST_MAX_DIM = 2**40
-_ST_MAX_NDIM = 32
-_ST_DTYPES = {
-    "F64": "<f8",
-    "F32": "<f4",
-    "F16": "<f2",
-    "BF16": "<u2",
-    "I64": "<i8",
-    "I32": "<i4",
-    "I16": "<i2",
-    "I8": "i1",
-    "U64": "<u8",
-    "U32": "<u4",
-    "U16": "<u2",
-    "U8": "u1",
-    "BOOL": "?",
-}
 _TORCHSCRIPT = (
     "is a TorchScript archive (torch.jit.save), which prunegraph does not read; save "
     "model.state_dict() with torch.save, or export to ONNX/safetensors."
@@ -73,7 +54,9 @@ class RawCheckpoint:
 
     Attributes:
         format: the detected format.
-        tensors: ``name -> array``; floating arrays are float32 or float64.
+        tensors: ``name -> array``; floating arrays are float32 or float64, except for
+            safetensors, whose tensors are read-only views of the mapped file in the file's own
+            dtype (float16, ``ml_dtypes.bfloat16``, ...): see :func:`is_float`.
         n_tensors: number of tensors read from the file.
         n_params: elements of floating tensors that are not BatchNorm buffers.
         groups: conv ``groups`` known from the file itself (ONNX ``group`` attributes).
@@ -101,12 +84,15 @@ def layer_name(key: str) -> str:
     return key[: -len(".weight")] if key.endswith(".weight") else key
 
 
+def is_float(arr: np.ndarray) -> bool:
+    """A floating-point array: numpy floats and ml_dtypes' bfloat16/float8 (numpy kind ``V``)."""
+    return arr.dtype.kind == "f" or "float" in arr.dtype.name
+
+
 def count_params(tensors: Mapping[str, np.ndarray]) -> int:
     """Elements of floating tensors, BatchNorm buffers excluded."""
     return sum(
-        int(a.size)
-        for k, a in tensors.items()
-        if a.dtype.kind == "f" and not k.endswith(BUFFER_SUFFIXES)
+        int(a.size) for k, a in tensors.items() if is_float(a) and not k.endswith(BUFFER_SUFFIXES)
     )
 
 
@@ -267,50 +253,11 @@ def _drain(stream: IO[bytes]) -> None:
 
 
 def read_safetensors(path: Path, display: str) -> RawCheckpoint:
-    """Parse and validate the JSON header, then read each tensor with numpy (bf16 -> float32).
+    """A safetensors file, validated, its tensors lazy views of the mapped file
+    (:mod:`service.safetensors_file`)."""
+    from service.safetensors_file import read_safetensors as read_mapped
 
-    safetensors writers sort tensors by name, so the state-dict order is lost: tensors are
-    returned in natural name order (``features.2`` before ``features.10``) with ``ordered=False``.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = _st_header(display, f.read(n))
-        start, data_len = 8 + n, size - 8 - n
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        checked = {k: _st_entry(display, k, v, data_len) for k, v in entries.items()}
-        _st_no_overlap(display, checked)
-        tensors: dict[str, np.ndarray] = {}
-        skipped: list[SkippedLayer] = []
-        for key in sorted(entries, key=natural_key):
-            dtype, shape, begin, end = checked[key]
-            if dtype not in _ST_DTYPES:
-                if len(shape) >= 2:
-                    reason = f"has dtype {dtype}, which prunegraph cannot read"
-                    skipped.append(SkippedLayer(name=layer_name(key), reason=reason))
-                continue
-            np_dtype = np.dtype(_ST_DTYPES[dtype])
-            f.seek(start + begin)
-            buf = bytearray(end - begin)
-            if f.readinto(buf) != len(buf):
-                raise corrupt(display, f"tensor {key!r} runs past the end of the file")
-            try:
-                arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
-            except ValueError as e:
-                raise corrupt(display, f"tensor {key!r} cannot have shape {shape} ({e})") from e
-            arr = arr.astype(np_dtype.newbyteorder("="), copy=False)
-            if dtype == "BF16":
-                arr = (arr.astype(np.uint32) << 16).view(np.float32)
-            tensors[key] = as_float(arr)
-    tensors = strip_wrapper_prefixes(tensors)
-    return RawCheckpoint(
-        "safetensors",
-        tensors,
-        len(entries),
-        count_params(tensors),
-        skipped=skipped,
-        ordered=False,
-    )
+    return read_mapped(path, display)
 
 
 def _st_header(display: str, raw: bytes) -> dict[str, object]:
@@ -322,51 +269,3 @@ def _st_header(display: str, raw: bytes) -> dict[str, object]:
     if not isinstance(header, dict):
         raise corrupt(display, "its safetensors header is not a JSON object")
     return header
-
-
-def _st_no_overlap(display: str, entries: Mapping[str, tuple[str, list[int], int, int]]) -> None:
-    """Refuse tensors that share bytes of the data section.
-
-    Writers lay tensors end to end; overlapping ranges would let a small file name its data
-    thousands of times, each read (and allocated) on its own.
-    """
-    spans = sorted((begin, end, key) for key, (_, _, begin, end) in entries.items() if end > begin)
-    for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
-        if begin_b < end_a:
-            raise corrupt(
-                display, f"tensors {a!r} and {b!r} share bytes of the safetensors data section"
-            )
-
-
-def _st_entry(
-    display: str, key: str, entry: object, data_len: int
-) -> tuple[str, list[int], int, int]:
-    """Validated (dtype, shape, begin, end) of one header entry; offsets within the data.
-
-    Every dimension lies in [0, 2**40] and, for a dtype prunegraph reads, the entry's byte range
-    holds exactly ``prod(shape) * itemsize`` bytes.
-    """
-    dtype = entry.get("dtype") if isinstance(entry, dict) else None
-    shape = entry.get("shape") if isinstance(entry, dict) else None
-    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-    if (
-        not isinstance(dtype, str)
-        or not isinstance(shape, list)
-        or len(shape) > _ST_MAX_NDIM
-        or not all(type(d) is int and 0 <= d <= _ST_MAX_DIM for d in shape)
-        or not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(o) is int for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise corrupt(display, f"the safetensors header entry for {key!r} is malformed")
-    begin, end = offsets
-    if end > data_len:
-        raise corrupt(
-            display, f"tensor {key!r} ends at byte {end} of a {data_len}-byte data section"
-        )
-    if dtype in _ST_DTYPES:
-        expected = math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize
-        if end - begin != expected:
-            raise corrupt(display, f"tensor {key!r} has {end - begin} bytes for shape {shape}")
-    return dtype, shape, begin, end

@@ -7,6 +7,12 @@ reads its tensors (:mod:`service.torch_reader`, :mod:`service.formats` for safet
 a reason for every layer-like tensor that cannot be analysed. How conv ``groups``, depthwise
 producers and BatchNorm pairs are found, with and without checkpoint order, is described in
 :mod:`service.layers_from_tensors` and :mod:`service.name_order`.
+
+A folder is read as a sharded safetensors checkpoint (``model.safetensors.index.json`` and its
+shards; the index file may also be given itself) or, without an index, as the single
+``.safetensors`` file it holds. safetensors tensors are memory-mapped and read layer by layer
+(:mod:`service.safetensors_file`). A ``config.json`` next to the checkpoint gives the attention
+heads of transformer blocks (:mod:`service.model_config`, :mod:`graphs.transformer`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from graphs.errors import CheckpointError, NoPrunableLayersError
 from graphs.layers import LayerWeights
 from graphs.report import CheckpointInfo, SkippedLayer
 from service import formats, onnx_reader, torch_reader
-from service.formats import CHUNK
+from service.formats import CHUNK, RawCheckpoint
 from service.layers_from_tensors import (
     DEAD_REASON,
     NAN_REASON,
@@ -30,6 +36,8 @@ from service.layers_from_tensors import (
     WEIGHT_NORM_REASON,
     extract_layers,
 )
+from service.model_config import with_config_heads
+from service.safetensors_file import find_index, read_sharded
 
 __all__ = [
     "DEAD_REASON",
@@ -69,7 +77,10 @@ def read_checkpoint(
     """Read a PyTorch, safetensors or ONNX checkpoint (format detected from content).
 
     Args:
-        path: the file.
+        path: the file; or a folder with ``model.safetensors.index.json`` and its shards (or
+            the index file itself), or a folder holding a single ``.safetensors`` file. The
+            digest of a sharded checkpoint covers its shards: sha256 of one line
+            ``name<TAB>size<TAB>sha256`` per shard, in name order.
         groups: layer name -> conv groups (from a user manifest); wins over ONNX and inference.
         name: how the file is called in error messages (default: ``path``), e.g. an upload's name.
 
@@ -86,17 +97,16 @@ def read_checkpoint(
         raise CheckpointError(
             f"{display} does not exist.", hint="Check the path of the checkpoint."
         )
-    if not p.is_file():
-        raise CheckpointError(f"{display} is not a regular file.")
     try:
-        size, digest = sha256_file(p)
-        fmt = formats.detect_format(p, display, size)
-        reader = {
-            "pytorch": torch_reader.read_torch,
-            "safetensors": formats.read_safetensors,
-            "onnx": onnx_reader.read_onnx,
-        }[fmt]
-        raw = reader(p, display)
+        p, index = _locate(p, display)
+        if index is not None:
+            raw, shards = read_sharded(index, display)
+            size, digest = _shards_digest(shards)
+            fmt: formats.Format = "safetensors"
+        else:
+            size, digest = sha256_file(p)
+            fmt = formats.detect_format(p, display, size)
+            raw = _read_file(fmt, p, display)
         layers, skipped = extract_layers(
             raw.tensors,
             groups=groups,
@@ -104,6 +114,7 @@ def read_checkpoint(
             known_producers=raw.producers,
             ordered=raw.ordered,
         )
+        layers = with_config_heads(layers, (index or p).parent)
     except OSError as e:
         raise CheckpointError(f"{display} cannot be read: {e.strerror or e}.") from e
     except MemoryError:
@@ -135,6 +146,45 @@ def read_checkpoint(
         n_params=raw.n_params,
     )
     return ParsedCheckpoint(info=info, layers=tuple(layers), skipped=tuple(skipped))
+
+
+def _locate(p: Path, display: str) -> tuple[Path, Path | None]:
+    """(the file to read, the sharded checkpoint's index or None)."""
+    if p.is_dir():
+        index = find_index(p)
+        if index is not None:
+            return index, index
+        single = sorted(p.glob("*.safetensors"))
+        if len(single) != 1:
+            raise CheckpointError(
+                f"{display} is not a regular file, nor a folder with "
+                "model.safetensors.index.json or a single .safetensors file.",
+                hint="Pass the checkpoint file, or the folder of a sharded safetensors model.",
+            )
+        return single[0], None
+    if not p.is_file():
+        raise CheckpointError(f"{display} is not a regular file.")
+    return p, find_index(p)
+
+
+def _read_file(fmt: formats.Format, p: Path, display: str) -> RawCheckpoint:
+    reader = {
+        "pytorch": torch_reader.read_torch,
+        "safetensors": formats.read_safetensors,
+        "onnx": onnx_reader.read_onnx,
+    }[fmt]
+    return reader(p, display)
+
+
+def _shards_digest(shards: list[Path]) -> tuple[int, str]:
+    """(total size, sha256 of ``name\tsize\tsha256`` lines of the shards in order)."""
+    h = hashlib.sha256()
+    total = 0
+    for shard in shards:
+        size, digest = sha256_file(shard)
+        total += size
+        h.update(f"{shard.name}\t{size}\t{digest}\n".encode())
+    return total, h.hexdigest()
 
 
 def sha256_file(path: Path) -> tuple[int, str]:

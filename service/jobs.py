@@ -5,6 +5,13 @@ job (queued -> running, atomically, so a job never runs twice in one deployment)
 checkpoint, analyses it with progress per group, plans when the job has a target, and stores the
 JSON in the database. Every failure is stored on the job with its reason; nothing escapes the
 worker, and a crashed worker process fails only its own job.
+
+The per-group analysis is one task per group (:func:`service.executor.analyze_group_task`), run
+by an executor: in this process one after the other, or on a Dask cluster when the service has
+a scheduler (:mod:`service.dask_executor`). Either way the tasks write their artifacts into the
+shared result cache and return their results' entries; :func:`graphs.analyze` then builds the
+report from those entries (the library's own report, byte for byte, computing nothing again),
+and planning reads the tasks' graphs and clusterings from the cache (:func:`analyze_on`).
 """
 
 from __future__ import annotations
@@ -12,24 +19,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from graphs.analyze import AnalysisOptions, analyze, check_features, check_methods
-from graphs.cache import Cache
 from graphs.errors import PruneGraphError
+from graphs.features import Activations, group_features
+from graphs.grouping import build_groups
+from graphs.layers import LayerWeights
 from graphs.manifest import Manifest
 from graphs.plan import Constraints, PlanMethod, Target
-from graphs.planner import plan_layers
-from graphs.report import ALL_METHODS
-from service.cache import FileCache
+from graphs.planner import GRAPH_METHODS, plan_layers
+from graphs.report import ALL_METHODS, CheckpointInfo, Report, SkippedLayer
+from service.cache import FileCache, code_namespace
 from service.db import DONE, FAILED, QUEUED, RUNNING, JobRow, make_engine
+from service.executor import Executor, GroupTask, OnDone, analyze_group_task, make_executor
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +149,14 @@ def run_job(
     cache_dir: str | None,
     lease_s: float,
     activations_dir: str = "",
+    dask_scheduler: str | None = None,
 ) -> str:
     """Run one job to done or failed (in a worker process); returns the final status.
 
     The job is claimed atomically (queued -> running), so it never runs twice at once; its lease
     is renewed while it runs (see :mod:`service.runner`). ``cache_dir`` holds the per-group
-    result cache (:mod:`service.cache`); None disables it.
+    result cache (:mod:`service.cache`); None disables it. ``dask_scheduler`` (an address such
+    as ``tcp://host:8786``) runs the per-group tasks on that Dask cluster instead of here.
     """
     engine = make_engine(database_url)
     sessions = sessionmaker(engine)
@@ -164,13 +177,13 @@ def run_job(
             row = s.get(JobRow, job_id)
             assert row is not None
             request = JobRequest.model_validate_json(row.request_json)
-        cache = FileCache(Path(cache_dir)) if cache_dir is not None else None
         try:
             with _heartbeat(sessions, job_id, lease_s):
                 aid = request.activations_id
                 acts = Path(activations_dir) / aid if aid else None
-                report_json, plan_json = _compute(
-                    request, Path(checkpoint_path), sessions, job_id, cache, acts
+                executor = make_executor(dask_scheduler, job_id)
+                result = _compute(
+                    request, Path(checkpoint_path), sessions, job_id, cache_dir, acts, executor
                 )
         except PruneGraphError as e:
             _set(sessions, job_id, status=FAILED, error=f"{e.message} {e.hint}")
@@ -184,14 +197,22 @@ def run_job(
             job_id,
             status=DONE,
             progress=1.0,
-            report_json=report_json,
-            plan_json=plan_json,
-            cache_hits=cache.hits if cache is not None else 0,
-            cache_misses=cache.misses if cache is not None else 0,
+            report_json=result.report_json,
+            plan_json=result.plan_json,
+            cache_hits=result.hits,
+            cache_misses=result.misses,
         )
         return DONE
     finally:
         engine.dispose()
+
+
+@dataclass(frozen=True)
+class _Result:
+    report_json: str
+    plan_json: str | None
+    hits: int
+    misses: int
 
 
 def _compute(
@@ -199,15 +220,19 @@ def _compute(
     path: Path,
     sessions: sessionmaker[Session],
     job_id: str,
-    cache: Cache | None,
+    cache_dir: str | None,
     activations_path: Path | None,
-) -> tuple[str, str | None]:
+    executor: Executor,
+) -> _Result:
+    """Read the checkpoint, run one task per group on ``executor``, assemble the report, plan."""
     from service.ingest import read_checkpoint  # torch is imported in the worker only
 
     manifest = request.manifest
-    groups = {layer.name: layer.groups for layer in manifest.layers} if manifest else None
-    parsed = read_checkpoint(path, groups=groups, name=f"checkpoint {request.checkpoint_id[:12]}")
-    acts = None
+    groups_of = {layer.name: layer.groups for layer in manifest.layers} if manifest else None
+    parsed = read_checkpoint(
+        path, groups=groups_of, name=f"checkpoint {request.checkpoint_id[:12]}"
+    )
+    acts: Activations | None = None
     if activations_path is not None:
         from service.activations import check_activations, read_activations
 
@@ -218,10 +243,13 @@ def _compute(
 
         manifest = manifest_from_onnx(path)
 
-    def progress(done: int, total: int, _: str) -> None:
+    def progress(done: int, total: int) -> None:
         _set(sessions, job_id, progress=round(0.9 * done / max(total, 1), 4))
 
-    report = analyze(
+    namespace = code_namespace()
+    plan_method = request.plan_method if request.target is not None else None
+    report, hits, misses, _ = analyze_on(
+        executor,
         parsed.layers,
         checkpoint=parsed.info,
         skipped=parsed.skipped,
@@ -229,12 +257,16 @@ def _compute(
         seed=request.seed,
         options=request.options,
         manifest=manifest,
-        progress=progress,
-        cache=cache,
         activations=acts,
+        cache_dir=cache_dir,
+        namespace=namespace,
+        plan_method=plan_method,
+        progress=progress,
+        job_id=job_id,
     )
     plan_json = None
     if request.target is not None:
+        cache = FileCache(Path(cache_dir), namespace) if cache_dir is not None else None
         plan = plan_layers(
             parsed.layers,
             method=request.plan_method,
@@ -250,4 +282,103 @@ def _compute(
             activations=acts,
         )
         plan_json = plan.to_json()
-    return report.to_json(), plan_json
+        if cache is not None:
+            hits, misses = hits + cache.hits, misses + cache.misses
+    return _Result(report_json=report.to_json(), plan_json=plan_json, hits=hits, misses=misses)
+
+
+class Analysis(NamedTuple):
+    report: Report
+    hits: int
+    """the result cache's hits (the tasks', and the report's if it needed the cache)"""
+    misses: int
+    elsewhere: int
+    """results the report had to find in the cache or compute: 0 when the tasks' groups were
+    the library's"""
+
+
+class _Results:
+    """A cache of the tasks' result entries (see :class:`service.executor.GroupOutcome`) over
+    the job's own cache; counts what :func:`graphs.analyze` had to find elsewhere."""
+
+    def __init__(self, entries: dict[str, bytes], backing: FileCache | None) -> None:
+        self.entries = entries
+        self.backing = backing
+        self.elsewhere = 0
+
+    def get(self, key: str) -> bytes | None:
+        value = self.entries.get(key)
+        if value is None:
+            self.elsewhere += 1
+            value = self.backing.get(key) if self.backing is not None else None
+        return value
+
+    def put(self, key: str, value: bytes) -> None:
+        self.entries[key] = value
+        if self.backing is not None:
+            self.backing.put(key, value)
+
+
+def analyze_on(
+    executor: Executor,
+    layers: Sequence[LayerWeights],
+    *,
+    checkpoint: CheckpointInfo,
+    skipped: Sequence[SkippedLayer],
+    methods: Sequence[str],
+    seed: int,
+    options: AnalysisOptions,
+    manifest: Manifest | None,
+    activations: Activations | None,
+    cache_dir: str | None,
+    namespace: str,
+    plan_method: str | None = None,
+    progress: OnDone | None = None,
+    job_id: str = "",
+) -> Analysis:
+    """:func:`graphs.analyze` with the per-group work done by ``executor``'s tasks.
+
+    The tasks compute every group's results (and write them into the cache in ``cache_dir``);
+    then :func:`graphs.analyze` builds the report from their result entries, so the report is
+    the library's, byte for byte, and nothing is computed twice.
+    """
+    chosen = check_methods(methods)  # what graphs.analyze checks, before any task runs
+    check_features(chosen, options, activations)
+    groups, _ = build_groups(layers, manifest)  # none: graphs.analyze below says why
+    warm = (
+        plan_method if plan_method in (*GRAPH_METHODS, "ci") and plan_method not in chosen else None
+    )
+    tasks = [
+        GroupTask(
+            group=g,
+            methods=tuple(chosen),
+            options=options,
+            seed=seed,
+            features=group_features(g, activations) if activations is not None else None,
+            cache_dir=cache_dir,
+            namespace=namespace,
+            warm=warm,
+        )
+        for g in groups
+    ]
+    outcomes = executor.map_groups(analyze_group_task, tasks, progress or (lambda d, n: None))
+    cache = FileCache(Path(cache_dir), namespace) if cache_dir is not None else None
+    results = _Results({k: v for o in outcomes for k, v in o.entries.items()}, cache)
+    report = analyze(
+        layers,
+        checkpoint=checkpoint,
+        skipped=skipped,
+        methods=chosen,
+        seed=seed,
+        options=options,
+        manifest=manifest,
+        cache=results,
+        activations=activations,
+    )
+    if results.elsewhere:  # the tasks' groups were not the library's: correct, but slower
+        log.warning(
+            "job %s: %d results were not computed by the job's tasks", job_id, results.elsewhere
+        )
+    hits = sum(o.hits for o in outcomes) + (cache.hits if cache is not None else 0)
+    misses = sum(o.misses for o in outcomes) + (cache.misses if cache is not None else 0)
+    return Analysis(report, hits, misses, results.elsewhere)

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphs.errors import InvalidInputError
-from graphs.layers import GroupsSource, LayerKind, LayerWeights
+from graphs.layers import GroupsSource, LayerKind, LayerWeights, release
 from graphs.report import SkippedLayer
-from service.formats import EMBEDDING_REASON, RECURRENT_REASON, layer_name
+from service.formats import EMBEDDING_REASON, RECURRENT_REASON, is_float, layer_name
 from service.name_order import NameOrder, pair_bns_by_parent
 
 NAN_REASON = (
@@ -112,7 +112,7 @@ def extract_layers(
         if key.endswith("running_mean") and arr.ndim == 1:
             bns.append((key[: -len("running_mean")].rstrip("."), int(arr.shape[0]), pos))
             continue
-        if arr.ndim < 2 or (arr.dtype.kind != "f" and not _is_weight_key(key)):
+        if arr.ndim < 2 or (not is_float(arr) and not _is_weight_key(key)):
             continue
         reason = _not_a_layer(key, arr)
         if reason is not None:
@@ -154,7 +154,7 @@ def _not_a_layer(key: str, arr: np.ndarray) -> str | None:
         if _RECURRENT_KEY.search(key):
             return RECURRENT_REASON
         return WEIGHT_NORM_REASON if key.endswith(".weight_v") else OTHER_TENSOR_REASON
-    if arr.dtype.kind != "f":
+    if not is_float(arr):
         return f"has dtype {arr.dtype}: only floating-point weights are analysed (dequantize first)"
     if arr.ndim == 2 and _is_embedding(layer_name(key)):
         return EMBEDDING_REASON
@@ -174,14 +174,36 @@ def _is_embedding(name: str) -> bool:
     return "embed" in last or last in _EMBEDDING_NAMES or last.endswith("_emb")
 
 
+VALUE_CHUNK = 1 << 22
+"""Elements checked at a time for NaN/Inf and zeros (bounded temporaries for huge layers)."""
+
+
 def _value_problem(w: np.ndarray) -> str | None:
-    if not np.isfinite(w).all():
-        return NAN_REASON
+    """NaN/Inf, a single filter, or all zeros; a file-mapped ``w`` is released afterwards."""
     if w.shape[0] == 1:
-        return ONE_FILTER_REASON
-    if not np.any(w):
-        return DEAD_REASON
-    return None
+        return ONE_FILTER_REASON if _finite(w) else NAN_REASON
+    flat = w.reshape(w.shape[0], -1)
+    rows = max(1, VALUE_CHUNK // max(flat.shape[1], 1))
+    nonzero = False
+    for start in range(0, flat.shape[0], rows):
+        block = _native(flat[start : start + rows])
+        if not np.isfinite(block).all():
+            release(w)
+            return NAN_REASON
+        nonzero = nonzero or bool(np.any(block))
+    release(w)
+    return None if nonzero else DEAD_REASON
+
+
+def _finite(w: np.ndarray) -> bool:
+    ok = bool(np.isfinite(_native(w)).all())
+    release(w)
+    return ok
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """numpy floats as they are; bfloat16/float8 as float32 (exact)."""
+    return a if a.dtype.kind == "f" else np.asarray(a, dtype=np.float32)
 
 
 def _set_given_groups(
@@ -318,7 +340,7 @@ def _attach(cand: _Candidate, bn: str, tensors: Mapping[str, np.ndarray]) -> Non
 
 def _to_layer(cand: _Candidate, tensors: Mapping[str, np.ndarray]) -> LayerWeights:
     bias = tensors.get(f"{cand.name}.bias" if cand.name else "bias")
-    if bias is not None and (bias.shape != (cand.out,) or bias.dtype.kind != "f"):
+    if bias is not None and (bias.shape != (cand.out,) or not is_float(bias)):
         bias = None
     return LayerWeights(
         name=cand.name,

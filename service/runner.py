@@ -1,5 +1,9 @@
 """The executor of jobs: a process pool, with leases so that replicas can share one database.
 
+A job runs in the pool from start to end (claim, heartbeat, reading, report, plan); its
+per-group analysis runs there too, or as tasks on a Dask cluster when ``dask_scheduler`` is set
+(:mod:`service.executor`, :mod:`service.dask_executor`).
+
 Every unfinished job carries a lease (``lease_until``) and the replica holding it (``runner``).
 A replica renews the leases of the jobs queued in its own pool; a worker renews its running
 job's lease from a heartbeat thread (:func:`service.jobs.run_job`). A sweeper thread in every
@@ -45,6 +49,9 @@ class JobRunner:
         lease_s: seconds a job stays claimed by this replica without a renewal.
         path_of: checkpoint id -> the stored file's path.
         activations_dir: where uploaded activations are stored (by sha256).
+        dask_scheduler: a Dask scheduler's address: each job's per-group tasks run on that
+            cluster (the job itself, with its lease, still runs in this pool); None runs them
+            in the job's own worker process (:mod:`service.executor`).
     """
 
     def __init__(
@@ -56,8 +63,10 @@ class JobRunner:
         lease_s: float,
         path_of: Callable[[str], Path],
         activations_dir: Path,
+        dask_scheduler: str | None = None,
     ) -> None:
         self.activations_dir = str(activations_dir)
+        self.dask_scheduler = dask_scheduler
         self.database_url = database_url
         self.sessions = sessions
         self.workers = workers
@@ -91,12 +100,13 @@ class JobRunner:
         args = (self.database_url, str(self.path_of(checkpoint_id)), job_id, self.cache_dir)
         with self._lock:
             self._pending.add(job_id)
+        rest = (self.lease_s, self.activations_dir, self.dask_scheduler)
         try:
-            future = self._pool.submit(run_job, *args, self.lease_s, self.activations_dir)
+            future = self._pool.submit(run_job, *args, *rest)
         except BrokenProcessPool:  # a worker died earlier: replace the pool, keep serving
             self._pool.shutdown(wait=False, cancel_futures=False)
             self._pool = self._new_pool()
-            future = self._pool.submit(run_job, *args, self.lease_s, self.activations_dir)
+            future = self._pool.submit(run_job, *args, *rest)
         future.add_done_callback(lambda f: self._finished(job_id, f))
 
     def _finished(self, job_id: str, future: Future[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -37,6 +37,25 @@ class Settings(BaseSettings):
     cache: bool = Field(
         True, description="keep per-group results in data_dir/cache for later jobs to reuse"
     )
+    dask_scheduler: str | None = Field(
+        None,
+        description="a Dask scheduler's address (tcp://host:8786): every job's per-group "
+        "analysis runs as tasks on that cluster, whose workers should mount data_dir at the "
+        "same path (the shared result cache); unset: in the service's own worker processes",
+    )
+
+    @field_validator("dask_scheduler")
+    @classmethod
+    def _scheduler(cls, v: str | None) -> str | None:
+        v = (v or "").strip()
+        if not v:
+            return None  # PRUNEGRAPH_DASK_SCHEDULER="" means none
+        if "://" not in v:
+            v = f"tcp://{v}"
+        host = v.split("://", 1)[1]
+        if not host or host.startswith(":"):
+            raise ValueError(f"dask_scheduler {v!r} is not an address such as tcp://host:8786")
+        return v
 
     def cache_dir(self) -> Path | None:
         return self.data_dir / "cache" if self.cache else None
