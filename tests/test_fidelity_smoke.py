@@ -1,0 +1,62 @@
+"""The zero-shot fidelity benchmark (benchmarks/fidelity.py) in its quick mode, in-process: the
+real MobileNetV2 pruned 10 % by l1 and mrp, compared with the unpruned model on 16 natural
+images; checks the structure of the results and the written plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fidelity() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fidelity_bench", ROOT / "benchmarks/fidelity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_quick_fidelity(realdata: Path, tmp_path: Path) -> None:
+    pytest.importorskip("skimage", reason="scikit-image is not installed (dev extras)")
+    threads = torch.get_num_threads()
+    result = _fidelity().run_fidelity(quick=True, seeds=[0], out_dir=tmp_path, realdata=realdata)
+    assert torch.get_num_threads() == threads  # restored
+    json.dumps(result)  # JSON-able
+
+    assert result["config"]["targets"] == [0.1]
+    assert result["config"]["methods"] == ["l1", "mrp"]
+    assert result["config"]["bn_recalibration"] is False
+    assert result["images"]["n_eval"] == 16 and result["images"]["n_calib"] == 16
+    assert not set(result["images"]["eval_sources"]) & set(result["images"]["calib_sources"])
+
+    rows = result["rows"]
+    assert [(r["method"], r["target"], r["seed"]) for r in rows] == [
+        ("l1", 0.1, 0),
+        ("mrp", 0.1, 0),
+    ]
+    for r in rows:
+        assert abs(r["flops_reduction"] - 0.1) <= 0.02, r
+        assert 0 < r["params_reduction"] < 1
+        assert 0 <= r["agreement"] <= 1 and r["kl"] >= 0 and math.isfinite(r["kl"])
+        lo, hi = r["agreement_ci95"]
+        assert 0 <= lo <= hi <= 1
+        assert r["plan_s"] >= 0
+        assert "agreement_bn" not in r  # quick mode: no BN re-estimation
+
+    assert {(e["method"], e["target"]) for e in result["summary"]} == {("l1", 0.1), ("mrp", 0.1)}
+    md = result["markdown"]
+    assert "| method | 10 % FLOPs |" in md and "| mrp |" in md and "| l1 |" in md
+    assert [Path(p) for p in result["plots"]] == [tmp_path / "fidelity.png"]
+    assert (tmp_path / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
