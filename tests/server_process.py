@@ -59,3 +59,17 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+def wait_job(
+    url: str, job: str, want: set[str], timeout: float = 120, poll: float = 0.1
+) -> dict[str, object]:
+    """Poll ``GET /v1/jobs/{job}`` until its status is one of ``want``; its last body."""
+    body: dict[str, object] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{url}/v1/jobs/{job}", timeout=10).json()
+        if body["status"] in want:
+            return dict(body)
+        time.sleep(poll)
+    raise AssertionError(f"job {job} did not reach {want} in {timeout} s: {body}")

@@ -39,7 +39,7 @@ from service.executor import (
 )
 from service.jobs import analyze_on
 from service.settings import Settings
-from tests.server_process import Server, _free_port
+from tests.server_process import Server, _free_port, wait_job
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -248,16 +248,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 c.kill(name)
 
 
-def _wait(url: str, job: str, want: set[str], timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = httpx.get(f"{url}/v1/jobs/{job}", timeout=10).json()
-        if body["status"] in want:
-            return dict(body)
-        time.sleep(0.05)
-    raise AssertionError(f"job {job} did not reach {want} in {timeout} s: {body}")
-
-
 def _ran_on(cluster: Cluster, job: str) -> dict[str, list[str]]:
     """Worker name -> keys of this job's tasks that completed there (the scheduler's record)."""
     from distributed import Client
@@ -304,7 +294,7 @@ def test_a_job_runs_on_both_workers_with_the_embedded_report_and_plan(
 
     req = {"checkpoint_id": mobilenet, "seed": 0, "target": {"params": 0.3}}
     job = httpx.post(f"{server.url}/v1/jobs", json=req, timeout=30).json()["id"]
-    body = _wait(server.url, job, {"done", "failed"})
+    body = wait_job(server.url, job, {"done", "failed"}, poll=0.05)
     assert body["status"] == "done", body
     ran = _ran_on(cluster, job)
     assert set(ran) == {"w1", "w2"}, ran  # the scheduler saw tasks of this job on both
@@ -321,7 +311,7 @@ def test_a_job_runs_on_both_workers_with_the_embedded_report_and_plan(
     # the workers wrote every artifact into the shared cache: a re-plan computes nothing
     again = {**req, "target": {"params": 0.5}}
     job2 = httpx.post(f"{server.url}/v1/jobs", json=again, timeout=30).json()["id"]
-    body2 = _wait(server.url, job2, {"done", "failed"})
+    body2 = wait_job(server.url, job2, {"done", "failed"}, poll=0.05)
     assert body2["status"] == "done" and body2["cache_misses"] == 0 and body2["cache_hits"] > 0
 
 
@@ -357,7 +347,7 @@ def test_a_worker_killed_mid_job_the_job_still_completes(
     cluster.kill("w1")
     at_kill = httpx.get(f"{server.url}/v1/jobs/{job}", timeout=10).json()
     assert at_kill["status"] == "running" and at_kill["progress"] < 0.9, at_kill
-    done = _wait(server.url, job, {"done", "failed"})
+    done = wait_job(server.url, job, {"done", "failed"}, poll=0.05)
     assert done["status"] == "done", done
     ran = _ran_on(cluster, job)
     lost = [k for k in victim if k not in ran.get("w1", [])]  # w1 had not finished them

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import httpx
 import pytest
 
 from graphs.report import Report
-from tests.server_process import Server
+from tests.server_process import Server, wait_job
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -25,16 +24,6 @@ def server(tmp_path: Path) -> Iterator[Server]:
         s.kill()
 
 
-def _wait(url: str, job: str, want: set[str], timeout: float = 120) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = httpx.get(f"{url}/v1/jobs/{job}", timeout=10).json()
-        if body["status"] in want:
-            return dict(body)
-        time.sleep(0.1)
-    raise AssertionError(f"job {job} did not reach {want} in {timeout} s: {body}")
-
-
 def test_kill_9_mid_job_then_restart_loses_nothing(server: Server, realdata: Path) -> None:
     server.start()
     with (realdata / "mobilenet_v2_imagenet.pth").open("rb") as f:
@@ -43,15 +32,15 @@ def test_kill_9_mid_job_then_restart_loses_nothing(server: Server, realdata: Pat
     ckpt = up.json()["id"]
     req = {"checkpoint_id": ckpt, "methods": ["l1"], "seed": 0, "target": None}
     first = httpx.post(f"{server.url}/v1/jobs", json=req, timeout=30).json()["id"]
-    assert _wait(server.url, first, {"done", "failed"})["status"] == "done"
+    assert wait_job(server.url, first, {"done", "failed"})["status"] == "done"
     # a long job: every method; kill the server while it runs
     req = {**req, "methods": ["mrp", "srr", "hsc", "l1", "fpgm"], "target": {"params": 0.3}}
     job = httpx.post(f"{server.url}/v1/jobs", json=req, timeout=30).json()["id"]
-    at_kill = _wait(server.url, job, {"running", "done"}, timeout=60)
+    at_kill = wait_job(server.url, job, {"running", "done"}, timeout=60)
     server.kill()
     assert at_kill["status"] == "running", "the job ended before the kill: nothing was tested"
     server.start()  # same data dir and database: the job is re-run once its lease (2 s) expires
-    done = _wait(server.url, job, {"done", "failed"})
+    done = wait_job(server.url, job, {"done", "failed"})
     assert done["status"] == "done", done
     report = Report.model_validate_json(httpx.get(f"{server.url}/v1/jobs/{job}/report").text)
     assert report.checkpoint.sha256 == ckpt and report.summary.n_layers == 36
@@ -86,7 +75,7 @@ def test_twenty_concurrent_clients_and_hostile_uploads(server: Server, realdata:
                 ckpt = c.post("/v1/checkpoints", files={"file": f}).json()["id"]
             req = {"checkpoint_id": ckpt, "methods": ["mrp", "l1"], "seed": i, "target": None}
             job = c.post("/v1/jobs", json=req).json()["id"]
-            body = _wait(server.url, job, {"done", "failed"}, timeout=180)
+            body = wait_job(server.url, job, {"done", "failed"}, timeout=180)
             assert body["status"] == "done", body
             Report.model_validate_json(c.get(f"/v1/jobs/{job}/report").text)
             return "done"
