@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -61,9 +62,22 @@ def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 entry[m] = {"mean": round(mean, 6), "std": round(std, 6)}
         if runs:
             entry["acc_unpruned"] = round(float(np.mean([r["acc_unpruned"] for r in runs])), 6)
+            split = [_greedy_fallback(r.get("rule", "")) for r in runs]
+            if all(g is not None for g in split):
+                entry["greedy_channels"] = float(np.mean([g[0] for g in split if g]))
+                entry["fallback_channels"] = float(np.mean([g[1] for g in split if g]))
             entry["pcc_weight"] = runs[0].get("pcc_weight")
         out.append(entry)
     return out
+
+
+def _greedy_fallback(rule: str) -> tuple[int, int] | None:
+    """Channels a graph method's plan removed as redundant, and by the uniform fallback."""
+    greedy = re.search(r"greedy on redundancy removed (\d+) channels", rule)
+    if greedy is None:
+        return None
+    fallback = re.search(r"uniform fallback removed (\d+) more", rule)
+    return int(greedy.group(1)), int(fallback.group(1)) if fallback else 0
 
 
 def _order(key: tuple[str, str, float, str]) -> tuple[Any, ...]:
@@ -77,10 +91,10 @@ def winners(
     """Per (dataset, model, target): the best redundancy-aware method against the best baseline
     (by mean ``metric``), the difference, and whether it exceeds 2 × the noise.
 
-    The noise is the pooled seed std sqrt((s_a² + s_b²) / 2), but never less than the binomial
-    std of one accuracy on the test digits, sqrt(p (1 − p) / n_test): a plan that does not
-    depend on the seed has seed std 0 before fine-tuning, yet its accuracy is still measured on
-    a finite test set."""
+    Two noises are judged: the pooled seed std sqrt((s_a² + s_b²) / 2) (the issue's criterion),
+    and the binomial std of one accuracy on the test digits, sqrt(p (1 − p) / n_test): a plan
+    that does not depend on the seed has seed std 0 before fine-tuning, yet its accuracy is
+    still measured on a finite test set. "beyond noise" needs both."""
     by_cell: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for e in summary:
         if e["n"]:
@@ -98,12 +112,13 @@ def winners(
         p = (a[metric]["mean"] + b[metric]["mean"]) / 2
         binomial = math.sqrt(max(p * (1 - p), 0.0) / max(n_test[dataset], 1))
         noise = max(pooled, binomial)
+        side = "redundancy-aware better" if diff > 0 else "baseline better"
         if min(a["n"], b["n"]) < 2:
             verdict = "one seed: no noise estimate"
-        elif diff > 2 * noise:
-            verdict = "redundancy-aware better beyond seed noise"
-        elif diff < -2 * noise:
-            verdict = "baseline better beyond seed noise"
+        elif abs(diff) > 2 * noise:
+            verdict = f"{side} beyond noise"
+        elif abs(diff) > 2 * pooled:
+            verdict = f"{side} beyond seed noise, within test-set noise"
         else:
             verdict = "within seed noise"
         out.append(
@@ -138,30 +153,35 @@ def _winner_line(w: dict[str, Any]) -> str:
         f"- **{what}:** best redundancy-aware `{w['best_aware']}` "
         f"{w['best_aware_mean'] * 100:.2f} % vs best baseline `{w['best_baseline']}` "
         f"{w['best_baseline_mean'] * 100:.2f} %: difference {w['difference'] * 100:+.2f} points, "
-        f"2 × noise {2 * w['noise'] * 100:.2f} (seed std pooled {w['pooled_std'] * 100:.2f}, "
-        f"test-set binomial {w['test_binomial_std'] * 100:.2f}) → **{w['verdict']}**"
+        f"2 × pooled seed std {2 * w['pooled_std'] * 100:.2f}, 2 × test-set binomial std "
+        f"{2 * w['test_binomial_std'] * 100:.2f} → **{w['verdict']}**"
     )
 
 
 def cell_table(entries: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
         "| method | kind | FLOPs red. % | params red. % | acc before FT % | before FT, BN "
-        "re-est. % | acc after FT % | plan s | seeds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "re-est. % | acc after FT % | plan s | redundant / fallback ch. | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
         kind = "prunegraph" if e["aware"] else "baseline"
         name = e["method"] + (f" (λ={e['pcc_weight']:g})" if e.get("pcc_weight") else "")
         if not e["n"]:
-            lines.append(f"| {name} | {kind} | failed ({e['failed']}) | | | | | | 0 |")
+            lines.append(f"| {name} | {kind} | failed ({e['failed']}) | | | | | | | 0 |")
             continue
         plan = e["plan_s"]
+        split = (
+            f"{e['greedy_channels']:.0f} / {e['fallback_channels']:.0f}"
+            if "greedy_channels" in e
+            else "–"
+        )
         failed = f" ({e['failed']} failed)" if e["failed"] else ""
         lines.append(
             f"| {name} | {kind} | {_pm(e['flops_reduction'])} | {_pm(e['params_reduction'])} "
             f"| {_pm(e['acc_before_ft'])} | {_pm(e['acc_bn_recal'])} "
             f"| {_pm(e['acc_after_ft'], digits=2)} "
-            f"| {plan['mean']:.2f} | {e['n']}{failed} |"
+            f"| {plan['mean']:.2f} | {split} | {e['n']}{failed} |"
         )
     return lines
 
@@ -265,6 +285,9 @@ def markdown(result: dict[str, Any], image_prefix: str = "") -> str:
         f"re-estimating BatchNorm statistics on {cfg['bn_samples']} train digits (no gradient "
         "step; equal to before FT for the digit CNN, which has no BN); **after FT** after the "
         "fine-tune budget. Cells are mean ± std over the seeds, in %.",
+        "- *redundant / fallback ch.*: for mrp/srr/hsc (and -act), the channels the plan "
+        "removed as redundant by the greedy allocation, and those taken by the uniform fallback "
+        "once redundancy ran out (mean over seeds; from the plan's `rule`).",
         "- FLOPs = MACs from `torch_pruning.utils.count_ops_and_params` on 1×1×28×28; "
         "`plan s` = planning wall time in a worker (prunegraph: `plan_layers` plus the "
         "activation capture; tp: the whole bisection), other work running beside it.",
@@ -287,6 +310,13 @@ def markdown(result: dict[str, Any], image_prefix: str = "") -> str:
             f"| {b['test_acc'] * 100:.1f} | {b['val_acc'] * 100:.1f} | {b['train_s']:.0f} "
             f"| {lam} | {pcc_acc} |"
         )
+    lines += [
+        "",
+        "*trained s*: wall time of the run that trained the base model, in a worker beside other "
+        "work (models are cached under `--cache-dir` and reused by later runs). *PCC λ*: chosen "
+        "on `val` by the accuracy after ci pruning and fine-tuning (seed 0, mean over targets); "
+        "ties go to the smaller λ.",
+    ]
     summary = result["summary"]
     wins = {(w["dataset"], w["model"], w["target"], w["metric"]): w for w in result["winners"]}
     cells: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = defaultdict(
@@ -294,7 +324,12 @@ def markdown(result: dict[str, Any], image_prefix: str = "") -> str:
     )
     for e in summary:
         cells[(e["dataset"], e["model"])][e["target"]].append(e)
-    for (dataset, model), by_target in cells.items():
+    models = list(cfg["models"])
+    order = sorted(
+        cells, key=lambda k: (k[0], models.index(k[1]) if k[1] in models else len(models))
+    )
+    for dataset, model in order:
+        by_target = cells[(dataset, model)]
         lines += ["", f"### {dataset} · {model}", ""]
         for target in sorted(by_target):
             lines += [f"**FLOPs target {target:.0%}**", ""]
@@ -324,8 +359,10 @@ def summary_lines(wins: Sequence[dict[str, Any]]) -> list[str]:
         parts = ", ".join(f"{v}: {n}" for v, n in sorted(counts.items()))
         out.append(f"- Accuracy {what}: {len(ws)} (dataset, model, target) cells — {parts}.")
     out.append(
-        "- Noise: the verdicts use 2 × max(pooled seed std, binomial std of one accuracy on the "
-        "test digits); seed std alone is 0 for plans that do not depend on the seed."
+        "- Noise: a difference is *beyond seed noise* when it exceeds 2 × the pooled seed std "
+        "of the two rows, and *beyond noise* when it also exceeds 2 × the binomial std of one "
+        "accuracy on the test digits (seed std alone is 0 for plans that do not depend on the "
+        "seed, e.g. before fine-tuning)."
     )
     out.append(
         "- Caveat: the best of the redundancy-aware rows is compared with the best of the "
