@@ -11,7 +11,8 @@ quality_data.py; one run: quality_run.py; tables and plots: quality_report.py. T
 MobileNetV2 fidelity benchmark (benchmarks/fidelity.py) runs after, when it is there.
 
 Writes OUT_DIR/quality.json (every run, the summary, the winners), OUT_DIR/quality.md, one PNG
-per (dataset, model); with --latest also benchmarks/quality-latest.md and .json. Base and
+per (dataset, model); with --latest also benchmarks/quality-latest.md and .json and the plots in
+benchmarks/quality-plots/ (the copy that is committed). Base and
 PCC-pretrained models are cached under --cache-dir (benchmarks/.cache/quality) by a digest of
 their configuration; every finished row goes to OUT_DIR/quality-journal.jsonl, from which
 --resume takes the rows of a stopped run with the same settings. Datasets run one after the other.
@@ -235,7 +236,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=HERE / ".cache" / "quality")
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--latest", action="store_true", help="also write benchmarks/quality-latest.*")
+    p.add_argument(
+        "--latest",
+        action="store_true",
+        help="also write benchmarks/quality-latest.md/.json and benchmarks/quality-plots/*.png",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -375,10 +380,12 @@ def write_outputs(result: dict[str, Any], out_dir: Path, *, latest: bool) -> int
     md = report("")
     (out_dir / "quality.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out_dir / "quality.md").write_text(md)
-    if latest:  # the images relative to benchmarks/
-        out = out_dir.resolve()
-        prefix = f"{out.relative_to(HERE)}/" if out.is_relative_to(HERE) else f"{out}/"
-        (HERE / "quality-latest.md").write_text(report(prefix))
+    if latest:  # the committed copy: markdown and JSON in benchmarks/, plots in quality-plots/
+        plots_dir = HERE / "quality-plots"
+        plots_dir.mkdir(exist_ok=True)
+        for png in plots:
+            shutil.copyfile(png, plots_dir / png.name)
+        (HERE / "quality-latest.md").write_text(report("quality-plots/"))
         shutil.copyfile(out_dir / "quality.json", HERE / "quality-latest.json")
     print(md)
     print(

@@ -198,7 +198,7 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     for e in summary:
         if e["n"]:
             groups[(e["dataset"], e["model"])].append(e)
-    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    colors = [*plt.get_cmap("tab10").colors, "black"]  # type: ignore[attr-defined]
     for (dataset, model), entries in groups.items():
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), sharex=True)
         panels = (
@@ -217,7 +217,7 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
                     [e[metric]["mean"] * 100 for e in pts],
                     yerr=[e[metric]["std"] * 100 for e in pts],
                     label=name,
-                    color=colors[(2 * i) % len(colors)],
+                    color=colors[i % len(colors)],
                     linestyle="-" if METHODS[name].aware else "--",
                     marker="o" if METHODS[name].aware else "s",
                     markerfacecolor=None if METHODS[name].aware else "none",
