@@ -219,6 +219,11 @@ ServerOpt = Annotated[
         envvar="PRUNEGRAPH_SERVER",
     ),
 ]
+AlphaOpt = Annotated[float, typer.Option(help="null edge rate per layer")]
+MinExplainedOpt = Annotated[
+    float, typer.Option(help="least cos² between filters joined as redundant (0 = any)")
+]
+ManifestOpt = Annotated[Path | None, typer.Option(help="manifest JSON: coupling groups and FLOPs")]
 ActivationsOpt = Annotated[
     Path | None,
     typer.Option(
@@ -284,17 +289,13 @@ def analyze_cmd(
     seed: Annotated[
         int, typer.Option(help="seed of every stochastic step", min=0, max=2**32 - 1)
     ] = 0,
-    alpha: Annotated[float, typer.Option(help="null edge rate per layer")] = 0.05,
-    min_explained: Annotated[
-        float, typer.Option(help="least cos² between filters joined as redundant (0 = any)")
-    ] = 0.5,
+    alpha: AlphaOpt = 0.05,
+    min_explained: MinExplainedOpt = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="also write the JSON report here")
     ] = None,
-    manifest: Annotated[
-        Path | None, typer.Option(help="manifest JSON: coupling groups and FLOPs")
-    ] = None,
+    manifest: ManifestOpt = None,
     activations: ActivationsOpt = None,
     vectors: VectorsOpt = "weights",
     server: ServerOpt = None,
@@ -380,9 +381,7 @@ def plan_cmd(
     target_params: Annotated[
         float | None, typer.Option(help="fraction of params to remove")
     ] = None,
-    manifest: Annotated[
-        Path | None, typer.Option(help="manifest JSON: coupling groups and FLOPs")
-    ] = None,
+    manifest: ManifestOpt = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     step: Annotated[
         float, typer.Option(help="filters per greedy step: an integer, or a fraction of a group")
@@ -397,10 +396,8 @@ def plan_cmd(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="write the JSON plan here")
     ] = None,
-    alpha: Annotated[float, typer.Option(help="null edge rate per layer")] = 0.05,
-    min_explained: Annotated[
-        float, typer.Option(help="least cos² between filters joined as redundant (0 = any)")
-    ] = 0.5,
+    alpha: AlphaOpt = 0.05,
+    min_explained: MinExplainedOpt = 0.5,
     activations: ActivationsOpt = None,
     vectors: VectorsOpt = "weights",
     server: ServerOpt = None,
