@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from graphs.analyze import check_features
+from graphs.anneal import anneal_levels
 from graphs.baselines import fpgm
 from graphs.cache import Cache
 from graphs.cost import CostModel, infer_consumers
@@ -169,26 +170,28 @@ def make_plan(
         v = ci[gid]
         return int(np.sum(v < rho * alpha_max * 1.000001 * v.mean())) if v.mean() > 0 else 0
 
+    softer = 0  # channels removed as redundant at softer calibration levels (graphs.anneal)
     if method in GRAPH_METHODS:
-        for gid, g in zip(ids, groups, strict=True):
-            if limit[gid]:
-                states[gid] = _state(work(g), method)
-                redundancy[gid] = round(states[gid].redundancy(), 6)
-        while not budget.met():
-            live = [
-                gid for gid, st in states.items()
-                if len(removed[gid]) < limit[gid] and st.redundant_count() > 0
-            ]  # fmt: skip
-            if not live:
+        works = {gid: [work(g)] for gid, g in zip(ids, groups, strict=True) if limit[gid]}
+        levels = {
+            gid: anneal_levels(opts, w[0].group.n_filters, anneal=opts.fallback == "anneal")
+            for gid, w in works.items()
+        }
+        for level in range(max((len(v) for v in levels.values()), default=0)):
+            if level == 1:  # softer levels only when strict redundancy ran out (one graph pass)
+                works = {gid: [w[0], *w[0].at_levels(levels[gid][1:])] for gid, w in works.items()}
+            for gid, w in works.items():
+                if len(removed[gid]) < limit[gid] and level < len(w):
+                    states[gid] = _state(w[level], method)
+                    states[gid].drop(removed[gid])
+                    if level == 0:
+                        redundancy[gid] = round(states[gid].redundancy(), 6)
+            if budget.met():
                 break
-            gid = max(live, key=lambda i: (states[i].redundancy(), -i))
-            n_now = int(states[gid].alive.sum())
-            n = int(step) if step >= 1 else max(1, round(step * n_now))
-            took = states[gid].take(min(n, limit[gid] - len(removed[gid])))
-            if not took:
-                break
-            removed[gid].extend(took)
-            budget.set(gid, cost.channels[gid] - len(removed[gid]))
+            before = sum(len(r) for r in removed.values())
+            _greedy(states, removed, limit, budget, cost, step)
+            if level > 0:
+                softer += sum(len(r) for r in removed.values()) - before
     # Uniform remainder (the baselines' whole rule; the graph methods' fallback): one ratio of
     # what each group may still lose, on top of what redundancy already took. round_to is part
     # of it, so rounding never leaves the target unmet when it can be met.
@@ -277,6 +280,7 @@ def make_plan(
         else f"{method}: uniform ratio by bisection"
         if method not in GRAPH_METHODS
         else f"{method}: greedy on redundancy removed {greedy} channels"
+        + (f" ({softer} of them at softer calibration levels)" if softer else "")
         + (f"; redundancy ran out, uniform fallback removed {fallback} more" if fallback else "")
     )
     if budget.achieved() < target.ratio - 1e-9:
@@ -287,7 +291,11 @@ def make_plan(
         target=target,
         constraints=c,
         seed=seed,
-        parameters={**opts.parameters(method), "step": int(step) if step >= 1 else step},
+        parameters={
+            **opts.parameters(method),
+            "step": int(step) if step >= 1 else step,
+            **({"fallback": opts.fallback} if method in GRAPH_METHODS else {}),
+        },
         coupling="manifest" if any(g.coupling == "manifest" for g in groups) else "unknown",
         groups=plans,
         expected_shapes={k: shapes[k] for k in sorted(shapes)},
@@ -298,6 +306,33 @@ def make_plan(
         achieved=achieved,
         rule=rule,
     )
+
+
+def _greedy(
+    states: dict[int, GroupState],
+    removed: dict[int, list[int]],
+    limit: dict[int, int],
+    budget: _Budget,
+    cost: CostModel,
+    step: float,
+) -> None:
+    """SRP at one calibration level: remove the most replaceable filters of the most redundant
+    group (``step`` at a time), until the target is met or no group has redundancy left."""
+    while not budget.met():
+        live = [
+            gid for gid, st in states.items()
+            if len(removed[gid]) < limit[gid] and st.redundant_count() > 0
+        ]  # fmt: skip
+        if not live:
+            return
+        gid = max(live, key=lambda i: (states[i].redundancy(), -i))
+        n_now = int(states[gid].alive.sum())
+        n = int(step) if step >= 1 else max(1, round(step * n_now))
+        took = states[gid].take(min(n, limit[gid] - len(removed[gid])))
+        if not took:
+            return
+        removed[gid].extend(took)
+        budget.set(gid, cost.channels[gid] - len(removed[gid]))
 
 
 def _choose(

@@ -49,6 +49,15 @@ class GroupState:
     def redundant_count(self) -> int:
         return int(self.dead[self.alive].sum())
 
+    def drop(self, idx: list[int]) -> None:
+        """Mark filters already removed (at an earlier calibration level) as gone."""
+        if idx:
+            self.alive[idx] = False
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute what depends on the kept filters (graph states)."""
+
     def take(self, n: int) -> list[int]:
         """Remove up to n redundant filters (dead ones first); returns their indices."""
         idx = [int(i) for i in self.order()[:n] if self.dead[i]]

@@ -175,7 +175,9 @@ def calibrated_threshold(
 
     Args:
         U: unit-norm rows of the non-zero filters, shape (n, d).
-        alpha: family-wise rate of chance edges.
+        alpha: expected number of chance edges among the layer's pairs (each pair's tail
+            probability is α / #pairs, at most 1/2); for α < 1 also a bound on the family-wise
+            rate. Users give α < 1; the planner's softer levels (:mod:`graphs.anneal`) use more.
         min_explained: effect-size floor in [0, 1).
 
     Returns:
@@ -187,9 +189,18 @@ def calibrated_threshold(
     return max(_threshold_for_dim(U.shape[0], m, alpha), float(np.sqrt(min_explained))), m
 
 
+def level_threshold(n: int, null_dim: float, *, alpha: float, min_explained: float) -> float:
+    """The threshold :func:`calibrated_threshold` gives for ``n`` live filters whose null was
+    already fitted (``null_dim``): other (α, min_explained) levels of the same layer without a
+    new fit (:mod:`graphs.anneal`)."""
+    if not 0 <= min_explained < 1:
+        raise InvalidInputError(f"min_explained must be in [0, 1), got {min_explained}")
+    return max(_threshold_for_dim(n, null_dim, alpha), float(np.sqrt(min_explained)))
+
+
 def _threshold_for_dim(n: int, m: float, alpha: float) -> float:
-    if not 0 < alpha < 1:
-        raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")
+    if not alpha > 0:
+        raise InvalidInputError(f"alpha must be > 0, got {alpha}")
     if m < 2 or n < 2:
         return 1.0
     p = min(alpha / (n * (n - 1) / 2.0), 0.5)

@@ -10,9 +10,10 @@ float64 arrays and JSON of the already rounded report models.
 
 from __future__ import annotations
 
+import copy
 import io
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -30,7 +31,12 @@ from graphs.layers import LayerGroup
 from graphs.mrp import mrp
 from graphs.options import AnalysisOptions, layer_seed
 from graphs.report import METHODS, CiResult, MethodResult
-from graphs.similarity import check_filters, unit_rows
+from graphs.similarity import (
+    check_filters,
+    cosine_threshold_graph,
+    level_threshold,
+    unit_rows,
+)
 from graphs.srr import srr
 
 T = TypeVar("T")
@@ -144,6 +150,42 @@ class GroupWork:
                 self._graph = calibrated_graph(U, alpha=o.alpha, min_explained=o.min_explained)
                 self._put(key, self._graph.to_bytes())
         return self._graph
+
+    def at_levels(self, levels: Sequence[AnalysisOptions]) -> list[GroupWork]:
+        """This group's work at other calibration levels (:mod:`graphs.anneal`): options that
+        differ only in ``alpha`` and ``min_explained``. The null is the strict graph's (same
+        vectors); the graph is built once, at the softest level's threshold (cached), and each
+        level's graph is its edges above that level's threshold — the same edges and weights
+        as a graph built at that threshold. Each returned work computes hsc at its level."""
+        strict = self.graph()
+        n_live = int(np.count_nonzero(np.any(self.V != 0, axis=1)))
+        thresholds = [
+            level_threshold(n_live, strict.null_dim, alpha=o.alpha, min_explained=o.min_explained)
+            for o in levels
+        ]
+        softest = min(thresholds, default=1.0)
+        if softest >= strict.threshold:
+            base = strict.graph
+        else:
+            key = self._key("graph", "vectors", threshold=softest, null_dim=strict.null_dim)
+            cached = self._cached(key, CalibratedGraph.from_bytes)
+            if cached is None:
+                U, _ = unit_rows(self.V)
+                cached = CalibratedGraph(
+                    cosine_threshold_graph(U, softest), softest, strict.null_dim
+                )
+                self._put(key, cached.to_bytes())
+            base = cached.graph
+        out = []
+        for o, t in zip(levels, thresholds, strict=True):
+            G = base.copy()
+            G.data[G.data <= t] = 0.0
+            G.eliminate_zeros()
+            level = copy.copy(self)
+            level.options, level._hsc = o, None
+            level._graph = CalibratedGraph(G, t, strict.null_dim)
+            out.append(level)
+        return out
 
     def hsc(self) -> HscLayerResult:
         """hsc's clustering with the eigengap's cluster count (k, n_rounds, seed)."""

@@ -400,6 +400,13 @@ def plan_cmd(
     min_explained: MinExplainedOpt = 0.5,
     activations: ActivationsOpt = None,
     vectors: VectorsOpt = "weights",
+    fallback: Annotated[
+        str,
+        typer.Option(
+            help="mrp/srr/hsc once no layer is redundant: anneal (go on at softer calibrated "
+            "levels, then uniform) or uniform (one uniform ratio at once)"
+        ),
+    ] = "anneal",
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -428,7 +435,9 @@ def plan_cmd(
             raise InvalidInputError(
                 f"unknown method {method!r}", hint=f"Choose one of {', '.join(PLAN_METHODS)}."
             )
-        options = _options(alpha=alpha, min_explained=min_explained, vectors=vectors)
+        options = _options(
+            alpha=alpha, min_explained=min_explained, vectors=vectors, fallback=fallback
+        )
         check_features([method], options, {} if activations is not None else None)
         if server is not None:
             from prunegraph.remote import remote_plan

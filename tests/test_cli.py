@@ -268,12 +268,29 @@ def test_plan_prints_before_after_and_writes_json(ckpt: Path, tmp_path: Path) ->
     assert code == 0 and out2 == out_file.read_text()
 
 
+def test_plan_fallback_option(ckpt: Path) -> None:
+    """--fallback reaches the planner: recorded in the plan, and 'uniform' takes the rest of
+    the target by one uniform ratio (random weights have no strict redundancy)."""
+    from graphs.plan import PruningPlan
+
+    plans = {}
+    for fallback in ("anneal", "uniform"):
+        code, out, err = _run("plan", str(ckpt), "--method", "mrp", "--target-params", "0.5",
+                              "--fallback", fallback, "--json")  # fmt: skip
+        assert code == 0, err
+        plans[fallback] = PruningPlan.model_validate_json(out)
+        assert plans[fallback].parameters["fallback"] == fallback
+    assert "uniform fallback" in plans["uniform"].rule and "softer" not in plans["uniform"].rule
+    assert "softer calibration levels" in plans["anneal"].rule
+
+
 def test_plan_usage_errors(ckpt: Path, tmp_path: Path) -> None:
     for args, needle in [
         (("--target-params", "0.3", "--target-flops", "0.3"), "exactly one"),
         ((), "exactly one"),
         (("--target-flops", "0.5"), "manifest"),
         (("--target-params", "0.3", "--method", "magic"), "unknown method"),
+        (("--target-params", "0.3", "--fallback", "greedy"), "--fallback"),
     ]:
         code, _, err = _run("plan", str(ckpt), *args)
         assert code == 2, (args, err)

@@ -60,26 +60,56 @@ def test_second_analysis_is_served_from_the_cache(monkeypatch: pytest.MonkeyPatc
     assert analyze(layers, checkpoint=_info(layers), seed=4).to_json() == first  # no cache
 
 
+@pytest.mark.parametrize("fallback", ["uniform", "anneal"])
 def test_replanning_for_other_targets_reuses_graphs_and_clusters(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, fallback: str
 ) -> None:
+    """With the uniform fallback a plan needs nothing beyond the analysis. Annealing needs the
+    softer levels' graph (one pass per group, at the softest threshold) and hsc's clusterings
+    at those levels: the first plan that reaches a level computes them, and every later plan,
+    for any target no deeper, computes nothing."""
     layers = _layers()
     total = sum(x.params for x in layers)
     cache = MemoryCache()
-    analyze(layers, checkpoint=_info(layers), seed=2, cache=cache)
-    plain = {
-        (m, r): plan_layers(layers, method=m, target=Target(params=r), params_total=total, seed=2)
-        for m in ("mrp", "srr", "hsc")
-        for r in (0.2, 0.4)
-    }
-    _forbid(monkeypatch, "calibrated_graph", "hsc")
+    opts = AnalysisOptions(fallback=fallback)  # type: ignore[arg-type]
+    analyze(layers, checkpoint=_info(layers), seed=2, cache=cache, options=opts)
+
+    def plan(m: str, r: float, cache: MemoryCache | None) -> str:
+        return plan_layers(
+            layers, method=m, target=Target(params=r), params_total=total, seed=2, cache=cache,
+            options=opts,
+        ).to_json()  # type: ignore[arg-type]  # fmt: skip
+
+    plain = {(m, r): plan(m, r, None) for m in ("mrp", "srr", "hsc") for r in (0.85, 0.2, 0.6)}
+    if fallback == "anneal":
+        assert any("softer calibration levels" in p for p in plain.values())
+        for (m, r), expected in plain.items():  # the deepest target first: it warms the levels
+            assert plan(m, r, cache) == expected
+    _forbid(monkeypatch, "calibrated_graph", "hsc", "cosine_threshold_graph")
     for (m, r), expected in plain.items():
         misses = cache.misses
-        got = plan_layers(
-            layers, method=m, target=Target(params=r), params_total=total, seed=2, cache=cache
-        )
-        assert got.to_json() == expected.to_json()
-        assert cache.misses == misses  # everything the plan needed was cached by the analysis
+        assert plan(m, r, cache) == expected
+        assert cache.misses == misses  # everything the plan needed was cached
+
+
+def test_softer_levels_equal_graphs_built_at_their_thresholds() -> None:
+    """GroupWork.at_levels filters one graph built at the softest threshold: the same edges and
+    weights as a calibrated graph built directly with each level's alpha and min_explained."""
+    from graphs.anneal import anneal_levels
+    from graphs.grouping import build_groups
+    from graphs.work import GroupWork
+
+    groups, _ = build_groups(_layers())
+    for g in groups:
+        work = GroupWork(g, seed=0)
+        levels = anneal_levels(work.options, g.n_filters)
+        U, _ = unit_rows(g.vectors())
+        for level, derived in zip(levels, work.at_levels(levels), strict=True):
+            direct = calibrated_graph(U, alpha=level.alpha, min_explained=level.min_explained)
+            got = derived.graph()
+            assert got.threshold == direct.threshold and got.null_dim == direct.null_dim
+            assert (got.graph != direct.graph).nnz == 0, (g.name, level)
+            assert derived.options == level and derived.hsc().threshold == direct.threshold
 
 
 def test_keys_follow_content_parameters_and_seed() -> None:

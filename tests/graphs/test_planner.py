@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -10,11 +11,14 @@ import numpy as np
 import pytest
 
 from graphs import InvalidInputError, LayerWeights
+from graphs.anneal import anneal_levels
 from graphs.cost import CostModel
 from graphs.grouping import build_groups
 from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
-from graphs.plan import Constraints, PruningPlan, Target
+from graphs.options import AnalysisOptions
+from graphs.plan import Constraints, GroupPlan, PruningPlan, Target
 from graphs.planner import plan_layers
+from graphs.similarity import calibrated_threshold, unit_rows
 from tests.graphs.planted import planted_layer, random_layer
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -71,10 +75,79 @@ def test_targets_are_met_within_two_points(method: str, ratio: float) -> None:
 
 @pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
 def test_fallback_once_redundancy_runs_out(method: str) -> None:
-    plan = _plan(method, Target(params=0.7))
+    plan = _plan(method, Target(params=0.7), options=AnalysisOptions(fallback="uniform"))
     assert "redundancy ran out, uniform fallback removed" in plan.rule
+    assert "softer" not in plan.rule
     assert 0.7 <= plan.achieved["params"] <= 0.72
     assert any("uniform fallback" in g.rationale for g in plan.groups)
+    assert plan.parameters["fallback"] == "uniform"
+
+
+@pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
+def test_annealing_goes_on_where_strict_redundancy_ran_out(method: str) -> None:
+    """Past the planted layer's strict redundancy the default goes on by softer levels; the
+    report's redundancy (the strict level) is the same either way."""
+    anneal = _plan(method, Target(params=0.7))
+    uniform = _plan(method, Target(params=0.7), options=AnalysisOptions(fallback="uniform"))
+    assert "at softer calibration levels" in anneal.rule
+    assert 0.7 <= anneal.achieved["params"] <= 0.72
+    assert anneal.parameters["fallback"] == "anneal"
+    assert [g.redundancy for g in anneal.groups] == [g.redundancy for g in uniform.groups]
+    assert anneal.to_json() == _plan(method, Target(params=0.7)).to_json()
+
+
+def _weakly_alike_chain() -> list[LayerWeights]:
+    """Like _chain, but c holds 16 prototypes × 4 noisy copies whose cosines (≈ 0.4: 17 % of
+    the energy shared) are significant but far below the strict level's effect-size floor."""
+    layers = _chain()
+    c, _ = planted_layer(16, 4, 32 * 9, seed=5, noise=1.2)
+    layers[3] = _conv("c", c)
+    return layers
+
+
+@pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
+def test_annealing_prunes_the_weakly_redundant_layer_before_the_random_one(method: str) -> None:
+    layers = _weakly_alike_chain()
+    total = sum(layer.params for layer in layers)
+
+    def plan(fallback: str) -> dict[str, GroupPlan]:
+        p = plan_layers(
+            layers, method=method, target=Target(params=0.75), params_total=total,  # type: ignore[arg-type]
+            options=AnalysisOptions(fallback=fallback),  # type: ignore[arg-type]
+        )  # fmt: skip
+        return {g.name: g for g in p.groups}
+
+    anneal, uniform = plan("anneal"), plan("uniform")
+    assert anneal["c"].redundancy is not None and anneal["c"].redundancy < 0.05  # strict: none
+    share = {k: len(g.remove) / g.channels_before for k, g in anneal.items()}
+    share_u = {k: len(g.remove) / g.channels_before for k, g in uniform.items()}
+    assert share["c"] > share["a"] + 0.2, share  # c's weak duplicates go before a's filters
+    assert abs(share_u["c"] - share_u["a"]) < 0.1, share_u  # uniform cannot tell them apart
+    if method != "srr":  # srr takes its counts from the graph and the filters by L1 (paper)
+        _, truth = planted_layer(16, 4, 32 * 9, seed=5, noise=1.2)
+        kept = sorted(set(range(64)) - set(anneal["c"].remove))
+        assert len({int(truth[i]) for i in kept}) == 16  # every prototype keeps a copy
+
+
+def test_anneal_levels_soften_monotonically() -> None:
+    U, _ = unit_rows(random_layer(64, 144, seed=7))
+    opts = AnalysisOptions()
+    levels = anneal_levels(opts, 64)
+    assert levels[0] == opts and len(levels) == 5
+    thresholds = [
+        calibrated_threshold(U, alpha=o.alpha, min_explained=o.min_explained)[0] for o in levels
+    ]
+    assert all(a > b for a, b in itertools.pairwise(thresholds)), thresholds
+    assert anneal_levels(opts, 64, anneal=False) == [opts]
+    low = AnalysisOptions(min_explained=0.0)  # the user's own level already is significance
+    assert [(o.alpha, o.min_explained) for o in anneal_levels(low, 64)] == [
+        (0.05, 0.0), (0.05 * 64, 0.0), (0.25 * 64, 0.0)
+    ]  # fmt: skip
+    # a random layer: the strict levels find nothing, the softest ones chance edges only
+    n_edges = [
+        int((np.abs(U @ U.T)[np.triu_indices(64, 1)] > t).sum()) for t in thresholds
+    ]  # fmt: skip
+    assert n_edges[:3] == [0, 0, 0] and n_edges[-1] < 0.5 * 64 * 2, n_edges
 
 
 @pytest.mark.parametrize("method", ["l1", "mrp", "hsc"])
