@@ -65,19 +65,23 @@ def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             split = [_greedy_fallback(r.get("rule", "")) for r in runs]
             if all(g is not None for g in split):
                 entry["greedy_channels"] = float(np.mean([g[0] for g in split if g]))
-                entry["fallback_channels"] = float(np.mean([g[1] for g in split if g]))
+                entry["softer_channels"] = float(np.mean([g[1] for g in split if g]))
+                entry["fallback_channels"] = float(np.mean([g[2] for g in split if g]))
             entry["pcc_weight"] = runs[0].get("pcc_weight")
         out.append(entry)
     return out
 
 
-def _greedy_fallback(rule: str) -> tuple[int, int] | None:
-    """Channels a graph method's plan removed as redundant, and by the uniform fallback."""
+def _greedy_fallback(rule: str) -> tuple[int, int, int] | None:
+    """Channels a graph method's plan removed as redundant at the strict calibration level, at
+    the softer (annealed) levels, and by the uniform fallback."""
     greedy = re.search(r"greedy on redundancy removed (\d+) channels", rule)
     if greedy is None:
         return None
+    softer = re.search(r"\((\d+) of them at softer calibration levels\)", rule)
     fallback = re.search(r"uniform fallback removed (\d+) more", rule)
-    return int(greedy.group(1)), int(fallback.group(1)) if fallback else 0
+    n_soft = int(softer.group(1)) if softer else 0
+    return int(greedy.group(1)) - n_soft, n_soft, int(fallback.group(1)) if fallback else 0
 
 
 def _order(key: tuple[str, str, float, str]) -> tuple[Any, ...]:
@@ -161,7 +165,7 @@ def _winner_line(w: dict[str, Any]) -> str:
 def cell_table(entries: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
         "| method | kind | FLOPs red. % | params red. % | acc before FT % | before FT, BN "
-        "re-est. % | acc after FT % | plan s | redundant / fallback ch. | seeds |",
+        "re-est. % | acc after FT % | plan s | strict / softer / uniform ch. | seeds |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
@@ -172,7 +176,8 @@ def cell_table(entries: Sequence[dict[str, Any]]) -> list[str]:
             continue
         plan = e["plan_s"]
         split = (
-            f"{e['greedy_channels']:.0f} / {e['fallback_channels']:.0f}"
+            f"{e['greedy_channels']:.0f} / {e.get('softer_channels', 0):.0f} / "
+            f"{e['fallback_channels']:.0f}"
             if "greedy_channels" in e
             else "–"
         )
@@ -285,9 +290,11 @@ def markdown(result: dict[str, Any], image_prefix: str = "") -> str:
         f"re-estimating BatchNorm statistics on {cfg['bn_samples']} train digits (no gradient "
         "step; equal to before FT for the digit CNN, which has no BN); **after FT** after the "
         "fine-tune budget. Cells are mean ± std over the seeds, in %.",
-        "- *redundant / fallback ch.*: for mrp/srr/hsc (and -act), the channels the plan "
-        "removed as redundant by the greedy allocation, and those taken by the uniform fallback "
-        "once redundancy ran out (mean over seeds; from the plan's `rule`).",
+        "- *strict / softer / uniform ch.*: for mrp/srr/hsc (and -act), the channels the plan "
+        "removed as redundant by the greedy allocation at the strict calibration level, at the "
+        "softer annealed levels (`graphs.anneal`), and those taken by the uniform fallback once "
+        "even the softest level had no redundancy left (mean over seeds; from the plan's "
+        "`rule`).",
         "- FLOPs = MACs from `torch_pruning.utils.count_ops_and_params` on 1×1×28×28; "
         "`plan s` = planning wall time in a worker (prunegraph: `plan_layers` plus the "
         "activation capture; tp: the whole bisection), other work running beside it.",

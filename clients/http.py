@@ -413,8 +413,9 @@ class PruneGraphClient:
         the plan; apply it with :func:`clients.apply_plan`. Set exactly one of
         ``target_flops``/``target_params`` (fractions to remove). ``calibration`` (batches, or a
         DataLoader) makes the plan data-aware: the model's feature maps on them are captured
-        (:func:`clients.capture_activations`) and sent — required by ``method="ci"``, and used
-        by the graph methods with ``options={"vectors": "activations"}``.
+        (:func:`clients.capture_activations`) and sent — required by ``method="ci"``, and
+        compared by the graph methods instead of the weights (unless ``options`` set
+        ``vectors``, e.g. ``{"vectors": "weights"}``).
         """
         if isinstance(job_or_model, str):
             text = self._request("GET", f"/v1/jobs/{job_or_model}/plan").text
@@ -479,7 +480,8 @@ class PruneGraphClient:
         is uploaded). With ``example_inputs`` (a live model only) the model's manifest goes with
         the job: coupled layers are scored together and the report gains FLOPs.
         ``calibration`` batches (a live model only) or saved ``activations`` add feature maps:
-        needed by ``ci`` and by data-aware graphs (``options={"vectors": "activations"}``).
+        needed by ``ci``, and compared by the graph methods instead of the weights unless
+        ``options`` set ``vectors``.
         """
         if calibration is not None:
             if isinstance(model_or_path, (str, os.PathLike, bytes)):
@@ -498,7 +500,7 @@ class PruneGraphClient:
             checkpoint_id,
             methods=methods,
             seed=seed,
-            options=options,
+            options=_data_aware(options, activations is not None),
             manifest=manifest,
             activations_id=(
                 self.upload_activations(checkpoint_id, activations) if activations else None
@@ -523,7 +525,8 @@ class PruneGraphClient:
         progress: bool = False,
     ) -> PruningPlan:
         """Upload, plan for ``target`` (e.g. ``{"flops": 0.5}``) and return the plan
-        (``activations``: feature maps for ``ci`` and data-aware graphs)."""
+        (``activations``: feature maps for ``ci``, and compared by the graph methods unless
+        ``options`` set ``vectors``)."""
         checkpoint_id = self._upload_any(model_or_path)
         job_id = self.submit(
             checkpoint_id,
@@ -532,7 +535,7 @@ class PruneGraphClient:
             target=target,
             plan_method=method,
             manifest=manifest,
-            options=options,
+            options=_data_aware(options, activations is not None),
             constraints=constraints,
             step=step,
             activations_id=(
@@ -559,6 +562,21 @@ class PruneGraphClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _data_aware(options: Options | None, has_maps: bool) -> Options | None:
+    """With feature maps sent, the graph methods compare them (``vectors="activations"``)
+    unless the caller's options chose ``vectors`` themselves: maps that cost a capture are
+    used, and they find far more redundancy than weights (benchmarks/RESULTS.md, issue 7)."""
+    if not has_maps:
+        return options
+    if options is None:
+        return {"vectors": "activations"}
+    if isinstance(options, AnalysisOptions):
+        if "vectors" in options.model_fields_set:
+            return options
+        return options.model_copy(update={"vectors": "activations"})
+    return options if "vectors" in options else {**options, "vectors": "activations"}
 
 
 def _batches(calibration: Any) -> Iterable[Any]:

@@ -107,6 +107,14 @@ def _console(*, stderr: bool = False) -> Console:
     return console
 
 
+def _vectors(vectors: str, activations: Path | None) -> str:
+    """``--vectors auto``: the feature maps when they are given (they find far more redundancy
+    than weights, benchmarks/RESULTS.md, issue 7), else the weights."""
+    if vectors != "auto":
+        return vectors
+    return "activations" if activations is not None else "weights"
+
+
 def _options(**values: float | str) -> AnalysisOptions:
     try:
         return AnalysisOptions(**values)
@@ -232,7 +240,11 @@ ActivationsOpt = Annotated[
     ),
 ]
 VectorsOpt = Annotated[
-    str, typer.Option(help="what the graph methods compare: weights or activations")
+    str,
+    typer.Option(
+        help="what the graph methods compare: weights, activations, or auto (activations when "
+        "--activations is given, else weights)"
+    ),
 ]
 TokenOpt = Annotated[
     str | None,
@@ -297,7 +309,7 @@ def analyze_cmd(
     ] = None,
     manifest: ManifestOpt = None,
     activations: ActivationsOpt = None,
-    vectors: VectorsOpt = "weights",
+    vectors: VectorsOpt = "auto",
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -307,7 +319,9 @@ def analyze_cmd(
     t0 = time.perf_counter()
     try:
         _check_output(output)
-        options = _options(alpha=alpha, min_explained=min_explained, vectors=vectors)
+        options = _options(
+            alpha=alpha, min_explained=min_explained, vectors=_vectors(vectors, activations)
+        )
         chosen = check_methods(_parse_methods(methods))
         check_features(chosen, options, {} if activations is not None else None)
         if server is not None:
@@ -399,7 +413,7 @@ def plan_cmd(
     alpha: AlphaOpt = 0.05,
     min_explained: MinExplainedOpt = 0.5,
     activations: ActivationsOpt = None,
-    vectors: VectorsOpt = "weights",
+    vectors: VectorsOpt = "auto",
     fallback: Annotated[
         str,
         typer.Option(
@@ -436,7 +450,10 @@ def plan_cmd(
                 f"unknown method {method!r}", hint=f"Choose one of {', '.join(PLAN_METHODS)}."
             )
         options = _options(
-            alpha=alpha, min_explained=min_explained, vectors=vectors, fallback=fallback
+            alpha=alpha,
+            min_explained=min_explained,
+            vectors=_vectors(vectors, activations),
+            fallback=fallback,
         )
         check_features([method], options, {} if activations is not None else None)
         if server is not None:
@@ -540,7 +557,7 @@ def check_cmd(
         Path | None, typer.Option(help="manifest JSON: coupling and FLOPs weighting")
     ] = None,
     activations: ActivationsOpt = None,
-    vectors: VectorsOpt = "weights",
+    vectors: VectorsOpt = "auto",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
     config: Annotated[
         Path | None,
@@ -578,7 +595,7 @@ def check_cmd(
         cfg = parse_config({**cfg.model_dump(), **updates}, "the command line")
         if cfg.max_growth is not None and baseline is None:
             raise InvalidInputError("--max-growth needs --baseline", hint="Pass an earlier report.")
-        options = _options(vectors=vectors)
+        options = _options(vectors=_vectors(vectors, activations))
         check_features([cfg.method], options, {} if activations is not None else None)
         kw = dict(manifest=manifest, activations=activations, methods=[cfg.method], seed=seed,
                   options=options, server=server, token=token, err=err)  # fmt: skip

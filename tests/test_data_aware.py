@@ -98,3 +98,44 @@ def test_ci_cli_embedded_with_activations_file(
     )  # fmt: skip
     assert report.exit_code == 0, report.stderr
     assert '"vectors": "activations"' in report.stdout
+    # --vectors auto (the default): graph methods compare the maps when a file is given
+    mrp = [a if a != "ci" else "mrp" for a in args]
+    plans = {}
+    for extra in ([], ["--vectors", "weights"], ["--vectors", "activations"]):
+        res = runner.invoke(cli, mrp + extra)
+        assert res.exit_code == 0, res.stderr
+        plans[" ".join(extra)] = PruningPlan.model_validate_json(res.stdout)
+    assert plans[""].parameters.get("vectors") == "activations"
+    assert plans[""].to_json() == plans["--vectors activations"].to_json()
+    assert "vectors" not in plans["--vectors weights"].parameters
+    res = runner.invoke(cli, [a for a in mrp if a not in ("--activations", str(acts))])
+    assert (
+        res.exit_code == 0
+        and "vectors" not in PruningPlan.model_validate_json(res.stdout).parameters
+    )  # no maps: weights
+
+
+def test_graph_plans_compare_feature_maps_when_calibration_is_given(
+    client: PruneGraphClient,
+    model: torch.nn.Module,
+    digits: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Calibration batches cost a capture: the graph methods then compare the maps, unless the
+    options chose the vectors themselves."""
+    from clients.http import _data_aware
+    from graphs.options import AnalysisOptions
+
+    x, _ = digits
+    calibration = [x[:64], x[64:128]]
+    example = torch.zeros(1, 1, 28, 28)
+    aware = client.plan(model, example, target_flops=0.3, method="mrp", calibration=calibration)
+    assert aware.parameters.get("vectors") == "activations"
+    weights = client.plan(model, example, target_flops=0.3, method="mrp",
+                          calibration=calibration, options={"vectors": "weights"})  # fmt: skip
+    assert "vectors" not in weights.parameters
+    assert _data_aware(AnalysisOptions(alpha=0.1), True) == AnalysisOptions(
+        alpha=0.1, vectors="activations"
+    )
+    explicit = AnalysisOptions(vectors="weights")
+    assert _data_aware(explicit, True) is explicit and _data_aware(None, False) is None
+    assert _data_aware({"k": 3}, True) == {"k": 3, "vectors": "activations"}
