@@ -20,6 +20,9 @@ Parts (``--part``, default ``all``):
   with 1 worker and with 2. Reported: wall time, speed-up, each task's compute time (the
   scheduler's task stream), peak RSS of every worker, the scheduler and the driver
   (``ru_maxrss`` from inside, and the peak RssAnon/RssFile sampled from /proc every 0.2 s).
+  Before the clusters, block 0's two tasks run once without Dask (the same
+  :func:`service.executor.analyze_group_task`, fresh process, 1 BLAS thread) as the reference
+  for a task's own time and memory; ``--workers ""`` runs only that reference.
 * ``minilm``: ``prunegraph analyze`` (embedded, all methods) on the real MiniLM-L6 from
   ``$PRUNEGRAPH_REALDATA/minilm`` (default ``~/.cache/prunegraph-realdata/minilm``): wall time
   of the command and the in-process times it prints.
@@ -510,6 +513,47 @@ def dask_driver(address: str, ckpt: str, methods: list[str], cache_dir: str, out
     Path(out).write_text(json.dumps(result, indent=2))
 
 
+def local_task(ckpt: str, methods: list[str], index: int) -> dict[str, Any]:
+    """Reference without Dask, in a fresh process with 1 BLAS thread: group ``index``'s task
+    (:func:`service.executor.analyze_group_task`, no cache) on the lazily read checkpoint."""
+    from threadpoolctl import threadpool_limits
+
+    from graphs.grouping import build_groups
+    from graphs.options import AnalysisOptions
+    from service.cache import code_namespace
+    from service.executor import GroupTask, analyze_group_task
+    from service.ingest import read_checkpoint
+
+    threadpool_limits(limits=1)
+    parsed = read_checkpoint(ckpt)
+    groups, _ = build_groups(parsed.layers)
+    group = groups[index]
+    task = GroupTask.of(
+        group,
+        methods=methods,
+        options=AnalysisOptions(),
+        seed=0,
+        activations=None,
+        cache_dir=None,
+        namespace=code_namespace(),
+    )
+    base = _vmrss_mb()
+    t0 = time.perf_counter()
+    outcome = analyze_group_task(task)
+    seconds = time.perf_counter() - t0
+    if outcome.error is not None:
+        raise outcome.error
+    return {
+        "group": group.name,
+        "unit": group.unit,
+        "n": group.n_filters,
+        "fan_in": group.fan_in,
+        "seconds": round(seconds, 3),
+        "rss_before_mb": base,
+        "peak_rss_mb": _rss_mb(),
+    }
+
+
 def run_dask(n_workers: int, ckpt: Path, methods: list[str], tmp: Path) -> dict[str, Any]:
     sampler = Sampler()
     sampler.start()
@@ -556,6 +600,17 @@ def part_dask(quick: bool, methods: list[str], workers: list[int], tmp: Path) ->
         f"{t_write:.1f} s; write peak RSS {_rss_mb():.0f} MB",
         flush=True,
     )
+    local = []
+    for index in (0, 1):  # block 0's FFN neurons and attention heads
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+            row = pool.submit(local_task, str(ckpt), methods, index).result()
+        local.append(row)
+        print(
+            f"local reference (no Dask, 1 BLAS thread): {row['group']} ({row['unit']}, "
+            f"{row['n']} × {row['fan_in']}) {row['seconds']:.1f} s, peak RSS "
+            f"{row['peak_rss_mb']:.0f} MB (before the task {row['rss_before_mb']:.0f} MB)",
+            flush=True,
+        )
     runs = []
     for k in workers:
         print(f"-- {k} worker(s), methods {','.join(methods)} (load {_load()}) --", flush=True)
@@ -598,7 +653,12 @@ def part_dask(quick: bool, methods: list[str], workers: list[int], tmp: Path) ->
                 f"  {kind} tasks: {len(secs)}, compute s min {min(secs):.1f} median "
                 f"{statistics.median(secs):.1f} max {max(secs):.1f}"
             )
-    out: dict[str, Any] = {"checkpoint_bytes": size, "write_s": round(t_write, 2), "runs": runs}
+    out: dict[str, Any] = {
+        "checkpoint_bytes": size,
+        "write_s": round(t_write, 2),
+        "local_reference": local,
+        "runs": runs,
+    }
     one = next((r for r in runs if r["n_workers"] == 1), None)
     for r in runs:
         if one is not None and r is not one:
@@ -701,8 +761,9 @@ def main() -> None:
         if args.part in ("layers", "all"):
             results["layers"] = part_layers(args.quick, args.methods.split(","))
         if args.part in ("dask", "all"):
-            workers = [int(k) for k in args.workers.split(",")]
-            results["dask"] = part_dask(args.quick, args.dask_methods.split(","), workers, tmp)
+            workers = [int(k) for k in args.workers.split(",") if k]
+            methods = args.dask_methods.split(",")
+            results["dask"] = part_dask(args.quick, methods, workers, tmp)
         if args.part in ("minilm", "all"):
             repeats = args.repeats or (1 if args.quick else 3)
             results["minilm"] = part_minilm(repeats)

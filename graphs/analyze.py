@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,6 +74,67 @@ def check_features(
         )
 
 
+def check_inputs(
+    methods: Sequence[str],
+    seed: int,
+    options: AnalysisOptions | None,
+    activations: Activations | None,
+) -> tuple[list[str], AnalysisOptions]:
+    """What :func:`analyze` checks before any work: the chosen methods (canonical order) and
+    the options (defaults when None).
+
+    Raises:
+        InvalidInputError: unknown methods, a seed outside [0, 2**32), or methods that need
+            feature maps without any.
+    """
+    chosen = check_methods(methods)
+    if not 0 <= seed < 2**32:
+        raise InvalidInputError(f"seed must be in [0, 2**32), got {seed}")
+    opts = options or AnalysisOptions()
+    check_features(chosen, opts, activations)
+    return chosen, opts
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """A checkpoint's groups, as :func:`analyze` scores them (:func:`group_layers`).
+
+    Attributes:
+        groups: the groups, in report order.
+        skipped: every layer not analysed (the reader's and the grouping's), by name.
+        manifest: the manifest adapted to the layers' transformer blocks, or None.
+    """
+
+    groups: list[LayerGroup]
+    skipped: list[SkippedLayer]
+    manifest: Manifest | None
+
+
+def group_layers(
+    layers: Sequence[LayerWeights],
+    *,
+    checkpoint: CheckpointInfo,
+    skipped: Sequence[SkippedLayer] = (),
+    manifest: Manifest | None = None,
+) -> Grouping:
+    """The groups :func:`analyze` scores (reads no weight: only names and shapes).
+
+    Raises:
+        NoPrunableLayersError: when no group is left to analyse.
+    """
+    if manifest is not None:
+        manifest = adapt_manifest(layers, manifest)
+    groups, dw_skipped = build_groups(layers, manifest)
+    if not groups:
+        why = "; ".join(f"{s.name}: {s.reason}" for s in [*skipped, *dw_skipped][:5])
+        raise NoPrunableLayersError(
+            f"no layer of checkpoint {checkpoint.sha256[:12]}… can be analysed"
+            + (f" ({why})" if why else "")
+        )
+    all_skipped = sorted([*skipped, *dw_skipped], key=lambda s: s.name)
+    return Grouping(groups, all_skipped, manifest)
+
+
 def analyze(
     layers: Sequence[LayerWeights],
     *,
@@ -111,26 +173,39 @@ def analyze(
         NoPrunableLayersError: when no group is left to analyse.
         InvalidInputError: for unknown methods or a seed outside [0, 2**32).
     """
-    chosen = check_methods(methods)
-    if not 0 <= seed < 2**32:
-        raise InvalidInputError(f"seed must be in [0, 2**32), got {seed}")
-    opts = options or AnalysisOptions()
-    check_features(chosen, opts, activations)
-    if manifest is not None:
-        manifest = adapt_manifest(layers, manifest)
-    groups, dw_skipped = build_groups(layers, manifest)
-    if not groups:
-        why = "; ".join(f"{s.name}: {s.reason}" for s in [*skipped, *dw_skipped][:5])
-        raise NoPrunableLayersError(
-            f"no layer of checkpoint {checkpoint.sha256[:12]}… can be analysed"
-            + (f" ({why})" if why else "")
-        )
-    reports: list[LayerReport] = []
-    for i, group in enumerate(groups):
+    chosen, opts = check_inputs(methods, seed, options, activations)
+    grouping = group_layers(layers, checkpoint=checkpoint, skipped=skipped, manifest=manifest)
+    results: list[dict[str, MethodResult]] = []
+    for i, group in enumerate(grouping.groups):
         maps = group_features(group, activations) if activations is not None else None
-        results = analyze_group(
-            group, methods=chosen, options=opts, seed=seed, cache=cache, features=maps
+        results.append(
+            analyze_group(
+                group, methods=chosen, options=opts, seed=seed, cache=cache, features=maps
+            )
         )
+        if progress is not None:
+            progress(i + 1, len(grouping.groups), group.name)
+    return assemble_report(
+        grouping, results, checkpoint=checkpoint, methods=chosen, seed=seed, options=opts
+    )
+
+
+def assemble_report(
+    grouping: Grouping,
+    results: Sequence[Mapping[str, MethodResult]],
+    *,
+    checkpoint: CheckpointInfo,
+    methods: Sequence[str],
+    seed: int,
+    options: AnalysisOptions,
+) -> Report:
+    """The :class:`Report` of ``grouping``'s groups from their method results (one mapping
+    method -> result per group, in the groups' order), computing nothing: how :func:`analyze`
+    ends, and how a service job builds its report from its tasks' results."""
+    if len(results) != len(grouping.groups):
+        raise ValueError(f"{len(results)} results for {len(grouping.groups)} groups")
+    reports: list[LayerReport] = []
+    for group, by_method in zip(grouping.groups, results, strict=True):
         head = group.members[0]
         channels = group.unit == "channels"
         reports.append(
@@ -145,21 +220,23 @@ def analyze(
                 coupling=group.coupling,
                 bn=head.bn,
                 params=group.params,
-                methods=results,
+                methods={m: by_method[m] for m in methods},
             )
         )
-        if progress is not None:
-            progress(i + 1, len(groups), group.name)
-    all_skipped = sorted([*skipped, *dw_skipped], key=lambda s: s.name)
+    all_skipped = grouping.skipped
     return Report(
         checkpoint=checkpoint,
-        methods=chosen,
-        parameters={m: opts.parameters(m) for m in chosen},
+        methods=list(methods),
+        parameters={m: options.parameters(m) for m in methods},
         seed=seed,
         layers=reports,
         skipped=all_skipped,
         summary=summarize(
-            reports, chosen, checkpoint, len(all_skipped), _group_macs(groups, manifest)
+            reports,
+            methods,
+            checkpoint,
+            len(all_skipped),
+            _group_macs(grouping.groups, grouping.manifest),
         ),
     )
 
@@ -222,10 +299,14 @@ def summarize(
 
 __all__ = [
     "AnalysisOptions",
+    "Grouping",
     "Progress",
     "analyze",
     "analyze_group",
+    "assemble_report",
+    "check_inputs",
     "check_methods",
+    "group_layers",
     "layer_seed",
     "summarize",
 ]

@@ -24,14 +24,12 @@ Activations = Mapping[str, np.ndarray]
 """Layer name -> feature maps (samples, channels, pixels)."""
 
 
-def group_features(group: LayerGroup, activations: Activations) -> np.ndarray:
-    """The group's maps, shape (samples, n_filters, total pixels), float64.
-
-    Members that read the same captured array (e.g. the convs whose outputs one residual add
-    sums) contribute it once.
+def group_maps(group: LayerGroup, activations: Activations) -> dict[str, np.ndarray]:
+    """The captured arrays :func:`group_features` reads for ``group`` (member name -> maps),
+    checked, not converted: what a task needs to build the group's maps elsewhere.
 
     Raises:
-        InvalidInputError: a member has no maps, or maps of another width or sample count.
+        InvalidInputError: attention heads, a member has no maps, or maps of another width.
     """
     if group.unit == "heads":
         raise InvalidInputError(
@@ -46,19 +44,32 @@ def group_features(group: LayerGroup, activations: Activations) -> np.ndarray:
             hint="Capture activations of every prunable layer (clients.capture_activations "
             "with layers=None) from the model this checkpoint belongs to.",
         )
-    parts: list[np.ndarray] = []
-    seen: set[int] = set()
     for m in members:
         maps = activations[m.name]
-        if id(maps) in seen:
-            continue
-        seen.add(id(maps))
         if maps.ndim != 3 or maps.shape[1] != group.n_filters:
             raise InvalidInputError(
                 f"feature maps of {m.name} have shape {tuple(maps.shape)}, the layer "
                 f"{group.n_filters} channels",
                 hint="Capture the activations from the model this checkpoint belongs to.",
             )
+    return {m.name: activations[m.name] for m in members}
+
+
+def group_features(group: LayerGroup, activations: Activations) -> np.ndarray:
+    """The group's maps, shape (samples, n_filters, total pixels), float64.
+
+    Members that read the same captured array (e.g. the convs whose outputs one residual add
+    sums) contribute it once.
+
+    Raises:
+        InvalidInputError: a member has no maps, or maps of another width or sample count.
+    """
+    parts: list[np.ndarray] = []
+    seen: set[int] = set()
+    for maps in group_maps(group, activations).values():
+        if id(maps) in seen:
+            continue
+        seen.add(id(maps))
         f = np.asarray(maps, dtype=np.float64)
         rms = float(np.sqrt(np.mean(f * f))) if f.size else 0.0
         parts.append(f / rms if rms > 0 else f)

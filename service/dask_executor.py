@@ -3,7 +3,11 @@
 The job's driver (:func:`service.jobs.run_job`, in one of the service's worker processes, where
 it keeps the job's lease) connects to the scheduler with a :class:`distributed.Client` (one per
 process, reused by its later jobs), submits one task per group and waits for them; each
-completion moves the job's progress. Failures:
+completion moves the job's progress. A task holds references to its group's tensors, not the
+tensors (:mod:`service.executor`), and the tasks are submitted the largest group first
+(vertices × vector length: a model's FFNs before its attention), at most :data:`PER_THREAD` per
+worker thread at a time (a completion submits the next): neither the driver nor the scheduler
+ever holds more than a few small tasks, and the longest tasks do not end up last. Failures:
 
 - a worker that dies (killed, out of memory, its machine lost) while it runs a task: the
   scheduler runs the task again on another worker; when the workers running one task died
@@ -25,6 +29,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError
 
@@ -41,6 +46,8 @@ CONNECT_S = 20.0
 NO_WORKERS_S = 120.0
 """A job fails when its scheduler has had no worker for this long (nothing could run it)."""
 POLL_S = 2.0
+PER_THREAD = 2
+"""Tasks in flight per worker thread of the cluster (at least :data:`PER_THREAD` in all)."""
 
 _clients: dict[str, Client] = {}
 _lock = threading.Lock()
@@ -87,45 +94,67 @@ class DaskExecutor:
             return []
         client = client_for(self.address)
         run = uuid.uuid4().hex[:8]  # a re-run of the job (lease taken over) gets new keys
-        futures: list[Future[GroupOutcome]] = [
-            client.submit(
-                fn, task, key=f"prunegraph-group-{self.job_id}-{i:04d}-{run}", retries=RETRIES
-            )
-            for i, task in enumerate(tasks)
-        ]
-        index = {f.key: i for i, f in enumerate(futures)}
+        waiting = deque(sorted(range(len(tasks)), key=lambda i: (-tasks[i].cost, i)))
+        running: dict[str, tuple[int, Future[GroupOutcome]]] = {}
         finished: queue.Queue[Future[GroupOutcome]] = queue.Queue()
-        for f in futures:  # called on done, error or cancel, from the client's thread
-            f.add_done_callback(finished.put)
         outcomes: list[GroupOutcome | None] = [None] * len(tasks)
         done = 0
         no_workers_since: float | None = None
         try:
+            self._submit(client, fn, tasks, waiting, running, finished, run)
             while done < len(tasks):
                 try:
                     future = finished.get(timeout=POLL_S)
                 except queue.Empty:
                     no_workers_since = self._check_workers(client, no_workers_since)
+                    self._submit(client, fn, tasks, waiting, running, finished, run)  # new workers
                     continue
-                i = index[future.key]
+                i, _ = running.pop(str(future.key))
                 outcome = self._outcome(future, tasks[i].name)
+                future.release()
                 if outcome.error is not None:
                     raise outcome.error
                 outcomes[i] = outcome
                 done += 1
                 on_done(done, len(tasks))
+                self._submit(client, fn, tasks, waiting, running, finished, run)
         finally:
-            unfinished = [f for f in futures if not f.done()]
+            unfinished = [f for _, f in running.values() if not f.done()]
             if unfinished:
                 try:
                     client.cancel(unfinished)
                 except Exception:  # the scheduler is gone: nothing runs for us there either
                     log.debug("cancelling the tasks of job %s failed", self.job_id, exc_info=True)
-            for f in futures:
+            for _, f in running.values():
                 f.release()
         workers = sorted({o.worker for o in outcomes if o is not None})
         log.info("job %s: %d groups ran on Dask workers %s", self.job_id, len(tasks), workers)
         return [o for o in outcomes if o is not None]
+
+    def _submit(
+        self,
+        client: Client,
+        fn: Callable[[GroupTask], GroupOutcome],
+        tasks: Sequence[GroupTask],
+        waiting: deque[int],
+        running: dict[str, tuple[int, Future[GroupOutcome]]],
+        finished: queue.Queue[Future[GroupOutcome]],
+        run: str,
+    ) -> None:
+        """Submit waiting tasks, largest first, up to :data:`PER_THREAD` per worker thread
+        (as many as there are now: workers may come and go)."""
+        if not waiting:
+            return
+        try:
+            threads = sum(client.nthreads().values())
+        except Exception:  # the scheduler is away: the running futures will say so
+            threads = 0
+        while waiting and len(running) < PER_THREAD * max(threads, 1):
+            i = waiting.popleft()
+            key = f"prunegraph-group-{self.job_id}-{i:04d}-{run}"
+            future: Future[GroupOutcome] = client.submit(fn, tasks[i], key=key, retries=RETRIES)
+            running[key] = (i, future)
+            future.add_done_callback(finished.put)  # on done, error or cancel (client's thread)
 
     def _outcome(self, future: Future[GroupOutcome], layer: str) -> GroupOutcome:
         try:

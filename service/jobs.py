@@ -8,10 +8,12 @@ worker, and a crashed worker process fails only its own job.
 
 The per-group analysis is one task per group (:func:`service.executor.analyze_group_task`), run
 by an executor: in this process one after the other, or on a Dask cluster when the service has
-a scheduler (:mod:`service.dask_executor`). Either way the tasks write their artifacts into the
-shared result cache and return their results' entries; :func:`graphs.analyze` then builds the
-report from those entries (the library's own report, byte for byte, computing nothing again),
-and planning reads the tasks' graphs and clusterings from the cache (:func:`analyze_on`).
+a scheduler (:mod:`service.dask_executor`). Either way the tasks read their own group's tensors
+(a safetensors checkpoint is never read whole into memory), write their artifacts into the
+shared result cache and return their results; the report is assembled from those by the
+library's own code (:func:`graphs.analyze.assemble_report`: the embedded report, byte for byte,
+without reading a weight again), and planning reads the tasks' graphs and clusterings from the
+cache (:func:`analyze_on`).
 """
 
 from __future__ import annotations
@@ -25,19 +27,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from graphs.analyze import AnalysisOptions, analyze, check_features, check_methods
+from graphs.analyze import (
+    AnalysisOptions,
+    assemble_report,
+    check_features,
+    check_inputs,
+    check_methods,
+    group_layers,
+)
 from graphs.errors import PruneGraphError
-from graphs.features import Activations, group_features
-from graphs.grouping import build_groups
+from graphs.features import Activations
 from graphs.layers import LayerWeights
 from graphs.manifest import Manifest
 from graphs.plan import Constraints, PlanMethod, Target
 from graphs.planner import GRAPH_METHODS, plan_layers
-from graphs.report import ALL_METHODS, CheckpointInfo, Report, SkippedLayer
+from graphs.report import ALL_METHODS, CheckpointInfo, MethodResult, Report, SkippedLayer
 from service.cache import FileCache, code_namespace
 from service.db import DONE, FAILED, QUEUED, RUNNING, JobRow, make_engine
 from service.executor import Executor, GroupTask, OnDone, analyze_group_task, make_executor
@@ -248,7 +256,7 @@ def _compute(
 
     namespace = code_namespace()
     plan_method = request.plan_method if request.target is not None else None
-    report, hits, misses, _ = analyze_on(
+    report, hits, misses = analyze_on(
         executor,
         parsed.layers,
         checkpoint=parsed.info,
@@ -290,33 +298,11 @@ def _compute(
 class Analysis(NamedTuple):
     report: Report
     hits: int
-    """the result cache's hits (the tasks', and the report's if it needed the cache)"""
+    """the result cache's hits (the tasks')"""
     misses: int
-    elsewhere: int
-    """results the report had to find in the cache or compute: 0 when the tasks' groups were
-    the library's"""
 
 
-class _Results:
-    """A cache of the tasks' result entries (see :class:`service.executor.GroupOutcome`) over
-    the job's own cache; counts what :func:`graphs.analyze` had to find elsewhere."""
-
-    def __init__(self, entries: dict[str, bytes], backing: FileCache | None) -> None:
-        self.entries = entries
-        self.backing = backing
-        self.elsewhere = 0
-
-    def get(self, key: str) -> bytes | None:
-        value = self.entries.get(key)
-        if value is None:
-            self.elsewhere += 1
-            value = self.backing.get(key) if self.backing is not None else None
-        return value
-
-    def put(self, key: str, value: bytes) -> None:
-        self.entries[key] = value
-        if self.backing is not None:
-            self.backing.put(key, value)
+_RESULT: TypeAdapter[MethodResult] = TypeAdapter(MethodResult)
 
 
 def analyze_on(
@@ -338,47 +324,34 @@ def analyze_on(
 ) -> Analysis:
     """:func:`graphs.analyze` with the per-group work done by ``executor``'s tasks.
 
-    The tasks compute every group's results (and write them into the cache in ``cache_dir``);
-    then :func:`graphs.analyze` builds the report from their result entries, so the report is
-    the library's, byte for byte, and nothing is computed twice.
+    The groups are made from the layers' names and shapes (no weight is read here); each task
+    reads its group's tensors, computes its results (and writes them into the cache in
+    ``cache_dir``) and returns them; the report is then assembled from them by
+    :func:`graphs.analyze.assemble_report`, so it is the library's, byte for byte, and nothing
+    is computed or read twice.
     """
-    chosen = check_methods(methods)  # what graphs.analyze checks, before any task runs
-    check_features(chosen, options, activations)
-    groups, _ = build_groups(layers, manifest)  # none: graphs.analyze below says why
+    chosen, opts = check_inputs(methods, seed, options, activations)
+    grouping = group_layers(layers, checkpoint=checkpoint, skipped=skipped, manifest=manifest)
     warm = (
         plan_method if plan_method in (*GRAPH_METHODS, "ci") and plan_method not in chosen else None
     )
     tasks = [
-        GroupTask(
-            group=g,
-            methods=tuple(chosen),
-            options=options,
+        GroupTask.of(
+            g,
+            methods=chosen,
+            options=opts,
             seed=seed,
-            features=group_features(g, activations) if activations is not None else None,
+            activations=activations,
             cache_dir=cache_dir,
             namespace=namespace,
             warm=warm,
         )
-        for g in groups
+        for g in grouping.groups
     ]
     outcomes = executor.map_groups(analyze_group_task, tasks, progress or (lambda d, n: None))
-    cache = FileCache(Path(cache_dir), namespace) if cache_dir is not None else None
-    results = _Results({k: v for o in outcomes for k, v in o.entries.items()}, cache)
-    report = analyze(
-        layers,
-        checkpoint=checkpoint,
-        skipped=skipped,
-        methods=chosen,
-        seed=seed,
-        options=options,
-        manifest=manifest,
-        cache=results,
-        activations=activations,
+    results = [{m: _RESULT.validate_json(o.results[m]) for m in chosen} for o in outcomes]
+    report = assemble_report(
+        grouping, results, checkpoint=checkpoint, methods=chosen, seed=seed, options=opts
     )
-    if results.elsewhere:  # the tasks' groups were not the library's: correct, but slower
-        log.warning(
-            "job %s: %d results were not computed by the job's tasks", job_id, results.elsewhere
-        )
-    hits = sum(o.hits for o in outcomes) + (cache.hits if cache is not None else 0)
-    misses = sum(o.misses for o in outcomes) + (cache.misses if cache is not None else 0)
-    return Analysis(report, hits, misses, results.elsewhere)
+    log.debug("job %s: report assembled from %d tasks", job_id, len(tasks))
+    return Analysis(report, sum(o.hits for o in outcomes), sum(o.misses for o in outcomes))

@@ -14,6 +14,11 @@ A sharded checkpoint is a folder with ``model.safetensors.index.json`` (``{"weig
 validated like a single file; shard names must be plain names inside the folder (no absolute
 paths, no ``..``), every shard must exist, every tensor of the weight map must be in its shard,
 and no tensor may appear in two shards.
+
+A tensor read here can be sent elsewhere by reference instead of by value (a Dask task, see
+:mod:`service.executor`): :func:`tensor_ref` gives the file, offset, dtype and shape of a mapped
+tensor (a few hundred bytes, whatever its size), and :func:`open_tensor` maps it again, lazily,
+in another process that sees the file at the same path.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import itertools
 import json
 import math
 import mmap
+import os
 import re
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -69,6 +77,79 @@ _ST_DTYPES = {
     "BOOL": "?",
 }
 Entry = tuple[str, list[int], int, int]  # dtype, shape, begin, end (within the data section)
+_MAPPED: weakref.WeakKeyDictionary[mmap.mmap, tuple[str, int]] = weakref.WeakKeyDictionary()
+"""Every mapping made here -> (the file's absolute path, its size), for :func:`tensor_ref`."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where a tensor of a safetensors file lies, to map it again in another process.
+
+    Attributes:
+        path: the file's absolute path (a shard of a sharded checkpoint).
+        size: the file's size when it was read (a file of another size is refused).
+        offset: the tensor's first byte in the file.
+        dtype: ``BF16`` or a numpy dtype string (``<f4``, ...).
+        shape: the tensor's shape.
+    """
+
+    path: str
+    size: int
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _dtype(self.dtype).itemsize
+
+
+def _dtype(code: str) -> np.dtype:
+    if code == "BF16":
+        if _BF16 is None:  # pragma: no cover
+            raise CheckpointError("bf16 tensors need ml_dtypes, which is not installed")
+        return _BF16
+    return np.dtype(code)
+
+
+def tensor_ref(arr: np.ndarray) -> TensorRef | None:
+    """The reference of ``arr`` when it is a whole contiguous view of a file mapped here (every
+    tensor this module read, or a reshape of one); None for any other array."""
+    base: object = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if not isinstance(base, memoryview) or not isinstance(base.obj, mmap.mmap):
+        return None
+    where = _MAPPED.get(base.obj)
+    if where is None or not arr.flags.c_contiguous or arr.size == 0:
+        return None
+    start = arr.__array_interface__["data"][0] - np.frombuffer(base, np.uint8).ctypes.data
+    code = "BF16" if _BF16 is not None and arr.dtype == _BF16 else arr.dtype.str
+    path, size = where
+    return TensorRef(path, size, start, code, tuple(int(d) for d in arr.shape))
+
+
+def open_tensor(ref: TensorRef, maps: dict[str, mmap.mmap] | None = None) -> np.ndarray:
+    """``ref``'s tensor, a read-only view of its file mapped again (nothing is read yet).
+
+    ``maps`` (path -> mapping) lets several tensors of one file share one mapping.
+
+    Raises:
+        OSError: the file cannot be opened (missing, not readable), or it is not the file
+            that was read (another size).
+    """
+    mm = maps.get(ref.path) if maps is not None else None
+    if mm is None:
+        with open(ref.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != ref.size or ref.offset + ref.nbytes > size:
+                raise OSError(f"{ref.path} has {size} bytes, not the {ref.size} that were read")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        _MAPPED[mm] = (ref.path, size)
+        if maps is not None:
+            maps[ref.path] = mm
+    dtype = _dtype(ref.dtype)
+    return np.frombuffer(mm, dtype, math.prod(ref.shape), ref.offset).reshape(ref.shape)
 
 
 def read_safetensors(path: Path, display: str) -> RawCheckpoint:
@@ -195,6 +276,8 @@ def _read_file(
         checked = {k: _st_entry(display, k, v, data_len) for k, v in entries.items()}
         _st_no_overlap(display, checked)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if data_len else None
+    if mm is not None:
+        _MAPPED[mm] = (os.path.abspath(path), size)
     tensors: dict[str, np.ndarray] = {}
     skipped: list[SkippedLayer] = []
     for key, (dtype, shape, begin, end) in checked.items():
