@@ -121,7 +121,8 @@ def hsc(
     Args:
         X: filter matrix, shape (n, d), n >= 2; compared by direction (cosine) only.
         k: neighbours per hyperedge, clipped to n - 1.
-        alpha: family-wise false-edge rate of the null cosine threshold.
+        alpha: expected number of chance edges between random filters of the layer (for
+            α < 1 also the family-wise rate); > 0.
         min_explained: least cos² between joined filters (effect-size floor).
         n_rounds: structure-learning rounds (0 disables learning).
         n_clusters: number of clusters to keep (planning); None picks it by eigengap.

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from graphs.allocation import Allocation, Budget, group_limit, redundancy_allocation
 from graphs.analyze import check_features
-from graphs.anneal import anneal_levels
 from graphs.baselines import fpgm
 from graphs.cache import Cache
 from graphs.cost import CostModel, infer_consumers
@@ -38,23 +38,11 @@ from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
 from graphs.options import AnalysisOptions, layer_seed
 from graphs.plan import Constraints, GroupPlan, PlanMethod, PruningPlan, Target
-from graphs.selection import GroupState, HscState, MrpState, SrrState
+from graphs.selection import GroupState, HscState
 from graphs.transformer import adapt_manifest, plan_fields
 from graphs.work import GroupWork
 
 GRAPH_METHODS = ("mrp", "srr", "hsc")
-
-
-def _state(work: GroupWork, method: str) -> GroupState:
-    X, s, opts = work.V, work.seed, work.options
-    if method == "mrp":
-        return MrpState(X, s, work.graph().graph, resolution=opts.resolution)
-    if method == "srr":
-        return SrrState(X, s, work.graph().graph)
-    if method == "hsc":
-        edges = {"alpha": opts.alpha, "min_explained": opts.min_explained}
-        return HscState(X, s, work.hsc(), k=opts.k, n_rounds=opts.n_rounds, **edges)
-    return GroupState(X, s)
 
 
 def _baseline_order(group: LayerGroup, method: str, seed: int) -> np.ndarray:
@@ -66,47 +54,6 @@ def _baseline_order(group: LayerGroup, method: str, seed: int) -> np.ndarray:
     if method == "fpgm":
         return idx[np.lexsort((idx, fpgm(X).gm_distance))]
     return np.random.default_rng(layer_seed(seed, group.name)).permutation(n)
-
-
-class _Budget:
-    """Kept channels per group with running params/MACs, and the target test."""
-
-    def __init__(self, cost: CostModel, target: Target, ids: Sequence[int]) -> None:
-        self.cost, self.target = cost, target
-        self.kept = dict(cost.channels)
-        self.params0 = cost.params()
-        self.macs0 = cost.macs()
-        if target.kind == "flops" and self.macs0 is None:
-            raise InvalidInputError(
-                "a FLOPs target needs the model's output sizes",
-                hint="Pass a manifest (prunegraph manifest --model pkg.module:factory "
-                "--input-shape 1,3,224,224 -o manifest.json), or use a params target.",
-            )
-        self.params, self.macs = float(self.params0), float(self.macs0 or 0)
-        self.ids = list(ids)
-
-    def set(self, gid: int, kept: int) -> None:
-        dp, dm = self.cost.delta(self.kept, gid, kept)
-        self.params += dp
-        self.macs += dm
-        self.kept[gid] = kept
-
-    def achieved(self, kept: dict[int, int] | None = None) -> float:
-        if kept is not None:
-            if self.target.kind == "flops":
-                return 1.0 - (self.cost.macs(kept) or 0) / max(self.macs0 or 1, 1)
-            return 1.0 - self.cost.params(kept) / max(self.params0, 1)
-        if self.target.kind == "flops":
-            return 1.0 - self.macs / max(self.macs0 or 1, 1)
-        return 1.0 - self.params / max(self.params0, 1)
-
-    def met(self) -> bool:
-        return self.achieved() >= self.target.ratio - 1e-12
-
-
-def _limit(n: int, c: Constraints) -> int:
-    """Most channels a group of n may lose."""
-    return max(0, min(n - c.min_channels, math.floor(c.max_ratio * n)))
 
 
 def make_plan(
@@ -148,13 +95,11 @@ def make_plan(
         gid: (prunable or {}).get(gid, True) and not any(m.name in c.ignored for m in g.producers)
         for gid, g in zip(ids, groups, strict=True)
     }
-    budget = _Budget(cost, target, ids)
+    budget = Budget(cost, target, ids)
     limit = {
-        gid: _limit(g.n_filters, c) if ok[gid] else 0 for gid, g in zip(ids, groups, strict=True)
+        gid: group_limit(g.n_filters, c) if ok[gid] else 0
+        for gid, g in zip(ids, groups, strict=True)
     }
-    removed: dict[int, list[int]] = {gid: [] for gid in ids}
-    redundancy: dict[int, float | None] = {gid: None for gid in ids}
-    states: dict[int, GroupState] = {}
 
     def work(g: LayerGroup) -> GroupWork:
         maps = group_features(g, activations) if activations is not None else None
@@ -170,28 +115,13 @@ def make_plan(
         v = ci[gid]
         return int(np.sum(v < rho * alpha_max * 1.000001 * v.mean())) if v.mean() > 0 else 0
 
-    softer = 0  # channels removed as redundant at softer calibration levels (graphs.anneal)
+    alloc = Allocation.empty(ids)
     if method in GRAPH_METHODS:
-        works = {gid: [work(g)] for gid, g in zip(ids, groups, strict=True) if limit[gid]}
-        levels = {
-            gid: anneal_levels(opts, w[0].group.n_filters, anneal=opts.fallback == "anneal")
-            for gid, w in works.items()
-        }
-        for level in range(max((len(v) for v in levels.values()), default=0)):
-            if level == 1:  # softer levels only when strict redundancy ran out (one graph pass)
-                works = {gid: [w[0], *w[0].at_levels(levels[gid][1:])] for gid, w in works.items()}
-            for gid, w in works.items():
-                if len(removed[gid]) < limit[gid] and level < len(w):
-                    states[gid] = _state(w[level], method)
-                    states[gid].drop(removed[gid])
-                    if level == 0:
-                        redundancy[gid] = round(states[gid].redundancy(), 6)
-            if budget.met():
-                break
-            before = sum(len(r) for r in removed.values())
-            _greedy(states, removed, limit, budget, cost, step)
-            if level > 0:
-                softer += sum(len(r) for r in removed.values()) - before
+        works = {gid: work(g) for gid, g in zip(ids, groups, strict=True) if limit[gid]}
+        alloc = redundancy_allocation(
+            works, method, limit=limit, budget=budget, step=step, anneal=opts.fallback == "anneal"
+        )
+    removed, redundancy, states = alloc.removed, alloc.redundancy, alloc.states
     # Uniform remainder (the baselines' whole rule; the graph methods' fallback): one ratio of
     # what each group may still lose, on top of what redundancy already took. round_to is part
     # of it, so rounding never leaves the target unmet when it can be met.
@@ -246,7 +176,8 @@ def make_plan(
             order = np.lexsort((np.arange(g.n_filters), ci[gid])) if gid in ci else np.zeros(0)
             idx = sorted(int(i) for i in order[:n_remove])
         else:
-            idx = _choose(g, gid, method, states.get(gid), removed[gid], n_remove, seed)
+            first = alloc.strict_removed.get(gid, [])
+            idx = _choose(g, gid, method, states.get(gid), first, n_remove, seed)
         budget.set(gid, g.n_filters - len(idx))
         plans.append(
             GroupPlan(
@@ -280,7 +211,7 @@ def make_plan(
         else f"{method}: uniform ratio by bisection"
         if method not in GRAPH_METHODS
         else f"{method}: greedy on redundancy removed {greedy} channels"
-        + (f" ({softer} of them at softer calibration levels)" if softer else "")
+        + (f" ({alloc.softer} of them at softer calibration levels)" if alloc.softer else "")
         + (f"; redundancy ran out, uniform fallback removed {fallback} more" if fallback else "")
     )
     if budget.achieved() < target.ratio - 1e-9:
@@ -306,33 +237,6 @@ def make_plan(
         achieved=achieved,
         rule=rule,
     )
-
-
-def _greedy(
-    states: dict[int, GroupState],
-    removed: dict[int, list[int]],
-    limit: dict[int, int],
-    budget: _Budget,
-    cost: CostModel,
-    step: float,
-) -> None:
-    """SRP at one calibration level: remove the most replaceable filters of the most redundant
-    group (``step`` at a time), until the target is met or no group has redundancy left."""
-    while not budget.met():
-        live = [
-            gid for gid, st in states.items()
-            if len(removed[gid]) < limit[gid] and st.redundant_count() > 0
-        ]  # fmt: skip
-        if not live:
-            return
-        gid = max(live, key=lambda i: (states[i].redundancy(), -i))
-        n_now = int(states[gid].alive.sum())
-        n = int(step) if step >= 1 else max(1, round(step * n_now))
-        took = states[gid].take(min(n, limit[gid] - len(removed[gid])))
-        if not took:
-            return
-        removed[gid].extend(took)
-        budget.set(gid, cost.channels[gid] - len(removed[gid]))
 
 
 def _choose(

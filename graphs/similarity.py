@@ -89,7 +89,8 @@ def null_cosine_threshold(n: int, dim: int, *, alpha: float = DEFAULT_ALPHA) -> 
     Args:
         n: number of filters in the layer.
         dim: their dimension (fan-in).
-        alpha: family-wise false-edge rate for the whole layer.
+        alpha: expected number of chance edges between random filters of the layer (for
+            α < 1 also the family-wise rate); > 0.
 
     Returns:
         a threshold in (0, 1]; 1.0 when ``dim < 2`` (in one dimension every two filters of the

@@ -130,7 +130,8 @@ def srr(
 
     Args:
         X: filter matrix of shape (n_filters, fan_in), n_filters ≥ 2.
-        alpha: family-wise rate of chance edges between random filters.
+        alpha: expected number of chance edges between random filters of the layer (for
+            α < 1 also the family-wise rate); > 0.
         min_explained: least cos² between joined filters (effect-size floor).
         graph: the layer's calibrated graph when already built (see :mod:`graphs.calibrated`).
 

@@ -246,7 +246,7 @@ def test_to_model() -> None:
         (np.ones((4, 3)), {"n_rounds": -1}),
         (np.ones((4, 3)), {"n_clusters": 0}),
         (np.ones((4, 3)), {"n_clusters": 5}),
-        (np.ones((4, 3)), {"alpha": 1.5}),
+        (np.ones((4, 3)), {"alpha": 0.0}),
     ],
 )
 def test_invalid_input(X: np.ndarray, kwargs: dict[str, Any]) -> None:

@@ -107,6 +107,8 @@ def _weakly_alike_chain() -> list[LayerWeights]:
 
 @pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
 def test_annealing_prunes_the_weakly_redundant_layer_before_the_random_one(method: str) -> None:
+    """Softer levels decide how many filters each layer loses: c's weak duplicates make it lose
+    far more than the random a. Which filters go is the strict level's choice."""
     layers = _weakly_alike_chain()
     total = sum(layer.params for layer in layers)
 
@@ -123,10 +125,10 @@ def test_annealing_prunes_the_weakly_redundant_layer_before_the_random_one(metho
     share_u = {k: len(g.remove) / g.channels_before for k, g in uniform.items()}
     assert share["c"] > share["a"] + 0.2, share  # c's weak duplicates go before a's filters
     assert abs(share_u["c"] - share_u["a"]) < 0.1, share_u  # uniform cannot tell them apart
-    if method != "srr":  # srr takes its counts from the graph and the filters by L1 (paper)
-        _, truth = planted_layer(16, 4, 32 * 9, seed=5, noise=1.2)
-        kept = sorted(set(range(64)) - set(anneal["c"].remove))
-        assert len({int(truth[i]) for i in kept}) == 16  # every prototype keeps a copy
+    if method != "hsc":  # softer levels set the count; which filters: the strict order (L1)
+        X = layers[3].weight.reshape(64, -1)
+        smallest = np.argsort(np.abs(X).sum(axis=1), kind="stable")[: len(anneal["c"].remove)]
+        assert anneal["c"].remove == sorted(int(i) for i in smallest)
 
 
 def test_anneal_levels_soften_monotonically() -> None:
