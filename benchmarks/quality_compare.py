@@ -2,7 +2,8 @@
 
 For each (dataset, model, target) and each of ``--methods``: accuracy after fine-tuning and
 before it (BN re-estimated) in the old and the new run, the difference, and whether it exceeds
-2 × the pooled seed std; beside them the best baseline of the new run. Prints a markdown table.
+the noise (2 × the pooled seed std and 2 × the binomial std of one accuracy on the test set);
+beside them the best baseline of the new run. Prints markdown tables and a count per method.
 
 Usage:  python benchmarks/quality_compare.py OLD/quality.json NEW/quality.json
             [--methods mrp srr hsc mrp-act] [--old-label uniform] [--new-label anneal]
@@ -20,8 +21,12 @@ METRICS = (("acc_after_ft", "after FT"), ("acc_bn_recal", "before FT, BN re-est.
 
 
 def _index(path: Path) -> dict[tuple[str, str, float, str], dict[str, Any]]:
-    summary = json.loads(path.read_text())["summary"]
-    return {(e["dataset"], e["model"], e["target"], e["method"]): e for e in summary}
+    run = json.loads(path.read_text())
+    n_test = {name: sizes["test"] for name, sizes in run["data"].items()}
+    return {
+        (e["dataset"], e["model"], e["target"], e["method"]): {**e, "n_test": n_test[e["dataset"]]}
+        for e in run["summary"]
+    }
 
 
 def _cell(e: dict[str, Any], metric: str) -> str:
@@ -30,10 +35,14 @@ def _cell(e: dict[str, Any], metric: str) -> str:
 
 
 def _verdict(a: dict[str, Any], b: dict[str, Any], metric: str) -> str:
+    """The change, bold when beyond 2 × the pooled seed std and 2 × the binomial std of one
+    accuracy on the test digits (plans that do not depend on the seed have seed std 0)."""
     diff = b[metric]["mean"] - a[metric]["mean"]
-    noise = 2 * math.sqrt((a[metric]["std"] ** 2 + b[metric]["std"] ** 2) / 2)
+    seeds = 2 * math.sqrt((a[metric]["std"] ** 2 + b[metric]["std"] ** 2) / 2)
+    p = a[metric]["mean"]
+    binomial = 2 * math.sqrt(max(p * (1 - p), 0.0) / max(a["n_test"], 1))
     sign = f"{100 * diff:+.2f}"
-    if abs(diff) <= noise or diff == 0:
+    if abs(diff) <= max(seeds, binomial):
         return f"{sign} (noise)"
     return f"**{sign}**"
 
@@ -41,11 +50,12 @@ def _verdict(a: dict[str, Any], b: dict[str, Any], metric: str) -> str:
 def compare(old: Path, new: Path, methods: list[str], labels: tuple[str, str]) -> str:
     a, b = _index(old), _index(new)
     cells = sorted({k[:3] for k in b})
-    lines = []
+    lines: list[str] = []
+    counts: dict[tuple[str, str], list[int]] = {}
     for metric, title in METRICS:
         lines += [
             f"**{title}** (%, mean ± std over seeds; change = {labels[1]} − {labels[0]}, bold "
-            "when beyond 2 × the pooled seed std)",
+            "when beyond 2 × the pooled seed std and 2 × the test-set binomial std)",
             "",
             f"| dataset · model · target | method | {labels[0]} | {labels[1]} | change | "
             "best baseline (new run) |",
@@ -59,11 +69,19 @@ def compare(old: Path, new: Path, methods: list[str], labels: tuple[str, str]) -
                 if (*cell, m) not in a or (*cell, m) not in b:
                     continue
                 ea, eb = a[(*cell, m)], b[(*cell, m)]
+                verdict = _verdict(ea, eb, metric)
+                tally = counts.setdefault((title, m), [0, 0, 0])
+                tally[0 if "noise" in verdict else 1 if "+" in verdict else 2] += 1
                 lines.append(
                     f"| {cell[0]} · {cell[1]} · {cell[2]:.0%} | {m} | {_cell(ea, metric)} | "
-                    f"{_cell(eb, metric)} | {_verdict(ea, eb, metric)} | {best_text} |"
+                    f"{_cell(eb, metric)} | {verdict} | {best_text} |"
                 )
         lines.append("")
+    lines.append(f"Cells where {labels[1]} is better / worse than {labels[0]} beyond noise:")
+    lines.append("")
+    for (title, m), (_, better, worse) in counts.items():
+        lines.append(f"- {title}, {m}: better {better}, worse {worse} (of {len(cells)})")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -19,9 +19,16 @@ comparable. Levels, from the user's options (``alpha`` = α, ``min_explained`` =
 
 At levels 4–5 a layer of i.i.d. random filters shows some redundancy too (chance edges); a
 layer's rank then says how far it is *above* that common floor. The levels never change what
-the report calls a layer's redundancy (level 1), only how the planner allocates the reduction
-that strict redundancy could not provide; the uniform ratio stays as the last resort, once
-level 5 has no redundancy left either. Levels equal to an earlier one are skipped.
+the report calls a layer's redundancy (level 1), only how many filters the planner takes from
+each group beyond what strict redundancy provided (which filters: the strict level's order,
+:mod:`graphs.allocation`); the uniform ratio stays as the last resort, once level 5 has no
+redundancy left either. Levels equal to an earlier one are skipped.
+
+Measured (issue 7, benchmarks/RESULTS.md): on the plan-quality benchmark annealing did not beat
+the uniform fallback. Letting the softer levels choose *which* filters go lost up to 85 points
+of accuracy before fine-tuning; letting them set only *how many* was within noise after
+fine-tuning for mrp, worse in 1 of 12 cells for srr and in 6 of 12 for hsc. So the planner's
+default is ``fallback="uniform"``; ``"anneal"`` is kept, opt-in, for experiments.
 """
 
 from __future__ import annotations

@@ -28,11 +28,12 @@ class AnalysisOptions(BaseModel):
         description="what the graph methods compare: filter weights, or the channels' "
         "feature maps (Pearson correlation; needs captured activations)",
     )
-    fallback: Literal["anneal", "uniform"] = Field(
-        "anneal",
-        description="planning with mrp/srr/hsc once no layer has redundancy left: 'anneal' "
-        "goes on pruning the most redundant layer at softer, still calibrated graph levels "
-        "(graphs.anneal), then uniformly; 'uniform' takes the rest by one uniform ratio at once",
+    fallback: Literal["uniform", "anneal"] = Field(
+        "uniform",
+        description="planning with mrp/srr/hsc once no layer has redundancy left: 'uniform' "
+        "takes the rest by one uniform ratio; 'anneal' first goes on pruning the most redundant "
+        "layer at softer, still calibrated graph levels (graphs.anneal) — measured worse on the "
+        "plan-quality benchmark (benchmarks/RESULTS.md), kept for experiments",
     )
 
     def parameters(self, method: str) -> dict[str, float | int | str]:

@@ -12,11 +12,14 @@ Allocation per method:
   cluster (clustering into exactly as many clusters as are kept when that is fewer);
 * ``l1`` / ``fpgm`` / ``random``: one uniform ratio for all groups, found by bisection.
 
-When no group has redundancy left and the target is not met, the remaining reduction is taken
-**uniformly**: one extra ratio for all groups (bisection), filters chosen by the method's own
-order (mrp: replaceability then L1; srr and hsc: L1 / cluster order). The plan's ``rule`` says
-whether and how much this fallback was used. Constraints (ignored groups, minimum channels,
-maximum ratio per group, ``round_to``) hold throughout.
+(The greedy rule itself is :func:`graphs.allocation.redundancy_allocation`.) When no group has
+redundancy left and the target is not met, the remaining reduction is taken **uniformly**: one
+extra ratio for all groups (bisection), filters chosen by the method's own order (mrp:
+replaceability then L1; srr and hsc: L1 / cluster order). With ``options.fallback="anneal"``
+the greedy rule first goes on at softer, still calibrated graph levels (:mod:`graphs.anneal`),
+which set how many filters each group loses; the uniform ratio is then the last resort. The
+plan's ``rule`` says how many channels each stage removed. Constraints (ignored groups, minimum
+channels, maximum ratio per group, ``round_to``) hold throughout.
 """
 
 from __future__ import annotations

@@ -417,10 +417,11 @@ def plan_cmd(
     fallback: Annotated[
         str,
         typer.Option(
-            help="mrp/srr/hsc once no layer is redundant: anneal (go on at softer calibrated "
-            "levels, then uniform) or uniform (one uniform ratio at once)"
+            help="mrp/srr/hsc once no layer is redundant: uniform (one uniform ratio) or "
+            "anneal (first go on at softer calibrated levels; measured worse, see "
+            "benchmarks/RESULTS.md)"
         ),
-    ] = "anneal",
+    ] = "uniform",
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:

@@ -75,7 +75,7 @@ def test_targets_are_met_within_two_points(method: str, ratio: float) -> None:
 
 @pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
 def test_fallback_once_redundancy_runs_out(method: str) -> None:
-    plan = _plan(method, Target(params=0.7), options=AnalysisOptions(fallback="uniform"))
+    plan = _plan(method, Target(params=0.7))  # the default
     assert "redundancy ran out, uniform fallback removed" in plan.rule
     assert "softer" not in plan.rule
     assert 0.7 <= plan.achieved["params"] <= 0.72
@@ -85,15 +85,17 @@ def test_fallback_once_redundancy_runs_out(method: str) -> None:
 
 @pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
 def test_annealing_goes_on_where_strict_redundancy_ran_out(method: str) -> None:
-    """Past the planted layer's strict redundancy the default goes on by softer levels; the
-    report's redundancy (the strict level) is the same either way."""
-    anneal = _plan(method, Target(params=0.7))
-    uniform = _plan(method, Target(params=0.7), options=AnalysisOptions(fallback="uniform"))
+    """Past the planted layer's strict redundancy, fallback="anneal" goes on by softer levels;
+    the report's redundancy (the strict level) is the same either way; uniform is the default."""
+    opts = AnalysisOptions(fallback="anneal")
+    anneal = _plan(method, Target(params=0.7), options=opts)
+    uniform = _plan(method, Target(params=0.7))
     assert "at softer calibration levels" in anneal.rule
     assert 0.7 <= anneal.achieved["params"] <= 0.72
     assert anneal.parameters["fallback"] == "anneal"
+    assert uniform.parameters["fallback"] == "uniform"
     assert [g.redundancy for g in anneal.groups] == [g.redundancy for g in uniform.groups]
-    assert anneal.to_json() == _plan(method, Target(params=0.7)).to_json()
+    assert anneal.to_json() == _plan(method, Target(params=0.7), options=opts).to_json()
 
 
 def _weakly_alike_chain() -> list[LayerWeights]:
