@@ -20,6 +20,8 @@ Parts (``--part``, default ``all``):
   with 1 worker and with 2. Reported: wall time, speed-up, each task's compute time (the
   scheduler's task stream), peak RSS of every worker, the scheduler and the driver
   (``ru_maxrss`` from inside, and the peak RssAnon/RssFile sampled from /proc every 0.2 s).
+  After its tasks the driver plans (mrp, 30 % of the params, from the cache the workers
+  filled), as a job with a target does: its time and the driver's VmHWM before and after.
   Before the clusters, block 0's two tasks run once without Dask (the same
   :func:`service.executor.analyze_group_task`, fresh process, 1 BLAS thread) as the reference
   for a task's own time and memory; ``--workers ""`` runs only that reference.
@@ -450,6 +452,22 @@ def dask_driver(address: str, ckpt: str, methods: list[str], cache_dir: str, out
         )
         t_tasks = time.perf_counter() - t1
     t_total = time.perf_counter() - t0
+    # Planning, as a job does after its tasks: mrp for 30 % of the params, in the driver, from
+    # the cache the workers filled. The planner holds one group's float64 vectors at a time.
+    from graphs.plan import Target
+    from graphs.planner import plan_layers
+    from service.cache import FileCache
+
+    st = _proc_status(os.getpid()) or {}
+    plan_hwm_before = st.get("VmHWM", float("nan"))
+    cache = FileCache(Path(cache_dir), namespace)
+    t2 = time.perf_counter()
+    plan = plan_layers(
+        parsed.layers, method="mrp", target=Target(params=0.3),
+        params_total=parsed.info.n_params, checkpoint_sha256=parsed.info.sha256, cache=cache,
+    )  # fmt: skip
+    t_plan = time.perf_counter() - t2
+    st = _proc_status(os.getpid()) or {}
 
     def peak() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -501,6 +519,16 @@ def dask_driver(address: str, ckpt: str, methods: list[str], cache_dir: str, out
         },
         "scheduler_peak_rss_mb": _mb(scheduler_peak),
         "cache_misses": analysis.misses,
+        "plan": {
+            "method": "mrp",
+            "target_params": 0.3,
+            "seconds": round(t_plan, 3),
+            "achieved": plan.achieved,
+            "rule": plan.rule,
+            "cache_misses": cache.misses,
+            "driver_hwm_before_mb": plan_hwm_before,
+            "driver_hwm_after_mb": st.get("VmHWM", float("nan")),
+        },
         "warnings": dict(Counter(str(w.message).splitlines()[0] for w in caught)),
         "redundancy": {
             m: report.summary.methods[m].redundancy_params_weighted
@@ -627,6 +655,13 @@ def part_dask(quick: bool, methods: list[str], workers: list[int], tmp: Path) ->
             f"{r['workers_rss_after_imports_mb']}) · scheduler {r['scheduler_peak_rss_mb']} · "
             f"driver {r['driver_peak_rss_mb']} (after imports "
             f"{r['driver_rss_after_imports_mb']}, after read {r['driver_rss_after_read_mb']})"
+        )
+        pl = r["plan"]
+        print(
+            f"plan mrp 30 % params in the driver: {pl['seconds']:.1f} s, cache misses "
+            f"{pl['cache_misses']}, driver VmHWM {pl['driver_hwm_before_mb']:.0f} → "
+            f"{pl['driver_hwm_after_mb']:.0f} MB · {pl['rule']}",
+            flush=True,
         )
         print(
             "sampled peaks MB (VmRSS / RssAnon / RssFile): "

@@ -67,15 +67,18 @@ def group_limit(n: int, c: Constraints) -> int:
 
 def graph_state(work: GroupWork, method: str) -> GroupState:
     """The greedy state of one group for ``method`` at ``work``'s calibration level."""
-    X, s, opts = work.V, work.seed, work.options
+    X, s, opts = work.fresh_vectors, work.seed, work.options
     if method == "mrp":
-        return MrpState(X, s, work.graph().graph, resolution=opts.resolution)
-    if method == "srr":
-        return SrrState(X, s, work.graph().graph)
-    if method == "hsc":
+        state: GroupState = MrpState(X, s, work.graph().graph, resolution=opts.resolution)
+    elif method == "srr":
+        state = SrrState(X, s, work.graph().graph)
+    elif method == "hsc":
         edges = {"alpha": opts.alpha, "min_explained": opts.min_explained}
-        return HscState(X, s, work.hsc(), k=opts.k, n_rounds=opts.n_rounds, **edges)
-    return GroupState(X, s)
+        state = HscState(X, s, work.hsc(), k=opts.k, n_rounds=opts.n_rounds, **edges)
+    else:
+        state = GroupState(X, s)
+    work.release()  # the state rebuilds the vectors when it needs them: one group at a time
+    return state
 
 
 @dataclass
@@ -128,7 +131,10 @@ def redundancy_allocation(
     states: dict[int, GroupState] = {}
     for level in range(max((len(v) for v in levels.values()), default=0)):
         if level == 1:  # softer levels only when strict redundancy ran out (one graph pass)
-            at = {gid: [w[0], *w[0].at_levels(levels[gid][1:])] for gid, w in at.items()}
+            for gid, w in at.items():
+                at[gid] = [w[0], *w[0].at_levels(levels[gid][1:])]
+                for level_work in at[gid]:
+                    level_work.release()
         for gid, w in at.items():
             if len(out.removed[gid]) < limit[gid] and level < len(w):
                 states[gid] = graph_state(w[level], method)

@@ -1,6 +1,8 @@
 """Per-group state for greedy allocation: a group's redundancy as its filters are removed.
 
-Each state holds one group's filters (n, d) and answers two questions for the planner:
+Each state holds one group's per-filter numbers (its filters (n, d) are rebuilt on demand by a
+``vectors`` callable, so a plan holds one group's vectors at a time) and answers two questions
+for the planner:
 ``redundancy()`` of the filters still kept, and ``take(n)``: the next filters to remove. Graph
 states keep the graph built once on all filters (same null threshold) and recompute only on the
 kept vertices, so a step costs a Leiden run or a covering on a subgraph, not a new similarity
@@ -10,6 +12,7 @@ matrix (the graph and the hsc clustering come from :class:`graphs.work.GroupWork
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,19 +32,36 @@ from graphs.srr import COVERING_WEIGHT, QUOTIENT_WEIGHT, greedy_covering_number
 
 @dataclass
 class GroupState:
-    """Base: importance-only ordering (no redundancy)."""
+    """Base: importance-only ordering (no redundancy).
 
-    X: np.ndarray  # (n, d) filter vectors
+    ``vectors`` returns the group's filters (n, d) when called; a state keeps only per-filter
+    numbers (and its graph), and calls it again when a refresh needs the vectors, so that a
+    plan holds one group's vectors at a time (LLM-sized checkpoints, issue 8).
+    """
+
+    vectors: Callable[[], np.ndarray]
     seed: int
     alive: np.ndarray = field(init=False)  # (n,) bool
-    U: np.ndarray = field(init=False)
-    l1: np.ndarray = field(init=False)
+    dead: np.ndarray = field(init=False)  # (n,) bool: all-zero filters
+    l1: np.ndarray = field(init=False)  # (n,)
 
     def __post_init__(self) -> None:
-        self.alive = np.ones(self.X.shape[0], dtype=bool)
-        self.U, norms = unit_rows(self.X)
+        X = self.vectors()
+        U, norms = unit_rows(X)
+        self.alive = np.ones(X.shape[0], dtype=bool)
         self.dead = norms == 0
-        self.l1 = np.abs(self.X).sum(axis=1)
+        self.l1 = np.abs(X).sum(axis=1)
+        self._setup(U)
+
+    @property
+    def n(self) -> int:
+        return int(self.alive.size)
+
+    def _setup(self, U: np.ndarray) -> None:
+        """What a subclass derives from the unit vectors (n, d) at the start."""
+
+    def _unit(self) -> np.ndarray:
+        return unit_rows(self.vectors())[0]
 
     def redundancy(self) -> float:
         return 0.0
@@ -55,8 +75,9 @@ class GroupState:
             self.alive[idx] = False
             self._refresh()
 
-    def _refresh(self) -> None:
-        """Recompute what depends on the kept filters (graph states)."""
+    def _refresh(self, U: np.ndarray | None = None) -> None:
+        """Recompute what depends on the kept filters (graph states); ``U``: the unit vectors
+        when the caller has them."""
 
     def take(self, n: int) -> list[int]:
         """Remove up to n redundant filters (dead ones first); returns their indices."""
@@ -77,11 +98,10 @@ class MrpState(GroupState):
     G: sp.csr_matrix  # (n, n) calibrated graph over all filters (graphs.calibrated)
     resolution: float = 1.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._refresh()
+    def _setup(self, U: np.ndarray) -> None:
+        self._refresh(U)
 
-    def _refresh(self) -> None:
+    def _refresh(self, U: np.ndarray | None = None) -> None:
         keep = np.flatnonzero(self.alive & ~self.dead)
         sub = self.G[keep][:, keep]
         edges, cos = upper_edges(sub)
@@ -89,12 +109,13 @@ class MrpState(GroupState):
             keep.size, edges, response_information(cos), resolution=self.resolution, seed=self.seed
         )
         self.k = int(labels.max()) + 1 if keep.size else 0
-        self.community = np.full(self.X.shape[0], -1, dtype=np.int64)
+        self.community = np.full(self.n, -1, dtype=np.int64)
         self.community[keep] = labels
-        self.replace = np.zeros(self.X.shape[0])
+        self.replace = np.zeros(self.n)
         self.replace[self.dead] = 1.0
         if keep.size:
-            self.replace[keep] = mean_cosine_to_group(self.U[keep], labels)
+            U = self._unit() if U is None else U
+            self.replace[keep] = mean_cosine_to_group(U[keep], labels)
 
     def redundancy(self) -> float:
         n = int(self.alive.sum())
@@ -132,18 +153,17 @@ class SrrState(GroupState):
 
     A: sp.csr_matrix  # (n, n) calibrated graph over all filters (graphs.calibrated)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._refresh()
+    def _setup(self, U: np.ndarray) -> None:
+        self._refresh(U)
 
-    def _refresh(self) -> None:
+    def _refresh(self, U: np.ndarray | None = None) -> None:
         keep = np.flatnonzero(self.alive & ~self.dead)
         sub = self.A[keep][:, keep].tocsr()
         k, comp = sp.csgraph.connected_components(sub, directed=False)
         cover = (greedy_covering_number(sub, ell=1) + greedy_covering_number(sub, ell=2)) / 2
         self.denom = QUOTIENT_WEIGHT * k + COVERING_WEIGHT * cover if keep.size else 0.0
         sizes = np.bincount(comp, minlength=k) if keep.size else np.zeros(0, dtype=np.int64)
-        self.in_structure = np.zeros(self.X.shape[0], dtype=bool)
+        self.in_structure = np.zeros(self.n, dtype=bool)
         self.in_structure[keep] = sizes[comp] > 1 if keep.size else False
 
     def redundancy(self) -> float:
@@ -178,18 +198,14 @@ class HscState(GroupState):
     k: int = 5
     n_rounds: int = 3
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _setup(self, U: np.ndarray) -> None:
         labels = self.result.clusters
-        self.is_rep = np.zeros(self.X.shape[0], dtype=bool)
+        self.is_rep = np.zeros(self.n, dtype=bool)
         self.is_rep[self.result.representatives] = True
         # similarity of each member to its cluster's medoid: most similar goes first
         medoid_of = {int(labels[r]): int(r) for r in self.result.representatives}
         self.to_medoid = np.array(
-            [
-                float(self.U[i] @ self.U[medoid_of[int(c)]]) if c >= 0 else 1.0
-                for i, c in enumerate(labels)
-            ]
+            [float(U[i] @ U[medoid_of[int(c)]]) if c >= 0 else 1.0 for i, c in enumerate(labels)]
         )
 
     def redundancy(self) -> float:
@@ -212,7 +228,7 @@ class HscState(GroupState):
         """Kept indices when fewer filters than clusters may stay: spectral clustering into
         n_keep clusters of the live filters, keeping each cluster's medoid."""
         return hsc(
-            self.X,
+            self.vectors(),
             k=self.k,
             alpha=self.alpha,
             min_explained=self.min_explained,

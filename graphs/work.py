@@ -82,7 +82,7 @@ class GroupWork:
         features: np.ndarray | None = None,
     ) -> None:
         self.group = group
-        self.X = group.vectors()
+        self._X: np.ndarray | None = None
         self.features = features
         self.seed = layer_seed(seed, group.name)
         self.options = options or AnalysisOptions()
@@ -94,14 +94,29 @@ class GroupWork:
         self._ci: CiLayerResult | None = None
 
     @property
+    def X(self) -> np.ndarray:
+        """The group's filter vectors (n_filters, d), float64 (built on first use)."""
+        if self._X is None:
+            self._X = self.group.vectors()
+        return self._X
+
+    @property
     def V(self) -> np.ndarray:
         """The vectors the graph methods compare, (n_filters, d): weights or feature maps."""
         if self._V is None:
-            if self.options.vectors == "weights":
-                self._V = self.X
-            else:
-                self._V = activation_vectors(self._maps("data-aware graphs"))
+            self._V = self.X if self.options.vectors == "weights" else self.fresh_vectors()
         return self._V
+
+    def fresh_vectors(self) -> np.ndarray:
+        """:attr:`V` built anew and not kept: planning's per-group states call it when they
+        need the vectors, so that a plan holds one group's vectors at a time, not the model's."""
+        if self.options.vectors == "weights":
+            return self.group.vectors() if self._X is None else self._X
+        return activation_vectors(self._maps("data-aware graphs"))
+
+    def release(self) -> None:
+        """Drop the vectors (rebuilt on demand); the graph, clustering, CI and digests stay."""
+        self._X = self._V = None
 
     def _maps(self, what: str) -> np.ndarray:
         if self.features is None:
