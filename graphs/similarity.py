@@ -184,10 +184,10 @@ def calibrated_threshold(
     Returns:
         ``(threshold, null_dim)``.
     """
-    if not 0 <= min_explained < 1:
+    if not 0 <= min_explained < 1:  # before the fit: a bad option fails at once
         raise InvalidInputError(f"min_explained must be in [0, 1), got {min_explained}")
     m = null_dimension(U)
-    return max(_threshold_for_dim(U.shape[0], m, alpha), float(np.sqrt(min_explained))), m
+    return level_threshold(U.shape[0], m, alpha=alpha, min_explained=min_explained), m
 
 
 def level_threshold(n: int, null_dim: float, *, alpha: float, min_explained: float) -> float:
