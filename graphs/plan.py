@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from graphs._frozen import Frozen
+from graphs.fold import Compensation
 from graphs.manifest import Heads, ParamAxis, Unit
 
 PLAN_VERSION = "1.0"
@@ -93,6 +94,12 @@ class PruningPlan(Frozen):
     flops_after: int | None
     achieved: dict[str, float] = Field(description="fraction of params/flops removed")
     rule: str = Field(description="how channels were allocated, including any fallback")
+    compensation: Compensation | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="folds that let the kept channels take over the removed ones' role "
+        "(graphs.fold); their matrices are in the sidecar the plan pins by sha256",
+    )
 
     def to_json(self, *, indent: int | None = 2) -> str:
         return self.model_dump_json(indent=indent)
@@ -106,4 +113,16 @@ class PruningPlan(Frozen):
                 raise ValueError(f"group {g.name}: indices out of range [0, {g.channels_before})")
             if g.channels_after != g.channels_before - len(g.remove):
                 raise ValueError(f"group {g.name}: channels_after does not match the indices")
+        if self.compensation is not None:
+            by_id = {g.id: g for g in self.groups}
+            for f in self.compensation.folds:
+                gp = by_id.get(f.group)
+                if gp is None:
+                    raise ValueError(f"fold {f.consumer}: the plan has no group {f.group}")
+                if f.removed != gp.remove or len(f.kept) + len(f.removed) != gp.channels_before:
+                    raise ValueError(
+                        f"fold {f.consumer}: kept/removed do not match group {gp.name}'s plan"
+                    )
+                if f.kept and f.kept[-1] >= gp.channels_before:
+                    raise ValueError(f"fold {f.consumer}: kept index out of range")
         return self
