@@ -14,6 +14,7 @@ from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
 from graphs.options import AnalysisOptions, layer_seed
+from graphs.removable import removable
 from graphs.report import (
     ALL_METHODS,
     DATA_METHODS,
@@ -22,6 +23,7 @@ from graphs.report import (
     LayerReport,
     MethodResult,
     MethodSummary,
+    Removal,
     Report,
     SkippedLayer,
     Summary,
@@ -224,6 +226,16 @@ def assemble_report(
             )
         )
     all_skipped = grouping.skipped
+    removal = {
+        m: removable(
+            grouping.groups,
+            [float(r.methods[m].redundancy or 0.0) for r in reports],
+            manifest=grouping.manifest,
+            params_total=checkpoint.n_params,
+        )
+        for m in methods
+        if all(r.methods[m].redundancy is not None for r in reports)
+    }
     return Report(
         checkpoint=checkpoint,
         methods=list(methods),
@@ -237,6 +249,7 @@ def assemble_report(
             checkpoint,
             len(all_skipped),
             _group_macs(grouping.groups, grouping.manifest),
+            removal,
         ),
     )
 
@@ -262,8 +275,11 @@ def summarize(
     checkpoint: CheckpointInfo,
     n_skip: int,
     macs: tuple[list[float], int] | None = None,
+    removal: Mapping[str, Removal] | None = None,
 ) -> Summary:
-    """Model-level figures: params- (and FLOPs-) weighted redundancy, the most redundant layers."""
+    """Model-level figures: params- (and FLOPs-) weighted redundancy, the most redundant layers,
+    and per method what removing the redundant channels would remove (``removal``, from
+    :func:`graphs.removable.removable`)."""
     params = np.array([layer.params for layer in layers], dtype=np.float64)
     flops_w = np.array(macs[0], dtype=np.float64) if macs is not None else None
     per_method: dict[str, MethodSummary] = {}
@@ -286,6 +302,7 @@ def summarize(
             redundancy_params_weighted=round(weighted, 6),
             redundancy_flops_weighted=by_flops,
             most_redundant=[layers[i].name for i in order[:5] if r[i] > 0],
+            removable=(removal or {}).get(m),
         )
     return Summary(
         n_layers=len(layers),

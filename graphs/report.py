@@ -13,7 +13,8 @@ from pydantic import Field
 
 from graphs._frozen import Frozen
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+"""1.1: ``MethodSummary.removable`` (the fraction of the model its redundant channels are)."""
 
 Method = Literal["mrp", "srr", "hsc", "l1", "fpgm", "ci"]
 ALL_METHODS: tuple[Method, ...] = ("mrp", "srr", "hsc", "l1", "fpgm")
@@ -133,12 +134,43 @@ class SkippedLayer(Frozen):
     reason: str
 
 
+class LayerRemoval(Frozen):
+    """What removing one group's redundant channels alone removes."""
+
+    name: str = Field(description="the group's producer layer")
+    channels: int = Field(description="its redundant channels: round(redundancy · n_filters)")
+    params: float = Field(description="fraction of the model's parameters they remove")
+    flops: float | None = Field(description="fraction of the model's MACs (null: no manifest)")
+
+
+class Removal(Frozen):
+    """The model-level figure: what removing every group's redundant channels would remove
+    (:mod:`graphs.removable`): the producers' rows, biases and norm entries and the consumers'
+    input slices, each parameter once. Model outputs (classifiers) are left whole."""
+
+    params: float = Field(ge=0, le=1, description="fraction of the model's parameters")
+    flops: float | None = Field(description="fraction of its MACs; null without a manifest")
+    params_removed: int
+    flops_removed: int | None
+    exact: bool = Field(description="from a manifest; false: estimated from the layers alone")
+    largest: list[LayerRemoval] = Field(
+        description="up to five groups whose redundant channels remove the most (FLOPs when "
+        "known, else parameters), most first"
+    )
+
+
 class MethodSummary(Frozen):
-    redundancy_params_weighted: float | None
+    redundancy_params_weighted: float | None = Field(
+        description="mean of the layers' own redundancy weighted by their parameters (what "
+        "fraction of the analysed layers' filters are redundant, not of the model: see removable)"
+    )
     redundancy_flops_weighted: float | None = Field(
-        description="null when output sizes are unknown (no manifest)"
+        description="the same weighted by MACs; null when output sizes are unknown (no manifest)"
     )
     most_redundant: list[str] = Field(description="up to five layers, most redundant first")
+    removable: Removal | None = Field(
+        None, description="null for importance-only methods and in reports before schema 1.1"
+    )
 
 
 class Summary(Frozen):
@@ -159,6 +191,12 @@ class Report(Frozen):
     layers: list[LayerReport]
     skipped: list[SkippedLayer]
     summary: Summary
+    notes: list[str] = Field(
+        default_factory=list,
+        exclude_if=lambda v: not v,
+        description="what the analysis could not do and why, e.g. no FLOPs: an ONNX model's "
+        "shapes are symbolic (absent when empty)",
+    )
 
     def to_json(self, *, indent: int | None = 2) -> str:
         return self.model_dump_json(indent=indent)

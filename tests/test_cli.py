@@ -55,7 +55,7 @@ def test_json_is_the_report_and_byte_identical(ckpt: Path, tmp_path: Path) -> No
     assert out1 == out2
     assert out_file.read_text() == out1
     data = json.loads(out1)
-    assert data["schema_version"] == "1.0" and data["seed"] == 3
+    assert data["schema_version"] == "1.1" and data["seed"] == 3
     assert len(data["checkpoint"]["sha256"]) == 64
     layer = data["layers"][0]
     assert {"name", "kind", "shape", "n_filters", "methods"} <= set(layer)
