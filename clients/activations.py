@@ -14,8 +14,15 @@ layer are kept, both chosen deterministically from ``seed`` (the same pixel posi
 sample of a layer). A linear layer's output (N, C) is stored as one sample whose "pixels" are
 the N inputs.
 
-The result saves to safetensors: one float32 tensor (samples, channels, pixels) per capture
-point and, in the metadata, which layer reads which tensor and its original shape::
+It also records, for every channel-mixing consumer (a conv that is not depthwise, or a linear
+layer), the second moment S = Σ [x, 1]ᵀ[x, 1] of its input over every position of every sample
+read (:mod:`clients.gram`): what compensated pruning folds with. ``maps=False`` records only
+those statistics (the maps are the large part of the file).
+
+The result saves to safetensors (format version 2): one float32 tensor (samples, channels,
+pixels) per capture point, one float64 tensor ``gram/<module>`` per consumer and, in the
+metadata, which layer reads which tensor, its original shape, the consumers without statistics
+(``gram_skipped``) and the number of samples read::
 
     acts = capture_activations(model, loader, max_samples=256, seed=0)
     acts.save("acts.safetensors")                 # upload with PruneGraphClient.upload_activations
@@ -24,7 +31,7 @@ point and, in the metadata, which layer reads which tensor and its original shap
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,17 +39,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from clients.capture_points import capture_points, trace
+from clients.gram import GRAM_PREFIX, MAX_LINEAR_INPUTS, GramAccumulator, safetensors_bytes
+
 __all__ = ["FORMAT", "Activations", "capture_activations"]
 
 FORMAT = "prunegraph-activations"
-VERSION = "1"
+VERSION = "2"  # 2: second moments (gram/<module>, gram_skipped, samples)
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_ELEMENTWISE = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
-)  # fmt: skip
 
 
 @dataclass
@@ -56,6 +60,9 @@ class Activations:
         sources: capture key -> where the tensor was taken: ``out:module#k`` (the output of
             the module's k-th call in a forward pass) or ``in:module#k`` (its input).
         shapes: capture key -> the captured output's shape per sample, e.g. [C, H, W].
+        statistics: consumer module name -> its input's S, float64 (c + 1, c + 1), constant last.
+        statistics_skipped: consumer module name -> why it has no S.
+        samples: how many samples were read from the batches.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -63,6 +70,9 @@ class Activations:
     sources: dict[str, str] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     seed: int = 0
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+    statistics_skipped: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -72,6 +82,8 @@ class Activations:
             "sources": json.dumps(self.sources, sort_keys=True),
             "shapes": json.dumps(self.shapes, sort_keys=True),
             "seed": str(self.seed),
+            "gram_skipped": json.dumps(self.statistics_skipped, sort_keys=True),
+            "samples": str(self.samples),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -81,7 +93,8 @@ class Activations:
         library orders metadata at random), so the same capture is the same upload id.
         """
         out = Path(path)
-        out.write_bytes(_safetensors_bytes(self.tensors, self.metadata()))
+        grams = {GRAM_PREFIX + n: s.to(torch.float64) for n, s in self.statistics.items()}
+        out.write_bytes(safetensors_bytes({**self.tensors, **grams}, self.metadata()))
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -90,165 +103,14 @@ class Activations:
         shared = {k: t.numpy() for k, t in self.tensors.items()}
         return {layer: shared[key] for layer, key in self.layers.items()}
 
+    def stats(self) -> dict[str, np.ndarray]:
+        """Consumer module name -> S as float64 numpy (c + 1, c + 1): what the planner takes as
+        ``stats``."""
+        return {name: s.numpy() for name, s in self.statistics.items()}
+
     def __getitem__(self, layer: str) -> torch.Tensor:
         """The (samples, channels, pixels) maps of a prunable layer."""
         return self.tensors[self.layers[layer]]
-
-
-def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors encoding of float32 tensors, header keys sorted."""
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs: list[bytes] = []
-    offset = 0
-    for name in sorted(tensors):
-        array = tensors[name].detach().to("cpu", torch.float32).contiguous().numpy()
-        data = array.astype("<f4", copy=False).tobytes()
-        end = offset + len(data)
-        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, end]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
-    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
-    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
-
-
-@dataclass(eq=False)
-class _Event:
-    """A module call starting (``pre``: its input) or ending (``post``: its output)."""
-
-    kind: str  # "pre" or "post"
-    name: str
-    index: int  # how many times this module had run before in this forward pass
-    tensor: torch.Tensor | None  # the first input (pre) or the output (post)
-
-
-def _trace(model: nn.Module, x: torch.Tensor) -> list[_Event]:
-    """Every module call of one forward pass as pre/post events, in order. The events hold
-    their tensors, so tensor ids are unique for the whole trace."""
-    events: list[_Event] = []
-    counts: dict[str, int] = {}
-
-    def pre(name: str) -> Callable[[nn.Module, tuple[object, ...]], None]:
-        def record(_: nn.Module, args: tuple[object, ...]) -> None:
-            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            events.append(_Event("pre", name, counts.get(name, 0), first))
-
-        return record
-
-    def post(name: str) -> Callable[[nn.Module, tuple[object, ...], object], None]:
-        def record(_: nn.Module, __: tuple[object, ...], out: object) -> None:
-            index = counts.get(name, 0)
-            counts[name] = index + 1
-            events.append(
-                _Event("post", name, index, out if isinstance(out, torch.Tensor) else None)
-            )
-
-        return record
-
-    handles = []
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(pre(name)))
-        handles.append(module.register_forward_hook(post(name)))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return events
-
-
-def _point(e: _Event) -> str:
-    return f"{'in' if e.kind == 'pre' else 'out'}:{e.name}#{e.index}"
-
-
-def _follow(events: list[_Event], pos: int, modules: dict[str, nn.Module]) -> int:
-    """From the tensor of event ``pos``, through element-wise modules applied to it."""
-    out = events[pos].tensor
-    k = pos + 1
-    while k < len(events) and out is not None:
-        e = events[k]
-        if e.kind == "pre" and e.tensor is out and isinstance(modules[e.name], _ELEMENTWISE):
-            end = next(
-                j for j in range(k + 1, len(events))
-                if events[j].kind == "post" and events[j].name == e.name
-                and events[j].index == e.index
-            )  # fmt: skip
-            nxt = events[end].tensor
-            if nxt is None or nxt.shape != out.shape:
-                break
-            pos, out, k = end, nxt, end
-        k += 1
-    return pos
-
-
-def _capture_points(
-    model: nn.Module, events: list[_Event], layers: Sequence[str]
-) -> dict[str, str]:
-    """layer name -> where its post-activation maps are: ``out:module#k`` or ``in:module#k``."""
-    modules = dict(model.named_modules())
-    points: dict[str, str] = {}
-    for layer in layers:
-        pos = next(
-            (k for k, e in enumerate(events)
-             if e.kind == "post" and e.name == layer and e.index == 0 and e.tensor is not None),
-            None,
-        )  # fmt: skip
-        if pos is None:
-            continue
-        pos = _follow(events, pos, modules)
-        out = events[pos].tensor
-        assert out is not None
-        if not any(e.kind == "pre" and e.tensor is out for e in events[pos + 1 :]):
-            # Only functional code reads it (F.relu, a residual add): take the first tensor made
-            # after it by such code, with its shape, that a module then reads; else the
-            # enclosing block's output.
-            new = _made_from(events, pos, layer)
-            pos = _follow(events, new, modules) if new is not None else _block_output(events, pos)
-        points[layer] = _point(events[pos])
-    return points
-
-
-def _made_from(events: list[_Event], pos: int, layer: str) -> int | None:
-    """The first tensor with the shape of the one at ``pos`` that did not exist before it, that
-    a module then reads, and that no module outside the layer's own ancestors made: what the
-    functional code after the layer (F.relu, a residual add, then the block) made of it."""
-    out = events[pos].tensor
-    assert out is not None
-    seen = {id(e.tensor) for e in events[: pos + 1] if e.tensor is not None}
-    made_by: dict[int, str] = {}
-    for k in range(pos + 1, len(events)):
-        e = events[k]
-        if e.tensor is None:
-            continue
-        if e.kind == "post":
-            made_by.setdefault(id(e.tensor), e.name)
-            continue
-        maker = made_by.get(id(e.tensor))
-        ours = maker is None or maker == "" or layer.startswith(maker + ".")
-        if e.tensor.shape == out.shape and id(e.tensor) not in seen and ours:
-            return k
-    return None
-
-
-def _block_output(events: list[_Event], pos: int) -> int:
-    """Position of the innermost enclosing module's output that has the same shape as the
-    tensor at ``pos`` but is a new tensor (the block's output after a functional add)."""
-    out = events[pos].tensor
-    assert out is not None
-    prefix = events[pos].name
-    while "." in prefix:
-        prefix = prefix.rsplit(".", 1)[0]
-        parent = next(
-            (k for k in range(pos + 1, len(events))
-             if events[k].kind == "post" and events[k].name == prefix),
-            None,
-        )  # fmt: skip
-        found = events[parent].tensor if parent is not None else None
-        if parent is None or found is None or found.shape != out.shape:
-            return pos
-        if found is not out:
-            return parent
-    return pos
 
 
 def _inputs(batch: object) -> torch.Tensor:
@@ -278,23 +140,35 @@ def capture_activations(
     max_samples: int = 256,
     max_pixels: int = 256,
     seed: int = 0,
+    maps: bool = True,
+    statistics: bool = True,
+    max_linear_inputs: int = MAX_LINEAR_INPUTS,
 ) -> Activations:
-    """Post-activation feature maps of the prunable layers of ``model``.
+    """Post-activation feature maps of the prunable layers of ``model``, and the second moments
+    of the inputs of its channel-mixing consumers.
 
     Args:
         model: the live model (put in eval mode for the capture, restored afterwards).
         batches: input tensors, or (inputs, labels) pairs (a DataLoader works as it is).
-        layers: names of prunable layers (as in ``model.named_modules()`` and the report);
-            default: every Conv/Linear.
-        max_samples: samples kept in all (the first ones, in batch order).
-        max_pixels: positions kept per sample and layer (a seeded random subset).
+        layers: names of prunable layers whose maps are kept (as in ``model.named_modules()``
+            and the report); default: every Conv/Linear. Statistics cover every consumer.
+        max_samples: samples read in all (the first ones, in batch order), for the maps and the
+            statistics alike.
+        max_pixels: positions kept per sample and layer in the maps (a seeded random subset);
+            the statistics use every position.
         seed: seed of the pixel subsets.
+        maps: keep feature maps (needed by ``ci`` and ``vectors="activations"``).
+        statistics: record S = Σ [x, 1]ᵀ[x, 1] of every consumer input (compensation).
+        max_linear_inputs: linear consumers with more inputs get no S (see ``statistics_skipped``).
 
     Returns:
-        :class:`Activations`; tensors are float32 (samples, channels, pixels) on the CPU.
+        :class:`Activations`; maps are float32 (samples, channels, pixels), statistics float64
+        (c + 1, c + 1), on the CPU.
     """
     if max_samples < 1 or max_pixels < 1:
         raise ValueError("max_samples and max_pixels must be at least 1")
+    if not maps and not statistics:
+        raise ValueError("nothing to capture: set maps=True, statistics=True or both")
     named = dict(model.named_modules())
     wanted = list(layers) if layers is not None else [
         n for n, m in named.items() if isinstance(m, _PRUNABLE)
@@ -302,12 +176,17 @@ def capture_activations(
     unknown = [n for n in wanted if not isinstance(named.get(n), _PRUNABLE)]
     if unknown:
         raise ValueError(f"not Conv/Linear layers of the model: {', '.join(unknown[:5])}")
+    gram = GramAccumulator(model, max_linear_inputs=max_linear_inputs) if statistics else None
     was_training = model.training
     model.eval()
     try:
-        return _capture(model, batches, wanted, max_samples, max_pixels, seed)
+        acts = _capture(model, batches, wanted if maps else [], max_samples, max_pixels, seed, gram)
     finally:
         model.train(was_training)
+    if gram is not None:
+        acts.statistics = gram.grams()
+        acts.statistics_skipped = dict(sorted(gram.skipped.items()))
+    return acts
 
 
 class _Sink:
@@ -397,6 +276,7 @@ def _capture(
     max_samples: int,
     max_pixels: int,
     seed: int,
+    gram: GramAccumulator | None,
 ) -> Activations:
     sink: _Sink | None = None
     points: dict[str, str] = {}
@@ -405,26 +285,34 @@ def _capture(
         if taken >= max_samples:
             break
         x = _inputs(batch)
-        if sink is None:  # find the capture points on one sample (all outputs are kept)
-            points = _capture_points(model, _trace(model, x[:1]), wanted)
+        if sink is None and wanted:  # find the capture points on one sample (all outputs kept)
+            points = capture_points(model, trace(model, x[:1]), wanted)
             missing = [n for n in wanted if n not in points]
             if missing:
                 raise ValueError(f"layers that did not run in the forward pass: {missing[:5]}")
             sink = _Sink(points, max_pixels, max_samples, seed)
-        sink.n_take = min(x.shape[0], max_samples - taken)
-        handles = _hooks(model, sink)
+        n_take = min(x.shape[0], max_samples - taken)
+        handles = []
+        if sink is not None:
+            sink.n_take = n_take
+            handles = _hooks(model, sink)
+        if gram is not None:
+            gram.__enter__()
         try:
-            model(x)
+            model(x[:n_take] if n_take < x.shape[0] else x)
         finally:
             for h in handles:
                 h.remove()
-        taken += sink.n_take
-    if sink is None or taken == 0:
+            if gram is not None:
+                gram.__exit__()
+        taken += n_take
+    if taken == 0:
         raise ValueError("no calibration batch was given")
     return Activations(
-        tensors=sink.tensors(),
-        layers={layer: sink.keys[p] for layer, p in points.items()},
-        sources={key: point for point, key in sink.keys.items()},
-        shapes=sink.shapes,
+        tensors=sink.tensors() if sink is not None else {},
+        layers={layer: sink.keys[p] for layer, p in points.items()} if sink else {},
+        sources={key: point for point, key in sink.keys.items()} if sink else {},
+        shapes=sink.shapes if sink is not None else {},
         seed=seed,
+        samples=taken,
     )

@@ -179,25 +179,25 @@ def _own_checkpoint(s: Session, checkpoint_id: str, user: str) -> CheckpointRow:
 def _store_activations(
     state: State, upload: Upload, user: str, checkpoint_id: str
 ) -> ActivationsOut:
-    from service.activations import check_activations, read_activations
+    from service.activations import check_capture, read_capture
     from service.ingest import read_checkpoint
 
     try:
         with state.sessions() as s:
             _own_checkpoint(s, checkpoint_id, user)
-        acts = read_activations(upload.tmp_path, name=upload.filename or "the activations")
+        capture = read_capture(upload.tmp_path, name=upload.filename or "the activations")
         parsed = read_checkpoint(
             state.store.path(checkpoint_id), name=f"checkpoint {checkpoint_id}"
         )
-        check_activations(acts, parsed.layers)
+        check_capture(capture, parsed.layers)
     except BaseException:
         upload.tmp_path.unlink(missing_ok=True)
         raise
     state.activations.commit(upload)
-    n_samples = max(int(m.shape[0]) for m in acts.values())
+    n_samples = capture.n_samples
     row = ActivationsRow(
         id=upload.sha256, owner=user, checkpoint_id=checkpoint_id,
-        n_layers=len(acts), n_samples=n_samples,
+        n_layers=len(capture.maps or capture.statistics), n_samples=n_samples,
     )  # fmt: skip
     try:
         with state.sessions.begin() as s:

@@ -1,0 +1,135 @@
+"""Second-moment statistics in an activations file, checked (issue 14 contract A).
+
+``clients.capture_activations`` writes, per channel-mixing consumer (a conv that is not
+depthwise, or a linear layer), a float64 tensor ``gram/<module name>`` holding
+S = Σ [x, 1]ᵀ[x, 1] of the consumer's input: shape (c + 1, c + 1), constant last, so
+``S[c, c]`` is the number of rows. The file's metadata ``gram_skipped`` (a JSON object) says
+which consumers have none and why.
+
+:func:`read_statistics` checks what the file alone can tell (square, finite, symmetric, a
+non-negative diagonal and a positive row count); :func:`check_statistics` checks the names and
+widths against the checkpoint's layers. The result, module name -> S, is what the planner takes
+as ``stats``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from graphs.errors import CheckpointError, InvalidInputError
+from graphs.layers import LayerWeights
+
+__all__ = ["GRAM_PREFIX", "check_statistics", "read_statistics", "skipped_statistics"]
+
+GRAM_PREFIX = "gram/"
+_SYMMETRY = 1e-6  # relative to the largest entry
+_RECAPTURE = "Capture them again with clients.capture_activations(model, batches).save(path)."
+_SAME_MODEL = "Capture the statistics from the model this checkpoint was saved from."
+
+
+def read_statistics(tensors: Mapping[str, np.ndarray], display: str) -> dict[str, np.ndarray]:
+    """Module name -> S (float64 (c + 1, c + 1)) from the file's ``gram/<module>`` tensors.
+
+    Raises:
+        CheckpointError: a Gram that is not square, not finite (NaN, Inf), not symmetric, has a
+            negative diagonal or no rows.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key in sorted(k for k in tensors if k.startswith(GRAM_PREFIX)):
+        name = key[len(GRAM_PREFIX) :]
+        raw = tensors[key]
+        if raw.ndim != 2 or raw.shape[0] != raw.shape[1] or raw.shape[0] < 2:
+            raise CheckpointError(
+                f"{display}: the statistics of {name!r} have shape {list(raw.shape)}, not "
+                "(c + 1, c + 1) with c >= 1",
+                hint=_RECAPTURE,
+            )
+        if raw.dtype.kind != "f":
+            raise CheckpointError(
+                f"{display}: the statistics of {name!r} are {raw.dtype}, not floating point",
+                hint=_RECAPTURE,
+            )
+        s = np.array(raw, dtype=np.float64)
+        if not np.isfinite(s).all():
+            raise CheckpointError(
+                f"{display}: the statistics of {name!r} contain NaN or Inf",
+                hint="Capture them from a model whose forward pass is finite on the batches.",
+            )
+        scale = float(np.abs(s).max())
+        if float(np.abs(s - s.T).max()) > _SYMMETRY * scale:
+            raise CheckpointError(
+                f"{display}: the statistics of {name!r} are not symmetric (a second-moment "
+                "matrix [x, 1]ᵀ[x, 1] is)",
+                hint=_RECAPTURE,
+            )
+        if float(s[-1, -1]) <= 0 or float(np.diag(s).min()) < 0:
+            raise CheckpointError(
+                f"{display}: the statistics of {name!r} have "
+                + ("no rows (S[c, c] <= 0)" if float(s[-1, -1]) <= 0 else "a negative diagonal")
+                + ": they are not a second-moment matrix",
+                hint=_RECAPTURE,
+            )
+        out[name] = s
+    return out
+
+
+def skipped_statistics(meta: Mapping[str, str], display: str) -> dict[str, str]:
+    """The file's ``gram_skipped`` metadata: consumer name -> why it has no statistics."""
+    text = meta.get("gram_skipped")
+    if text is None:
+        return {}
+    try:
+        skipped = json.loads(text)
+        if not isinstance(skipped, dict):
+            raise ValueError
+    except ValueError:
+        raise CheckpointError(
+            f"{display}: its 'gram_skipped' metadata is not a JSON object", hint=_RECAPTURE
+        ) from None
+    return {str(k): str(v) for k, v in skipped.items()}
+
+
+def _widths(layer: LayerWeights) -> set[int]:
+    """Input widths the layer may have: in/groups · groups; a conv whose groups nobody knows
+    (``groups_source == "default"``) may be grouped: any divisor of its outputs."""
+    per_group = int(layer.weight.shape[1])
+    if layer.kind == "linear":
+        return {per_group}
+    if layer.groups_source != "default":
+        return {per_group * layer.groups}
+    out = layer.n_filters
+    return {per_group * g for g in range(1, out + 1) if out % g == 0}
+
+
+def check_statistics(stats: Mapping[str, np.ndarray], layers: Sequence[LayerWeights]) -> None:
+    """Refuse statistics that do not belong to the checkpoint: unknown layers or other widths.
+
+    Raises:
+        InvalidInputError: naming the first mismatches and what to do.
+    """
+    by_name = {layer.name: layer for layer in layers}
+    unknown = sorted(set(stats) - set(by_name))
+    if unknown:
+        raise InvalidInputError(
+            "the statistics name layers the checkpoint does not have as conv/linear layers: "
+            + ", ".join(unknown[:5])
+            + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""),
+            hint=_SAME_MODEL,
+        )
+    wrong = []
+    for name, s in sorted(stats.items()):
+        layer = by_name[name]
+        c = s.shape[0] - 1
+        widths = _widths(layer)
+        if c not in widths:
+            expected = (
+                f"{min(widths)}" if len(widths) == 1 else f"{layer.weight.shape[1]} per conv group"
+            )
+            wrong.append(f"{name} has {c} inputs in the statistics, {expected} in the checkpoint")
+    if wrong:
+        raise InvalidInputError(
+            f"the statistics do not fit the checkpoint: {'; '.join(wrong[:3])}", hint=_SAME_MODEL
+        )
