@@ -1,13 +1,14 @@
 """safetensors checkpoints, single files and sharded folders, read lazily through ``mmap``.
 
 Every file's header is parsed and validated before any tensor is touched: JSON object, entries
-with a known layout, dimensions in [0, 2**40], ``data_offsets`` inside the data section and
-exactly as long as the shape needs, no two tensors sharing bytes. Then each file's data section
-is memory-mapped read-only and every tensor becomes a read-only numpy view of it (bf16 as an
-``ml_dtypes.bfloat16`` view): nothing is read until a layer is analysed, and
-:func:`graphs.layers.release` drops a layer's pages from the process's resident memory once its
-float64 vectors exist. Peak memory is therefore about the largest group's vectors in float64
-(plus its similarity graph), whatever the size of the checkpoint.
+with a known layout, dimensions in [0, 2**40] and at most 2**40 elements (zero dimensions left
+out, even for an empty tensor), ``data_offsets`` inside the data section and exactly as long as
+the shape needs (all sizes in exact integer arithmetic, before any allocation), no two tensors
+sharing bytes. Then each file's data section is memory-mapped read-only and every tensor becomes
+a read-only numpy view of it (bf16 as an ``ml_dtypes.bfloat16`` view): nothing is read until a
+layer is analysed, and :func:`graphs.layers.release` drops a layer's pages from the process's
+resident memory once its float64 vectors exist. Peak memory is therefore about the largest
+group's vectors in float64 (plus its similarity graph), whatever the size of the checkpoint.
 
 A sharded checkpoint is a folder with ``model.safetensors.index.json`` (``{"weight_map":
 {tensor: shard file}}``, as written by ``transformers``' ``save_pretrained``). Each shard is
@@ -60,6 +61,7 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024
 MAX_HEADER = 100 * 1024 * 1024
 MAX_SHARDS = 512  # each mapped shard keeps a file descriptor while its tensors are alive
 _ST_MAX_DIM = 2**40
+_ST_MAX_ELEMENTS = 2**40  # of a tensor, its zero dimensions left out
 _ST_MAX_NDIM = 32
 _ST_DTYPES = {
     "F64": "<f8",
@@ -316,8 +318,10 @@ def _st_no_overlap(display: str, entries: Mapping[str, Entry]) -> None:
 def _st_entry(display: str, key: str, entry: object, data_len: int) -> Entry:
     """Validated (dtype, shape, begin, end) of one header entry; offsets within the data.
 
-    Every dimension lies in [0, 2**40] and, for a dtype prunegraph reads, the entry's byte range
-    holds exactly ``prod(shape) * itemsize`` bytes.
+    Every dimension lies in [0, 2**40], so does the product of the non-zero ones (an empty
+    tensor of shape ``[2**40, 2**40, 2**40, 0]`` would make numpy refuse even to create it), and,
+    for a dtype prunegraph reads, the entry's byte range holds exactly ``prod(shape) * itemsize``
+    bytes. Sizes are computed with Python integers, before anything is allocated.
     """
     dtype = entry.get("dtype") if isinstance(entry, dict) else None
     shape = entry.get("shape") if isinstance(entry, dict) else None
@@ -334,6 +338,13 @@ def _st_entry(display: str, key: str, entry: object, data_len: int) -> Entry:
     ):
         raise corrupt(display, f"the safetensors header entry for {key!r} is malformed")
     begin, end = offsets
+    extent = math.prod(d for d in shape if d)  # exact (Python ints): no overflow, no allocation
+    if extent > _ST_MAX_ELEMENTS:
+        raise corrupt(
+            display,
+            f"tensor {key!r} declares shape {shape}, more than 2**40 elements even leaving "
+            "out its zero dimensions",
+        )
     if end > data_len:
         raise corrupt(
             display, f"tensor {key!r} ends at byte {end} of a {data_len}-byte data section"

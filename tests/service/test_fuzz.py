@@ -7,6 +7,8 @@
 - Authorization headers from hypothesis: 401 unless the token is exactly right, never 5xx.
 - Mutated real checkpoints (PyTorch zip and legacy, safetensors, ONNX) with bytes flipped,
   inserted and cut off: stored (201) or refused with a 4xx JSON error, never 5xx.
+- Forged safetensors headers, as checkpoints and as activations: shapes (overflowing products
+  included), offsets and dtypes drawn by hypothesis, never 5xx.
 
 Requests go through a Starlette ``TestClient`` that runs the app's lifespan (so
 ``app.state.pg`` exists) with ``raise_server_exceptions=False``: an unhandled exception comes
@@ -17,6 +19,8 @@ reports it with a curl line to reproduce it. Everything is derandomized.
 from __future__ import annotations
 
 import io
+import json
+import math
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,3 +243,93 @@ def test_mutated_checkpoints_never_give_5xx(
     if r.status_code != 201:
         assert set(r.json()) == {"error", "hint"} and r.json()["hint"], r.text
         assert "trusted source" not in r.text and "to `False`" not in r.text  # torch's advice
+
+
+# ------------------------------------------------------------------------- forged safetensors
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPES = st.sampled_from([*_ITEMSIZE, "F8_E4M3", "XX", ""])
+# small dimensions, the largest accepted one, and beyond: overflowing products, negatives
+_DIM = st.one_of(
+    st.integers(1, 4),
+    st.integers(0, 4),
+    st.sampled_from([2**20, 2**40, 2**40 + 1, 2**63, 2**64 + 3, -1]),
+)
+# empty tensors whose other dimensions multiply past what numpy can index
+_EMPTY = st.builds(
+    lambda dims, at: [*dims[:at], 0, *dims[at:]],
+    st.lists(st.sampled_from([3, 2**20, 2**40]), min_size=1, max_size=4),
+    st.integers(0, 4),
+)
+_SHAPE = st.one_of(
+    st.lists(st.integers(1, 4), min_size=2, max_size=2),  # linear
+    st.lists(st.integers(1, 4), min_size=4, max_size=4),  # conv2d
+    st.lists(_DIM, max_size=5),
+    _EMPTY,
+)
+_OFFSET = st.one_of(st.integers(0, 96), st.sampled_from([-1, 2**40, 2**63, 2**64]))
+_ENTRY = st.tuples(
+    st.sampled_from(["conv1.weight", "conv2.weight", "fc.weight", "bn.weight", "x"]),
+    _DTYPES,
+    _SHAPE,
+    st.one_of(st.none(), st.none(), st.tuples(_OFFSET, _OFFSET)),  # None: end to end, as written
+)
+
+
+def _forged_safetensors(entries: list[Any], tail: int, activations: bool, noise: bool) -> bytes:
+    """A safetensors file with the header the entries declare and its data section.
+
+    An entry without offsets gets the next ``prod(shape) * itemsize`` bytes (as a writer lays
+    tensors out, capped at 4 KiB so huge shapes stay small files); ``tail`` extra bytes follow.
+    The data are random bytes (NaNs and all) with ``noise``, else small finite numbers.
+    """
+    header: dict[str, Any] = {}
+    at = 0
+    for name, dtype, shape, offsets in entries:
+        if offsets is None:
+            size = min(math.prod(shape) * _ITEMSIZE.get(dtype, 1), 4096) if shape else 0
+            offsets = (at, at + max(size, 0))
+        at = max(at, offsets[1]) if 0 <= offsets[1] <= 4096 else at
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": list(offsets)}
+    if activations:
+        layers = {"conv1": "conv1.weight", "conv2": "conv2.weight", "fc": "fc.weight"}
+        header["__metadata__"] = {"format": "prunegraph-activations", "layers": json.dumps(layers)}
+    raw = json.dumps(header).encode()
+    data = np.random.default_rng(len(raw)).integers(0, 256, at + tail, dtype=np.uint8)
+    if not noise:  # 0x3c3c... is a small positive number in every float dtype
+        data = (data & 0x03) | 0x3C
+    return len(raw).to_bytes(8, "little") + raw + data.tobytes()
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "activations"])
+@FUZZ
+@given(
+    entries=st.lists(_ENTRY, min_size=1, max_size=4), tail=st.integers(0, 8), noise=st.booleans()
+)
+def test_forged_safetensors_headers_never_give_5xx(
+    server: Server, target: str, entries: list[Any], tail: int, noise: bool
+) -> None:
+    """Shapes, offsets and dtypes drawn freely (overflowing products such as
+    [2**40, 2**40, 2**40, 0] included): stored or refused with a 4xx, never a 5xx."""
+    data = _forged_safetensors(entries, tail, activations=target == "activations", noise=noise)
+    url = "/v1/checkpoints"
+    if target == "activations":
+        url += f"/{server.checkpoint_id}/activations"
+    r = server.client.post(url, files={"file": ("m.safetensors", data)}, headers=AUTH)
+    assert r.status_code == 201 or 400 <= r.status_code < 500, (r.status_code, r.text)
+    if r.status_code != 201:
+        assert set(r.json()) == {"error", "hint"}, r.text
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "activations"])
+def test_overflowing_empty_shape_is_422(server: Server, target: str) -> None:
+    """The shape of the report: [2**40, 2**40, 2**40, 0] has no elements, but numpy refuses to
+    create it; the header check refuses it first, naming the tensor."""
+    entry = ("conv1.weight", "F32", [2**40, 2**40, 2**40, 0], (0, 0))
+    data = _forged_safetensors([entry], 0, activations=target == "activations", noise=False)
+    url = "/v1/checkpoints"
+    if target == "activations":
+        url += f"/{server.checkpoint_id}/activations"
+    r = server.client.post(url, files={"file": ("m.safetensors", data)}, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert "conv1.weight" in r.json()["error"] and "2**40" in r.json()["error"]
