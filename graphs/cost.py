@@ -16,6 +16,7 @@ import numpy as np
 
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
+from graphs.recurrent import cost_axes as recurrent_axes
 
 
 @dataclass
@@ -61,7 +62,7 @@ class CostModel:
         axes: dict[str, list[tuple[int, int, int]]] = {}
         for g in manifest.groups:
             for pa in g.params:
-                axes.setdefault(pa.param, []).append((pa.axis, g.id, pa.per_channel))
+                axes.setdefault(pa.param, []).append((pa.axis, g.id, pa.per_channel * pa.blocks))
         tensors = [_Tensor(n, list(manifest.param_shapes[n]), a) for n, a in sorted(axes.items())]
         fixed = sum(int(np.prod(s)) for n, s in manifest.param_shapes.items() if n not in axes)
         modules = [_Module(c.macs, c.out_group, c.in_group) for c in manifest.costs]
@@ -76,6 +77,10 @@ class CostModel:
         channels = {i: g.n_filters for i, g in enumerate(groups)}
         tensors: list[_Tensor] = []
         for i, g in enumerate(groups):
+            if g.unit == "hidden":  # recurrent units: gates of weights and biases, by name
+                for name, shape, axes in recurrent_axes(g):
+                    tensors.append(_Tensor(name, shape, [(a, i, per) for a, per in axes]))
+                continue
             if g.unit != "channels":  # neurons/heads: every axis and bias by name, exactly
                 for m, (axis, per) in zip(g.members, g.axes, strict=True):
                     tensors.append(_Tensor(f"{m.name}.weight", list(m.shape), [(axis, i, per)]))
@@ -171,8 +176,15 @@ def infer_consumers(groups: Sequence[LayerGroup]) -> dict[int, list[tuple[int, i
         n = g.n_filters
         flat = heads[i].kind != "linear"  # only a conv's output is flattened into a linear
         first = next(
-            (j for j in range(i + 1, len(groups)) if plain[j] and takes(heads[j], n, flat)), None
+            (
+                j
+                for j in range(i + 1, len(groups))
+                if groups[j].unit == "hidden" or (plain[j] and takes(heads[j], n, flat))
+            ),
+            None,
         )
+        if first is not None and groups[first].unit == "hidden":
+            continue  # read by a recurrent layer (weight_ih): not expressed without a manifest
         if first is None or not plain[i]:
             continue
         out[i] = [(first, fan(heads[first]) // n)]

@@ -31,10 +31,12 @@ def group_maps(group: LayerGroup, activations: Activations) -> dict[str, np.ndar
     Raises:
         InvalidInputError: attention heads, a member has no maps, or maps of another width.
     """
-    if group.unit == "heads":
+    if group.unit in ("heads", "hidden"):
+        what = "attention heads" if group.unit == "heads" else "recurrent hidden units"
         raise InvalidInputError(
-            f"feature maps of attention heads are not supported (group {group.name})",
-            hint="Use the weight-based methods (mrp, srr, hsc, l1, fpgm) for transformers.",
+            f"feature maps of {what} are not supported (group {group.name})",
+            hint="Use the weight-based methods (mrp, srr, hsc, l1, fpgm) for transformers and "
+            "recurrent layers.",
         )
     members = group.producers  # an FFN's neurons are the channels of up (and gate)
     missing = [m.name for m in members if m.name not in activations]

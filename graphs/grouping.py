@@ -12,6 +12,9 @@ Transformer blocks found by name (:mod:`graphs.transformer`) become one group ea
 neurons, an attention block's heads (or k/v head groups); attention projections whose heads are
 unknown are skipped with the reason. With a manifest, its channel groups of a block are merged
 into the block's group first (:func:`graphs.transformer.adapt_manifest`).
+
+Recurrent layers (LSTM/GRU/RNN and cells, :mod:`graphs.recurrent`) become one group of hidden
+units per layer and direction; with a manifest, its ``hidden`` groups decide.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Sequence
 
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
+from graphs.recurrent import manifest_groups as recurrent_manifest_groups
+from graphs.recurrent import recurrent_groups
 from graphs.report import SkippedLayer
 from graphs.transformer import (
     adapt_manifest,
@@ -60,6 +65,9 @@ def build_groups(
             skipped += [SkippedLayer(name=m.name, reason=made) for m in b.members]
         else:
             blocks[made.name] = made
+    recurrent, in_recurrent = recurrent_groups(layers)
+    blocks |= recurrent
+    in_block |= in_recurrent
     for layer in layers:
         if layer.name in in_block:
             if layer.name in blocks:
@@ -126,9 +134,17 @@ def _manifest_groups(
 ) -> tuple[list[LayerGroup], list[SkippedLayer]]:
     manifest = adapt_manifest(layers, manifest)
     blocks, skipped, covered, axes = manifest_block_groups(layers, manifest)
+    hidden, hidden_skipped, hidden_names = recurrent_manifest_groups(layers, manifest)
+    blocks |= hidden
+    skipped += hidden_skipped
+    covered |= hidden_names
     by_name = {layer.name: layer for layer in layers}
     groups: list[LayerGroup] = []
     for g in manifest.groups:
+        if g.unit == "hidden":
+            if g.id in blocks:
+                groups.append(blocks[g.id])
+            continue
         covered.update(g.producers)
         if g.id in blocks:
             groups.append(blocks[g.id])

@@ -136,9 +136,13 @@ class LayerGroup:
     """Layers whose output channels (or neurons, or heads) are scored and pruned as one unit.
 
     ``members[0]`` is the producer; every member has the same number of output channels. For
-    ``unit`` ``neurons`` and ``heads`` (linear members only), ``axes[i] = (axis, per)`` says that
-    vertex j owns entries ``[j·per, (j+1)·per)`` of axis ``axis`` of member i's weight (rows of
-    q/k/v and up/gate, columns of o and down).
+    ``unit`` ``neurons``, ``heads`` and ``hidden`` (linear-shaped members only),
+    ``axes[i] = (axis, per)`` says that vertex j owns entries ``[j·per, (j+1)·per)`` of axis
+    ``axis`` of member i's weight (rows of q/k/v and up/gate, columns of o and down), in each of
+    ``blocks[i]`` equal blocks of that axis when ``blocks`` is given (the gates of a recurrent
+    layer: a hidden unit owns rows j, H+j, 2H+j, 3H+j of an LSTM's ``weight_ih``; see
+    :mod:`graphs.recurrent`). A member may appear twice with different axes (a recurrent
+    ``weight_hh``: the unit's rows and its column); it counts once in ``params``.
     """
 
     name: str
@@ -148,6 +152,7 @@ class LayerGroup:
     unit: Unit = "channels"
     axes: tuple[tuple[int, int], ...] = ()
     heads: Heads | None = None
+    blocks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -155,24 +160,30 @@ class LayerGroup:
         if self.unit == "channels":
             widths = {m.n_filters for m in self.members}
         else:
-            if len(self.axes) != len(self.members) or any(
-                m.kind != "linear" or m.shape[a] % per for m, (a, per) in self._parts()
+            if (
+                len(self.axes) != len(self.members)
+                or len(self.blocks) not in (0, len(self.members))
+                or any(
+                    m.kind != "linear" or b < 1 or m.shape[a] % (per * b)
+                    for m, (a, per), b in self._parts()
+                )
             ):
                 raise ValueError(f"{self.name}: every member needs an axis its vertices divide")
-            widths = {m.shape[a] // per for m, (a, per) in self._parts()}
+            widths = {m.shape[a] // (per * b) for m, (a, per), b in self._parts()}
         if len(widths) != 1:
             raise ValueError(f"{self.name}: members have different widths {sorted(widths)}")
 
-    def _parts(self) -> list[tuple[LayerWeights, tuple[int, int]]]:
-        return list(zip(self.members, self.axes, strict=True))
+    def _parts(self) -> list[tuple[LayerWeights, tuple[int, int], int]]:
+        blocks = self.blocks or (1,) * len(self.members)
+        return list(zip(self.members, self.axes, blocks, strict=True))
 
     @property
     def n_filters(self) -> int:
-        """Vertices: output channels, neurons, or heads (k/v heads under GQA)."""
+        """Vertices: output channels, neurons, heads (k/v heads under GQA) or hidden units."""
         if self.unit == "channels":
             return self.members[0].n_filters
-        m, (axis, per) = self._parts()[0]
-        return m.shape[axis] // per
+        m, (axis, per), b = self._parts()[0]
+        return m.shape[axis] // (per * b)
 
     @property
     def producers(self) -> tuple[LayerWeights, ...]:
@@ -180,7 +191,7 @@ class LayerGroup:
         and down lose input columns)."""
         if self.unit == "channels":
             return self.members
-        return tuple(m for m, (axis, _) in self._parts() if axis == 0)
+        return tuple(dict.fromkeys(m for m, (axis, _), _b in self._parts() if axis == 0))
 
     @property
     def fan_in(self) -> int:
@@ -191,7 +202,7 @@ class LayerGroup:
 
     @property
     def params(self) -> int:
-        return sum(m.params for m in self.members)
+        return sum(m.params for m in dict.fromkeys(self.members))
 
     def vectors(self) -> np.ndarray:
         """Filter vectors of the group, shape (n_filters, sum of members' fan_in), float64.
@@ -232,10 +243,11 @@ class LayerGroup:
         return out
 
     def _block(self, i: int) -> np.ndarray:
-        """Member i as (vertices, entries): its rows or columns of each vertex, flattened."""
-        m, (axis, per) = self._parts()[i]
+        """Member i as (vertices, entries): its rows or columns of each vertex (in every block),
+        flattened."""
+        m, (axis, per), b = self._parts()[i]
         n = self.n_filters
         w = as_float64(m.weight)
         if axis == 0:
-            return w.reshape(n, -1)
-        return w.reshape(w.shape[0], n, per).transpose(1, 0, 2).reshape(n, -1)
+            return w.reshape(b, n, -1).transpose(1, 0, 2).reshape(n, -1)
+        return w.reshape(w.shape[0], b, n, per).transpose(2, 1, 0, 3).reshape(n, -1)

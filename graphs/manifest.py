@@ -17,8 +17,9 @@ from pydantic import Field, model_validator
 from graphs._frozen import Frozen
 
 MANIFEST_VERSION = "1.0"
-Unit = Literal["channels", "neurons", "heads"]
-"""What a group's index removes: output channels, FFN neurons or attention heads."""
+Unit = Literal["channels", "neurons", "heads", "hidden"]
+"""What a group's index removes: output channels, FFN neurons, attention heads, or the hidden
+units of a recurrent layer (LSTM/GRU/RNN, see :mod:`graphs.recurrent`)."""
 
 
 class ParamAxis(Frozen):
@@ -32,6 +33,21 @@ class ParamAxis(Frozen):
         description="entries per channel on this axis: a linear layer after a flatten of C×H×W "
         "has H·W input entries per channel, channel c owning entries [c·H·W, (c+1)·H·W)",
     )
+    blocks: int = Field(
+        1,
+        ge=1,
+        exclude_if=lambda v: v == 1,
+        description="equal blocks the axis is made of, each holding every channel's entries: "
+        "the gates of a recurrent layer (4 for LSTM, 3 for GRU) or the two directions of a "
+        "bidirectional one as its consumer reads them; channel c owns entries "
+        "[b·C·p + c·p, b·C·p + (c+1)·p) of every block b",
+    )
+
+    def indices(self, channels: int, idxs: list[int]) -> list[int]:
+        """The entries of this axis that channels ``idxs`` (of ``channels``) own, sorted."""
+        per, width = self.per_channel, channels * self.per_channel
+        blocks = range(self.blocks)
+        return sorted(b * width + i * per + t for b in blocks for i in idxs for t in range(per))
 
 
 class ChannelGroup(Frozen):
@@ -47,6 +63,12 @@ class ChannelGroup(Frozen):
     )
     prunable: bool = True
     reason: str | None = Field(None, description="why the group is not prunable")
+    unit: Unit = Field(
+        "channels",
+        exclude_if=lambda v: v == "channels",
+        description="what a channel is: output channels of the producers, or (``hidden``) the "
+        "hidden units of the recurrent module named in ``producers``",
+    )
 
 
 class ModuleCost(Frozen):
@@ -141,10 +163,12 @@ class Manifest(Frozen):
                     raise ValueError(f"group {g.id} names unknown parameter {pa.param!r}")
                 if pa.axis >= len(self.param_shapes[pa.param]):
                     raise ValueError(f"group {g.id}: {pa.param} has no axis {pa.axis}")
-                if self.param_shapes[pa.param][pa.axis] != g.channels * pa.per_channel:
+                size = g.channels * pa.per_channel * pa.blocks
+                if self.param_shapes[pa.param][pa.axis] != size:
                     raise ValueError(
                         f"group {g.id}: {pa.param} axis {pa.axis} has "
                         f"{self.param_shapes[pa.param][pa.axis]} entries, not "
                         f"{g.channels} × {pa.per_channel}"
+                        + (f" × {pa.blocks} blocks" if pa.blocks > 1 else "")
                     )
         return self

@@ -343,6 +343,8 @@ def plan_layers(
     consumed = infer_consumers(groups)
     plain = [i for i, g in enumerate(groups) if g.unit == "channels"]
     edge = {i: False for i in plain if i == plain[0] or i not in consumed}
+    # Recurrent units: their consumers' inputs and the module's one hidden_size need a manifest.
+    edge |= {i: False for i, g in enumerate(groups) if g.unit == "hidden"}
     return make_plan(
         groups, method=method, target=target, cost=cost, constraints=c, options=options,
         step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=edge, cache=cache,

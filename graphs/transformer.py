@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from graphs import recurrent
 from graphs.layers import Coupling, LayerGroup, LayerWeights
 from graphs.manifest import ChannelGroup, Heads, Manifest, ModuleCost, ParamAxis
 from graphs.report import SkippedLayer
@@ -46,7 +47,7 @@ NO_HEADS_REASON = (
     "analysed; put the model's config.json (num_attention_heads, num_key_value_heads) next to "
     "the checkpoint, or pass a manifest built from the model"
 )
-KINDS = {"heads": "attention", "neurons": "ffn"}
+KINDS = {"heads": "attention", "neurons": "ffn", "hidden": "recurrent"}
 """The report's ``kind`` of a transformer group."""
 
 _RULES: tuple[tuple[re.Pattern[str], Literal["heads", "neurons"], Part], ...] = (
@@ -187,6 +188,8 @@ def plan_fields(group: LayerGroup) -> dict[str, object]:
     """The extra :class:`graphs.plan.GroupPlan` fields of a neuron/head group ({} otherwise)."""
     if group.unit == "channels":
         return {}
+    if group.unit == "hidden":
+        return {"unit": "hidden", "params": recurrent.group_params(group)}
     return {"unit": group.unit, "params": group_params(group), "heads": group.heads}
 
 

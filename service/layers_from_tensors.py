@@ -25,6 +25,10 @@ depthwise conv shares its producer.
 
 Transposed convolutions cannot be told apart from convs in a state dict (their weight is
 (in, out/groups, *k)); send a manifest or an ONNX model for such models.
+
+Recurrent modules' matrices (``weight_ih_l0``, ``weight_hh_l0_reverse``, a cell's ``weight_ih``…)
+are layers named by their parameter (:mod:`service.recurrent_tensors`), grouped into hidden units
+later (:mod:`graphs.recurrent`); they take no part in depthwise or BatchNorm inference.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from graphs.layers import GroupsSource, LayerKind, LayerWeights, release
 from graphs.report import SkippedLayer
 from service.formats import EMBEDDING_REASON, RECURRENT_REASON, is_float, layer_name
 from service.name_order import NameOrder, pair_bns_by_parent
+from service.recurrent_tensors import recurrent_entries
 
 NAN_REASON = (
     "weights contain NaN or Inf values; fix the checkpoint (e.g. re-export from a healthy step)"
@@ -105,10 +110,14 @@ def extract_layers(
     """
     groups, known_groups = groups or {}, known_groups or {}
     known_producers = known_producers or {}
-    events: list[_Candidate | SkippedLayer] = []
+    events: list[_Candidate | SkippedLayer | LayerWeights] = []
     chain: list[_Candidate] = []
     bns: list[tuple[str, int, int]] = []  # (prefix, size, position)
+    recurrent = recurrent_entries(tensors)
     for pos, (key, arr) in enumerate(tensors.items()):
+        if key in recurrent:
+            events.append(recurrent[key])
+            continue
         if key.endswith("running_mean") and arr.ndim == 1:
             bns.append((key[: -len("running_mean")].rstrip("."), int(arr.shape[0]), pos))
             continue
@@ -133,7 +142,9 @@ def extract_layers(
     layers: list[LayerWeights] = []
     skipped: list[SkippedLayer] = []
     for ev in events:
-        if isinstance(ev, SkippedLayer):
+        if isinstance(ev, LayerWeights):
+            layers.append(ev)
+        elif isinstance(ev, SkippedLayer):
             skipped.append(ev)
         elif ev.problem is not None:
             skipped.append(SkippedLayer(name=ev.name, reason=ev.problem))
