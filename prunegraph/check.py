@@ -2,10 +2,16 @@
 
 Checks, for one graph method (mrp by default):
 
-* ``max_redundancy``: the model's redundancy — FLOPs-weighted when the report knows FLOPs (a
-  manifest or ONNX), else params-weighted — must not exceed it;
+* ``max_redundancy``: the model's redundancy must not exceed it. The model's redundancy is the
+  fraction of the model that removing every layer's redundant channels would remove
+  (:mod:`graphs.removable`, the report's ``summary.methods[m].removable``): of its FLOPs when
+  the report knows them (a manifest or ONNX), else of its parameters, counting the consumers'
+  input slices and norm entries that go with the channels. (Before report schema 1.1 it was the
+  params-weighted mean of per-layer redundancy, which a large non-redundant layer diluted: a
+  model with every conv widened 2× by duplicated filters passed a 0.3 limit.) A failure names
+  the layers whose redundant channels remove the most;
 * ``max_layer_redundancy`` and ``layer_max`` (``{"features.*": 0.5}``, shell-style patterns, the
-  last matching pattern wins): per-layer limits;
+  last matching pattern wins): per-layer limits on each layer's own redundancy;
 * ``max_growth`` with a baseline report: the model's redundancy may not grow by more than this.
 
 Each check is a :class:`Check`; the gate passes when all pass. Thresholds come from
@@ -24,6 +30,7 @@ from xml.etree import ElementTree as ET
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from graphs import InvalidInputError, Report
+from graphs.report import Removal
 
 GRAPH_METHODS = ("mrp", "srr", "hsc")
 
@@ -51,8 +58,13 @@ class Check(BaseModel):
 class CheckResult(BaseModel):
     passed: bool
     method: str
-    weighting: str = Field(description="flops or params: how layers are weighted")
-    redundancy: float
+    weighting: str | None = Field(
+        description="flops or params: what the model's redundancy is a fraction of"
+    )
+    redundancy: float | None = Field(
+        description="the model's removable fraction (see the module); null when only "
+        "per-layer limits were checked on a report without it"
+    )
     checks: list[Check]
 
 
@@ -102,16 +114,42 @@ def parse_layer_max(items: list[str]) -> dict[str, float]:
     return out
 
 
-def _model_redundancy(report: Report, method: str) -> tuple[float, str]:
+def _removal(report: Report, method: str) -> Removal:
     summary = report.summary.methods.get(method)
     if summary is None or summary.redundancy_params_weighted is None:
         raise InvalidInputError(
             f"the report has no {method} redundancy",
             hint=f"Check with a graph method ({', '.join(GRAPH_METHODS)}) the report includes.",
         )
-    if summary.redundancy_flops_weighted is not None:
-        return summary.redundancy_flops_weighted, "flops"
-    return summary.redundancy_params_weighted, "params"
+    if summary.removable is None:
+        raise InvalidInputError(
+            f"the report (schema {report.schema_version}) predates the model's removable "
+            "fraction that --max-redundancy and --max-growth check",
+            hint="Analyse the checkpoint again with this prunegraph (or pass the checkpoint "
+            "itself instead of the old report).",
+        )
+    return summary.removable
+
+
+def _model_redundancy(report: Report, method: str) -> tuple[float, str]:
+    """The model's removable fraction: of FLOPs when the report knows them, else of params."""
+    removal = _removal(report, method)
+    if removal.flops is not None:
+        return removal.flops, "flops"
+    return removal.params, "params"
+
+
+def _largest(removal: Removal, weighting: str | None, n: int = 3) -> str:
+    """The layers whose redundant channels remove the most, with their share."""
+    what = "FLOPs" if weighting == "flops" else "params"
+    return (
+        ", ".join(
+            f"{r.name} ({r.channels} redundant channels: "
+            f"{r.flops if r.flops is not None else r.params:.3f} of {what})"
+            for r in removal.largest[:n]
+        )
+        or "none"
+    )
 
 
 def _layer_limit(name: str, config: CheckConfig) -> float | None:
@@ -122,14 +160,6 @@ def _layer_limit(name: str, config: CheckConfig) -> float | None:
     return limit
 
 
-def _worst(report: Report, method: str, n: int = 3) -> str:
-    ranked = sorted(
-        ((lay.methods[method].redundancy or 0.0, lay.name) for lay in report.layers),
-        key=lambda t: (-t[0], t[1]),
-    )
-    return ", ".join(f"{name} {value:.3f}" for value, name in ranked[:n] if value > 0) or "none"
-
-
 def evaluate(report: Report, config: CheckConfig, baseline: Report | None = None) -> CheckResult:
     """Every configured check on ``report`` (and its growth since ``baseline``)."""
     method = config.method
@@ -138,17 +168,24 @@ def evaluate(report: Report, config: CheckConfig, baseline: Report | None = None
             f"the report has no method {method!r} (it has {', '.join(report.methods)})",
             hint="Analyse with that method, or pass --method.",
         )
-    value, weighting = _model_redundancy(report, method)
+    growth_check = baseline is not None and config.max_growth is not None
+    summary = report.summary.methods.get(method)
+    if config.max_redundancy is not None or growth_check or (summary and summary.removable):
+        value, weighting = _model_redundancy(report, method)
+    else:  # per-layer limits only: an old report without the removable fraction will do
+        value, weighting = None, None
+    what = "FLOPs" if weighting == "flops" else "parameters"
     checks: list[Check] = []
-    if config.max_redundancy is not None:
+    if config.max_redundancy is not None and value is not None:
         ok = value <= config.max_redundancy + 1e-12
         checks.append(Check(
-            name=f"model {method} redundancy ({weighting}-weighted)",
+            name=f"model {method} redundancy (removable fraction of {what})",
             value=value, limit=config.max_redundancy, passed=ok,
-            message=f"{method} redundancy {value:.3f} ({weighting}-weighted) "
+            message=f"{method}: removing the redundant channels would remove {value:.3f} of the "
+            f"model's {what}, which "
             + ("is within" if ok else f"exceeds by {value - config.max_redundancy:.3f}")
-            + f" the limit {config.max_redundancy:.3f}; most redundant layers: "
-            + _worst(report, method),
+            + f" the limit {config.max_redundancy:.3f}; removing most: "
+            + _largest(_removal(report, method), weighting),
         ))  # fmt: skip
     for layer in report.layers:
         limit = _layer_limit(layer.name, config)
@@ -161,16 +198,18 @@ def evaluate(report: Report, config: CheckConfig, baseline: Report | None = None
             message=f"layer {layer.name}: {method} redundancy {red:.3f} "
             + ("within" if ok else f"exceeds by {red - limit:.3f}") + f" the limit {limit:.3f}",
         ))  # fmt: skip
-    if baseline is not None and config.max_growth is not None:
-        before, _ = _model_redundancy(baseline, method)
-        growth = value - before
+    if baseline is not None and config.max_growth is not None and value is not None:
+        now, (before, base_weighting) = value, _model_redundancy(baseline, method)
+        if base_weighting != weighting:  # only one knows FLOPs: compare fractions of params
+            now, before = _removal(report, method).params, _removal(baseline, method).params
+        growth = now - before
         ok = growth <= config.max_growth + 1e-12
         grew = _growth_by_layer(report, baseline, method)
         checks.append(Check(
             name=f"growth of {method} redundancy since the baseline", value=growth,
             limit=config.max_growth, passed=ok,
-            message=f"{method} redundancy {before:.3f} → {value:.3f} (growth {growth:+.3f}, "
-            f"limit {config.max_growth:.3f}); grew most: {grew}",
+            message=f"{method} redundancy (removable fraction) {before:.3f} → {now:.3f} "
+            f"(growth {growth:+.3f}, limit {config.max_growth:.3f}); grew most: {grew}",
         ))  # fmt: skip
     if not checks:
         raise InvalidInputError(

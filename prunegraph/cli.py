@@ -93,8 +93,12 @@ def render_report(report: Report, console: Console) -> None:
             console.print(f"  {m}: importance scores only (no layer redundancy)")
             continue
         worst = ", ".join(ms.most_redundant[:3]) or "none"
+        rm = ms.removable
+        gone = "" if rm is None else f"removable {rm.params:.3f} of params" + (
+            f", {rm.flops:.3f} of FLOPs; " if rm.flops is not None else "; "
+        )
         console.print(
-            f"  {m}: params-weighted redundancy {ms.redundancy_params_weighted:.3f}; "
+            f"  {m}: {gone}params-weighted redundancy {ms.redundancy_params_weighted:.3f}; "
             f"most redundant: {worst}"
         )
 
@@ -532,13 +536,28 @@ def _report_of(
     return report
 
 
-@app.command("check")
+@app.command(
+    "check",
+    help="Fail a build on model bloat: exit 0 within the thresholds, 1 beyond, 2 on bad input."
+    "\n\nThe model's redundancy (--max-redundancy, --max-growth) is the fraction of the model "
+    "that removing every layer's redundant channels would remove: their rows, biases and norm "
+    "entries and the next layers' input slices, each parameter once; of FLOPs when a manifest "
+    "gives them, else of parameters; classifier outputs are kept. A failure names the layers "
+    "whose redundant channels remove the most. (Reports before schema 1.1 held a params-weighted "
+    "mean of the layers' redundancy instead, which a large non-redundant layer diluted: analyse "
+    "them again.)\n\nPer-layer limits (--max-layer-redundancy, --layer-max) apply to each "
+    "layer's own redundancy: the fraction of its filters that are redundant.",
+)
 def check_cmd(
     checkpoint: Annotated[
         Path, typer.Argument(help="checkpoint (.pt/.pth, .safetensors, ONNX) or a report JSON")
     ],
     max_redundancy: Annotated[
-        float | None, typer.Option(help="limit on the model's (FLOPs-weighted) redundancy")
+        float | None,
+        typer.Option(
+            help="limit on the model's redundancy: the fraction of its FLOPs (with a manifest; "
+            "else of its parameters) that removing the redundant channels would remove"
+        ),
     ] = None,
     max_layer_redundancy: Annotated[
         float | None, typer.Option(help="limit on every layer's redundancy")
