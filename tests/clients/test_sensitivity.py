@@ -3,13 +3,18 @@ table round-trips through CSV and JSON."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from clients.activations import capture_activations
 from clients.manifest import build_manifest
-from clients.sensitivity import SensitivityTable, sensitivity
+from clients.sensitivity import Order, SensitivityTable, sensitivity
+from graphs.manifest import Manifest
 
 
 class Net(nn.Module):
@@ -34,10 +39,11 @@ def _net() -> Net:
     torch.manual_seed(0)
     net = Net().eval()
     with torch.no_grad():
-        w = net.a.weight[:4]
-        w /= w.abs().sum(dim=(1, 2, 3), keepdim=True)  # equal L1 norms: l1 removes 0..3 first
-        net.a.weight[4:] = 2 * w  # relu(2z) = 2 relu(z): an exact linear combination
-        net.a.bias[4:] = 2 * net.a.bias[:4]
+        w, bias = net.a.weight, net.a.bias
+        assert bias is not None
+        w[:4] /= w[:4].abs().sum(dim=(1, 2, 3), keepdim=True)  # equal L1: l1 removes 0..3 first
+        w[4:] = 2 * w[:4]  # relu(2z) = 2 relu(z): an exact linear combination
+        bias[4:] = 2 * bias[:4]
     return net
 
 
@@ -45,7 +51,16 @@ def _data(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
-def _setup() -> tuple[Net, object, dict[str, object], dict[int, str]]:
+@dataclass
+class Setup:
+    net: Net
+    evaluate: Callable[[nn.Module], float]
+    stats: dict[str, np.ndarray]
+    manifest: Manifest
+    names: dict[int, str]  # prunable group id -> first producer
+
+
+def _setup() -> Setup:
     net = _net()
     held_out = _data(64, 1)
     with torch.no_grad():
@@ -58,14 +73,16 @@ def _setup() -> tuple[Net, object, dict[str, object], dict[int, str]]:
     stats = capture_activations(net, [_data(64, 0)], maps=False).stats()
     manifest = build_manifest(net, torch.zeros(1, 3, 4, 4))
     names = {g.id: g.producers[0] for g in manifest.groups if g.prunable}
-    return net, evaluate, {"stats": stats, "manifest": manifest}, names
+    return Setup(net, evaluate, stats, manifest, names)
 
 
 def test_planted_duplicates_are_insensitive_with_compensation() -> None:
-    net, evaluate, kw, names = _setup()
-    assert set(names.values()) >= {"a", "b"}
+    s = _setup()
+    net = s.net
+    assert set(s.names.values()) >= {"a", "b"}
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    table = sensitivity(net, torch.zeros(1, 3, 4, 4), evaluate, fractions=(0.5,), **kw)
+    x = torch.zeros(1, 3, 4, 4)
+    table = sensitivity(net, x, s.evaluate, fractions=(0.5,), stats=s.stats, manifest=s.manifest)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # a copy is pruned
     assert table.baseline == 0.0
     by = {(r.name, r.compensated): r for r in table.rows}
@@ -77,13 +94,15 @@ def test_planted_duplicates_are_insensitive_with_compensation() -> None:
 
 
 def test_deterministic_and_round_trips() -> None:
-    net, evaluate, kw, names = _setup()
+    s = _setup()
     x = torch.zeros(1, 3, 4, 4)
-    for order in ("l1", "random", "functional"):
-        one = sensitivity(net, x, evaluate, order=order, seed=3, **kw)  # type: ignore[arg-type]
-        two = sensitivity(net, x, evaluate, order=order, seed=3, **kw)  # type: ignore[arg-type]
+    kw = {"stats": s.stats, "manifest": s.manifest}
+    orders: tuple[Order, ...] = ("l1", "random", "functional")
+    for order in orders:
+        one = sensitivity(s.net, x, s.evaluate, order=order, seed=3, **kw)  # type: ignore[arg-type]
+        two = sensitivity(s.net, x, s.evaluate, order=order, seed=3, **kw)  # type: ignore[arg-type]
         assert one.to_json() == two.to_json() and one.to_csv() == two.to_csv()
-        assert len(one.rows) == len(names) * 3 * 2
+        assert len(one.rows) == len(s.names) * 3 * 2
         assert SensitivityTable.from_json(one.to_json()) == one
         back = SensitivityTable.from_csv(one.to_csv())
         assert back.rows == one.rows and back.baseline == one.baseline
@@ -91,18 +110,18 @@ def test_deterministic_and_round_trips() -> None:
         assert header[:4] == ["group", "name", "producers", "channels"]
         assert one.curve(one.rows[0].group, compensated=True)  # (fraction, delta) pairs
     # functional order finds the planted channels: removing half of 'a' costs nothing
-    table = sensitivity(net, x, evaluate, order="functional", fractions=(0.5,), **kw)
+    table = sensitivity(s.net, x, s.evaluate, order="functional", fractions=(0.5,), **kw)  # type: ignore[arg-type]
     assert {r.name: r for r in table.rows if r.compensated}["a"].delta > -1e-9
 
 
 def test_bad_options_are_refused() -> None:
-    net, evaluate, kw, _ = _setup()
-    x = torch.zeros(1, 3, 4, 4)
+    s = _setup()
+    net, evaluate, x = s.net, s.evaluate, torch.zeros(1, 3, 4, 4)
     with pytest.raises(ValueError, match="need stats"):
-        sensitivity(net, x, evaluate, manifest=kw["manifest"])  # type: ignore[arg-type]
+        sensitivity(net, x, evaluate, manifest=s.manifest)
     with pytest.raises(ValueError, match=r"fractions must be in \(0, 1\)"):
         sensitivity(net, x, evaluate, fractions=(0.0,), compensation=(False,))
     with pytest.raises(ValueError, match="order must be"):
         sensitivity(net, x, evaluate, order="fpgm", compensation=(False,))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no statistics for"):
-        sensitivity(net, x, evaluate, stats={}, manifest=kw["manifest"])  # type: ignore[arg-type]
+        sensitivity(net, x, evaluate, stats={}, manifest=s.manifest)
