@@ -17,7 +17,7 @@
 
 from clients.activations import Activations, capture_activations
 from clients.apply import apply_plan
-from clients.errors import PlanError, PlanMismatchError
+from clients.errors import ManifestError, PlanError, PlanMismatchError
 from clients.http import (
     AuthenticationError,
     ConnectionFailedError,
@@ -43,6 +43,7 @@ __all__ = [
     "JobFailedError",
     "JobStatus",
     "JobTimeoutError",
+    "ManifestError",
     "NotFoundError",
     "PCCLoss",
     "PayloadTooLargeError",

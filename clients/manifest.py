@@ -20,8 +20,11 @@ couples channel ranges of different widths), when it touches a grouped (non-dept
 layer type without a supported handler, or when it produces the outputs of the stem, the
 classifier or a layer the user ignored.
 
-MACs are counted with the hooks of ``tp.utils.count_ops_and_params`` (same module types, same
-formulas, per sample), one :class:`~graphs.manifest.ModuleCost` per module and channel group
+MACs are counted with the hooks of ``tp.utils.count_ops_and_params`` (same formulas, per sample)
+found by ``isinstance`` (:func:`clients.flops.cost_macs`: subclasses of ``nn.Conv2d`` with their
+own ``forward`` are counted), cross-checked against an independent count by forward hooks on every
+conv/linear layer (:class:`~clients.errors.ManifestError` beyond 1 %), one
+:class:`~graphs.manifest.ModuleCost` per module and channel group
 (a module called several times on different channels, like ResNet-50's shared ReLU, gets one
 entry per group), so that a planner predicts the MACs of any pruned model from kept channels.
 
@@ -40,9 +43,9 @@ from typing import Any, Literal
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning.utils import op_counter
 
 from clients.attention import attention_blocks
+from clients.flops import check_cost_model, cost_macs, count_layer_macs, count_model_macs
 from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
 
 __all__ = ["ExampleInputs", "build_manifest", "manifest_from_factory"]
@@ -119,23 +122,8 @@ def keep_training_flags(model: nn.Module) -> Iterator[None]:
 
 
 def _call_macs(module: nn.Module, inputs: Any, output: Any) -> float:
-    """MACs of one call, from torch-pruning's own counting hook for the module's type."""
-    hook = op_counter.CUSTOM_MODULES_MAPPING.get(type(module)) or op_counter.MODULES_MAPPING.get(
-        type(module)
-    )
-    if hook is None:
-        return 0.0
-    had = "__flops__" in vars(module)
-    saved = vars(module).get("__flops__")
-    module.__flops__ = 0  # type: ignore[assignment]
-    try:
-        hook(module, inputs, output)
-        return float(module.__flops__)  # type: ignore[arg-type]
-    finally:
-        if had:
-            module.__flops__ = saved  # type: ignore[assignment]
-        else:
-            del module.__flops__
+    """MACs of one call: torch-pruning's counting hook for the module's type or a base class."""
+    return cost_macs(module, inputs, output)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -404,10 +392,22 @@ def find_roles(traced: TracedModel) -> tuple[list[str], list[str]]:
 
 
 def count_macs(model: nn.Module, example_inputs: ExampleInputs) -> int:
-    """MACs per sample as ``tp.utils.count_ops_and_params`` counts them (rounded)."""
-    with keep_training_flags(model), torch.no_grad():
-        macs, _params = tp.utils.count_ops_and_params(model, as_input_tuple(example_inputs))
-    return round(float(macs))
+    """MACs per sample as ``tp.utils.count_ops_and_params`` counts them, but by ``isinstance``
+    (conv subclasses with their own ``forward`` included), rounded."""
+    return round(count_model_macs(model, as_input_tuple(example_inputs)))
+
+
+def checked_macs_total(traced: TracedModel, example_inputs: ExampleInputs) -> int:
+    """The traced calls' MACs per sample, after checking their conv/linear part against an
+    independent hook count (:func:`clients.flops.check_cost_model`; ManifestError beyond 1 %)."""
+    modules = dict(traced.model.named_modules())
+    ours: dict[str, float] = {}
+    for call in traced.calls:
+        if isinstance(modules[call.name], (nn.modules.conv._ConvNd, nn.Linear)):
+            ours[call.name] = ours.get(call.name, 0.0) + call.macs
+    counted = count_layer_macs(traced.model, as_input_tuple(example_inputs))
+    check_cost_model(ours, counted, {n: type(modules[n]).__name__ for n in {*ours, *counted}})
+    return round(sum(call.macs for call in traced.calls))
 
 
 def _costs(traced: TracedModel, structures: list[GroupStructure]) -> list[ModuleCost]:
@@ -474,13 +474,14 @@ def _layers(traced: TracedModel, stems: list[str], classifiers: list[str]) -> li
     layers: list[ManifestLayer] = []
     for name, module in traced.model.named_modules():
         shape = traced.first_output(name)
-        if type(module) not in _KINDS or shape is None:
+        kind = next((k for t, k in _KINDS.items() if isinstance(module, t)), None)
+        if kind is None or shape is None:
             continue
         per_sample = torch.Size(shape).numel() // max(1, shape[0])
         layers.append(
             ManifestLayer(
                 name=name,
-                kind=_KINDS[type(module)],
+                kind=kind,
                 weight_shape=list(module.weight.shape),
                 groups=int(getattr(module, "groups", 1)),
                 out_spatial=max(1, per_sample // out_channels(module)),
@@ -548,7 +549,7 @@ def build_manifest(
     return Manifest(
         input_shapes=[list(x.shape) for x in as_input_tuple(example_inputs)],
         params_total=sum(p.numel() for p in model.parameters()),
-        macs_total=count_macs(model, example_inputs),
+        macs_total=checked_macs_total(traced, example_inputs),
         param_shapes={n: list(p.shape) for n, p in model.named_parameters()},
         layers=_layers(traced, stems, classifiers),
         groups=groups,

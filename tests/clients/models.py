@@ -7,7 +7,7 @@ digit-recognizer-py MNIST CNN (input 1×28×28).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -311,3 +311,154 @@ class MtcnnRNet(nn.Module):
 def mtcnn_rnet() -> MtcnnRNet:
     """Input 1×3×24×24; matches ~/.cache/prunegraph-realdata/mtcnn_rnet.pt."""
     return MtcnnRNet()
+
+
+# --------------------------------------------------------------------------- conv subclasses
+
+
+def _same_pad(
+    x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+) -> list[int]:
+    """TensorFlow "SAME" padding of the last ``len(kernel)`` dims, in F.pad's order (last first)."""
+    pads: list[int] = []
+    sizes = x.shape[-len(kernel) :]
+    for size, k, s, d in reversed(list(zip(sizes, kernel, stride, dilation, strict=True))):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's ``Conv2dSame``: "SAME" padding computed from the input in ``forward`` (F.pad +
+    F.conv2d), so the module's own ``padding`` is 0."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "padding": 0})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = _same_pad(x, self.kernel_size, self.stride, self.dilation)
+        x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class Conv2dStaticSame(nn.Conv2d):
+    """EfficientNet-PyTorch's ``Conv2dStaticSamePadding``: a ``ZeroPad2d`` child sized for a
+    fixed image size at construction, then F.conv2d."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, image_size: int, **kwargs: Any) -> None:
+        super().__init__(cin, cout, kernel, **kwargs)
+        probe = torch.empty(1, 1, image_size, image_size)
+        self.static_padding = nn.ZeroPad2d(
+            _same_pad(probe, self.kernel_size, self.stride, self.dilation)  # type: ignore[arg-type]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.static_padding(x)
+        return F.conv2d(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's ``StdConv2d`` (BiT): weight standardization per output filter in ``forward``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = F.batch_norm(
+            w.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=1e-6
+        ).reshape_as(w)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SameConv1d(nn.Conv1d):
+    """A 1-d "SAME" conv (F.pad + F.conv1d in forward)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "padding": 0})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, _same_pad(x, self.kernel_size, self.stride, self.dilation))
+        return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameConv3d(nn.Conv3d):
+    """A 3-d "SAME" conv (F.pad + F.conv3d in forward)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "padding": 0})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, _same_pad(x, self.kernel_size, self.stride, self.dilation))
+        return F.conv3d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _SubclassBlock(nn.Module):
+    """conv-BN-SiLU, with the conv built by ``make`` (a subclass or its plain twin)."""
+
+    def __init__(self, conv: nn.Module, act: bool = True) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = nn.BatchNorm2d(conv.out_channels)  # type: ignore[arg-type]
+        self.act = nn.SiLU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SubclassConvNet(nn.Module):
+    """An EfficientNet/BiT-like net for 3×64×64 whose convs are nn.Conv2d subclasses with their own
+    ``forward`` (``plain=False``) or, with ``plain=True``, its twin built of plain ``nn.Conv2d``
+    with explicit padding: same weights' shapes, same output shapes, hence the same MACs.
+
+    Stem (strided), MBConv-like blocks (weight-standardized 1×1 expand, depthwise 3×3 and strided
+    depthwise 5×5, 1×1 project, residual), a grouped conv (groups=4), a dilated conv, a strided
+    conv, a 1×1 head conv and a linear classifier.
+    """
+
+    def __init__(self, plain: bool = False, num_classes: int = 10) -> None:
+        super().__init__()
+
+        def same(cin: int, cout: int, k: int, s: int = 1, d: int = 1, g: int = 1) -> nn.Module:
+            if plain:
+                return nn.Conv2d(cin, cout, k, s, d * (k - 1) // 2, d, g, bias=False)
+            return Conv2dSame(cin, cout, k, s, dilation=d, groups=g, bias=False)
+
+        def static(cin: int, cout: int, k: int, size: int, s: int = 1, g: int = 1) -> nn.Module:
+            if plain:
+                return nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=g, bias=False)
+            return Conv2dStaticSame(cin, cout, k, size, stride=s, groups=g, bias=False)
+
+        def std(cin: int, cout: int, k: int = 1, d: int = 1) -> nn.Module:
+            cls = nn.Conv2d if plain else StdConv2d
+            return cls(cin, cout, k, 1, d * (k - 1) // 2, d, bias=False)
+
+        B = _SubclassBlock
+        self.stem = B(same(3, 24, 3, s=2))  # 32×32
+        self.b1 = nn.Sequential(B(std(24, 96)), B(same(96, 96, 3, g=96)), B(same(96, 24, 1), False))
+        self.b2 = nn.Sequential(
+            B(std(24, 96)), B(static(96, 96, 5, 32, s=2, g=96)), B(same(96, 40, 1), False)
+        )  # 16×16
+        self.b3 = nn.Sequential(B(std(40, 64)), B(same(64, 64, 3, g=4)), B(same(64, 40, 1), False))
+        self.b4 = nn.Sequential(B(same(40, 80, 3, d=2)), B(std(80, 40, 3, d=1), False))
+        self.b5 = nn.Sequential(B(same(40, 96, 3, s=2)), B(std(96, 96, 3)))  # 8×8
+        self.head = B(static(96, 192, 1, 8))
+        self.fc = nn.Linear(192, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.b1(x)
+        x = self.b2(x)
+        x = x + self.b3(x)
+        x = x + self.b4(x)
+        x = self.head(self.b5(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def subclass_convnet() -> SubclassConvNet:
+    """Input 1×3×64×64; convs are Conv2dSame / Conv2dStaticSame / StdConv2d."""
+    return SubclassConvNet(plain=False)
+
+
+def plain_twin_convnet() -> SubclassConvNet:
+    """:func:`subclass_convnet`'s twin of plain nn.Conv2d (same parameter names and shapes)."""
+    return SubclassConvNet(plain=True)
