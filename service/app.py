@@ -5,72 +5,52 @@ Run with ``uvicorn --factory service.app:main``; settings come from ``PRUNEGRAPH
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
-import json
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
-from sqlalchemy import delete, func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from service import errors
-from service.db import QUEUED, ActivationsRow, CheckpointRow, JobRow, init_db
-from service.errors import ApiError, not_found
+from service import errors, limits, pagination
+from service.bodies import BodyLimits
+from service.checkpoints import (
+    ActivationsOut,
+    CheckpointOut,
+    CheckpointPage,
+    delete_checkpoint,
+    list_checkpoints,
+    upload_activations,
+    upload_checkpoint,
+)
+from service.db import init_db
+from service.errors import ApiError
+from service.job_api import JobOut, JobPage, _job_out, job_result, list_jobs, own_job, submit
 from service.jobs import JobRequest
 from service.runner import JobRunner
 from service.settings import Settings
-from service.storage import CheckpointStore, Upload
+from service.storage import CheckpointStore, clean_stale
 
 ANONYMOUS = "anonymous"
 TOKEN_COOKIE = "prunegraph_token"
 """Cookie the dashboard stores the token in (entered once); the API accepts it like a header."""
 
 
-class CheckpointOut(BaseModel):
-    id: str
-    format: str
-    size_bytes: int
-    n_layers: int
-    skipped: list[dict[str, str]]
-
-
-class ActivationsOut(BaseModel):
-    id: str = Field(description="sha256 of the activations file; pass it as activations_id")
-    checkpoint_id: str
-    n_layers: int
-    n_samples: int
-
-
-class JobOut(BaseModel):
-    id: str
-    status: str
-    progress: float
-    error: str | None
-    checkpoint_id: str
-    request: dict[str, Any]
-    has_plan: bool
-    cache_hits: int = Field(description="per-group results reused from earlier jobs")
-    cache_misses: int = Field(description="per-group results computed by this job")
-    created_at: float
-    updated_at: float
-
-
 class State:
     """Everything a request needs; built in the lifespan, stored on ``app.state.pg``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: limits.Clock = time.monotonic) -> None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.tokens = settings.token_users()
+        self.rate = limits.RateLimiter(settings.rate_limit, clock)
+        self.auth_failures = limits.RateLimiter(settings.auth_failure_limit, clock)
         self.store = CheckpointStore(settings.data_dir)
         self.activations = CheckpointStore(settings.data_dir, "activations")
         self.engine, self.sessions = init_db(settings.db_url())
@@ -92,8 +72,21 @@ def _state(request: Request) -> State:
 
 
 def _user(request: Request, state: Annotated[State, Depends(_state)]) -> str:
+    """The caller's user name; 401 without a known token, 429 past the rate limits."""
+    user = _authenticated(request, state)
+    wait = state.rate.take(user)
+    if wait is not None:
+        raise limits.rate_limited(wait)
+    return user
+
+
+def _authenticated(request: Request, state: State) -> str:
     if not state.tokens:
         return ANONYMOUS
+    address = request.client.host if request.client is not None else ""
+    wait = state.auth_failures.blocked(address)
+    if wait is not None:
+        raise limits.auth_blocked(wait)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" and request.method in ("GET", "HEAD"):
         # the dashboard's browser sends the token as a cookie; only for reads, so that another
@@ -106,6 +99,7 @@ def _user(request: Request, state: Annotated[State, Depends(_state)]) -> str:
         if token and secrets.compare_digest(known.encode(), token.strip().encode()):
             user = name
     if user is None:
+        state.auth_failures.take(address)
         raise ApiError(
             401,
             "missing or invalid bearer token",
@@ -117,216 +111,6 @@ def _user(request: Request, state: Annotated[State, Depends(_state)]) -> str:
 
 StateDep = Annotated[State, Depends(_state)]
 UserDep = Annotated[str, Depends(_user)]
-
-
-# ---- operations (one per route) -------------------------------------------------------------
-
-
-def _checkpoint_out(row: CheckpointRow) -> CheckpointOut:
-    skipped = json.loads(row.skipped_json)
-    return CheckpointOut(
-        id=row.id,
-        format=row.format,
-        size_bytes=row.size_bytes,
-        n_layers=row.n_layers,
-        skipped=skipped,
-    )
-
-
-def _validate_and_store(state: State, upload: Upload, user: str) -> CheckpointOut:
-    from service.ingest import read_checkpoint  # torch is imported at first upload only
-
-    try:
-        parsed = read_checkpoint(upload.tmp_path, name=upload.filename)
-    except BaseException:
-        upload.tmp_path.unlink(missing_ok=True)
-        raise
-    state.store.commit(upload)
-    row = CheckpointRow(
-        id=upload.sha256,
-        owner=user,
-        format=parsed.info.format,
-        size_bytes=upload.size,
-        n_layers=len(parsed.layers),
-        skipped_json=json.dumps([sk.model_dump(mode="json") for sk in parsed.skipped]),
-    )
-    try:
-        with state.sessions.begin() as s:
-            if s.get(CheckpointRow, (upload.sha256, user)) is None:
-                s.add(row)
-    except IntegrityError:
-        pass  # the same bytes uploaded concurrently by the same user: already recorded
-    return _checkpoint_out(row)
-
-
-async def upload_checkpoint(state: State, request: Request, user: str) -> CheckpointOut:
-    upload = await state.store.receive(
-        request.headers.get("content-type"),
-        request.headers.get("content-length"),
-        request.stream(),
-        state.settings.max_upload_bytes,
-    )
-    return await run_in_threadpool(_validate_and_store, state, upload, user)
-
-
-def _own_checkpoint(s: Session, checkpoint_id: str, user: str) -> CheckpointRow:
-    row = s.get(CheckpointRow, (checkpoint_id, user))
-    if row is None:
-        raise not_found("checkpoint", checkpoint_id)
-    return row
-
-
-def _store_activations(
-    state: State, upload: Upload, user: str, checkpoint_id: str
-) -> ActivationsOut:
-    from service.activations import check_capture, read_capture
-    from service.ingest import read_checkpoint
-
-    try:
-        with state.sessions() as s:
-            _own_checkpoint(s, checkpoint_id, user)
-        capture = read_capture(upload.tmp_path, name=upload.filename or "the activations")
-        parsed = read_checkpoint(
-            state.store.path(checkpoint_id), name=f"checkpoint {checkpoint_id}"
-        )
-        check_capture(capture, parsed.layers)
-    except BaseException:
-        upload.tmp_path.unlink(missing_ok=True)
-        raise
-    state.activations.commit(upload)
-    n_samples = capture.n_samples
-    row = ActivationsRow(
-        id=upload.sha256, owner=user, checkpoint_id=checkpoint_id,
-        n_layers=len(capture.maps or capture.statistics), n_samples=n_samples,
-    )  # fmt: skip
-    try:
-        with state.sessions.begin() as s:
-            if s.get(ActivationsRow, (upload.sha256, user, checkpoint_id)) is None:
-                s.add(row)
-    except IntegrityError:
-        pass  # the same file uploaded concurrently by the same user
-    return ActivationsOut(
-        id=row.id, checkpoint_id=checkpoint_id, n_layers=row.n_layers, n_samples=n_samples
-    )
-
-
-async def upload_activations(
-    state: State, request: Request, user: str, checkpoint_id: str
-) -> ActivationsOut:
-    upload = await state.activations.receive(
-        request.headers.get("content-type"),
-        request.headers.get("content-length"),
-        request.stream(),
-        state.settings.max_upload_bytes,
-    )
-    return await run_in_threadpool(_store_activations, state, upload, user, checkpoint_id)
-
-
-def delete_checkpoint(state: State, checkpoint_id: str, user: str) -> None:
-    with state.sessions.begin() as s:
-        s.delete(_own_checkpoint(s, checkpoint_id, user))
-        s.execute(delete(JobRow).where(JobRow.checkpoint_id == checkpoint_id, JobRow.owner == user))
-        acts = s.scalars(
-            select(ActivationsRow.id).where(
-                ActivationsRow.checkpoint_id == checkpoint_id, ActivationsRow.owner == user
-            )
-        ).all()
-        s.execute(
-            delete(ActivationsRow).where(
-                ActivationsRow.checkpoint_id == checkpoint_id, ActivationsRow.owner == user
-            )
-        )
-        s.flush()
-        others = s.scalar(select(func.count()).where(CheckpointRow.id == checkpoint_id))
-        unused = [
-            a for a in acts
-            if not s.scalar(select(func.count()).where(ActivationsRow.id == a))
-        ]  # fmt: skip
-    if not others:
-        state.store.delete(checkpoint_id)
-    for a in unused:
-        state.activations.delete(a)
-
-
-def _job_out(row: JobRow) -> JobOut:
-    return JobOut(
-        id=row.id,
-        status=row.status,
-        progress=row.progress,
-        error=row.error,
-        checkpoint_id=row.checkpoint_id,
-        request=json.loads(row.request_json),
-        has_plan=row.plan_json is not None,
-        cache_hits=row.cache_hits or 0,
-        cache_misses=row.cache_misses or 0,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-    )
-
-
-def create_job(state: State, body: JobRequest, user: str) -> JobOut:
-    with state.sessions.begin() as s:
-        _own_checkpoint(s, body.checkpoint_id, user)
-        if body.activations_id is not None:
-            key = (body.activations_id, user, body.checkpoint_id)
-            if s.get(ActivationsRow, key) is None:
-                raise ApiError(
-                    404,
-                    f"activations {body.activations_id} not found for checkpoint "
-                    f"{body.checkpoint_id}",
-                    "Upload them with POST /v1/checkpoints/{checkpoint_id}/activations and "
-                    "pass the id it returns.",
-                )
-        now = time.time()
-        row = JobRow(
-            id=uuid.uuid4().hex,
-            owner=user,
-            checkpoint_id=body.checkpoint_id,
-            request_json=body.model_dump_json(),
-            status=QUEUED,
-            progress=0.0,
-            created_at=now,
-            updated_at=now,
-            **state.runner.lease(),
-        )
-        s.add(row)
-    state.runner.submit(row.id, body.checkpoint_id)
-    return _job_out(row)
-
-
-def _own_job(state: State, job_id: str, user: str) -> JobRow:
-    with state.sessions() as s:
-        row = s.get(JobRow, job_id)
-    if row is None or row.owner != user:
-        raise not_found("job", job_id)
-    return row
-
-
-def list_jobs(state: State, user: str) -> list[JobOut]:
-    with state.sessions() as s:
-        rows = s.scalars(select(JobRow).where(JobRow.owner == user).order_by(JobRow.created_at))
-        return [_job_out(r) for r in rows]
-
-
-def job_result(state: State, job_id: str, user: str, kind: str) -> Response:
-    row = _own_job(state, job_id, user)
-    if row.status != "done":
-        why = f": {row.error}" if row.error else ""
-        raise ApiError(
-            409 if row.status != "failed" else 422,
-            f"job {job_id} is {row.status}{why}",
-            "Poll GET /v1/jobs/{id} until its status is done."
-            if row.status != "failed"
-            else "Fix the input named in the error and submit a new job.",
-        )
-    text = row.report_json if kind == "report" else row.plan_json
-    if text is None:
-        raise ApiError(
-            404,
-            f"job {job_id} has no plan: it was submitted without a target",
-            'Submit a job with a target, e.g. "target": {"params": 0.5}.',
-        )
-    return Response(text, media_type="application/json")
 
 
 # ---- the app -------------------------------------------------------------------------------
@@ -345,13 +129,48 @@ _MULTIPART_FILE = {
 }
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+_JOB_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": JobRequest.model_json_schema()},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["request"],
+                "properties": {
+                    "request": {"type": "string", "description": "the job's JSON"},
+                    "manifest": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "a large manifest as a JSON file (instead of the field)",
+                    },
+                },
+            }
+        },
+    },
+}
+Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT, description="items per page")]
+Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
+DEFAULT = pagination.DEFAULT_LIMIT
+
+
+async def _clean_temp_files(state: State) -> None:
+    """Remove the temp files of crashed uploads now and every few minutes (any replica's)."""
+    while True:
+        await run_in_threadpool(clean_stale, state.store.tmp)
+        await asyncio.sleep(max(state.settings.upload_idle_s, 60.0))
+
+
+def create_app(settings: Settings | None = None, clock: limits.Clock = time.monotonic) -> FastAPI:
+    """The app; ``clock`` (seconds) drives the rate limits (tests step a fake one)."""
     cfg = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = State(cfg)
+        state = State(cfg, clock)
         app.state.pg = state
+        clean_stale(state.store.tmp)
+        cleaner = asyncio.get_running_loop().create_task(_clean_temp_files(state))
         state.runner.start()
         # the first upload needs torch to validate a .pt file: import it now, in the background,
         # so the server answers at once and that upload does not wait for the import
@@ -361,11 +180,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            cleaner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cleaner
             state.runner.shutdown()
             state.engine.dispose()
 
     app = FastAPI(title="prunegraph", version="1", lifespan=lifespan)
     errors.install(app)
+    app.add_middleware(BodyLimits, max_json_bytes=cfg.max_json_bytes, idle_s=cfg.upload_idle_s)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -385,22 +208,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> ActivationsOut:
         return await upload_activations(state, request, user, checkpoint_id)
 
+    @app.get("/v1/checkpoints")
+    def get_checkpoints(
+        state: StateDep, user: UserDep, limit: Limit = DEFAULT, cursor: Cursor = None
+    ) -> CheckpointPage:
+        """The caller's checkpoints, newest first, a page at a time."""
+        return list_checkpoints(state, user, limit, cursor)
+
     @app.delete("/v1/checkpoints/{checkpoint_id}", status_code=204)
     def del_checkpoint(checkpoint_id: str, state: StateDep, user: UserDep) -> Response:
         delete_checkpoint(state, checkpoint_id, user)
         return Response(status_code=204)
 
-    @app.post("/v1/jobs", status_code=201)
-    def post_job(body: JobRequest, state: StateDep, user: UserDep) -> JobOut:
-        return create_job(state, body, user)
+    @app.post("/v1/jobs", status_code=201, openapi_extra={"requestBody": _JOB_BODY})
+    async def post_job(request: Request, state: StateDep, user: UserDep) -> JobOut:
+        """Submit a job: its JSON, or multipart with the JSON in ``request`` and a large
+        manifest as the file ``manifest``."""
+        return await submit(state, request, user)
 
     @app.get("/v1/jobs")
-    def get_jobs(state: StateDep, user: UserDep) -> list[JobOut]:
-        return list_jobs(state, user)
+    def get_jobs(
+        state: StateDep, user: UserDep, limit: Limit = DEFAULT, cursor: Cursor = None
+    ) -> JobPage:
+        """The caller's jobs as summaries, newest first, a page at a time."""
+        return list_jobs(state, user, limit, cursor)
 
     @app.get("/v1/jobs/{job_id}")
     def get_job(job_id: str, state: StateDep, user: UserDep) -> JobOut:
-        return _job_out(_own_job(state, job_id, user))
+        return _job_out(own_job(state, job_id, user))
 
     @app.get("/v1/jobs/{job_id}/report")
     def get_report(job_id: str, state: StateDep, user: UserDep) -> Response:

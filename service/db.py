@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Engine,
     Float,
     Integer,
@@ -34,7 +35,7 @@ class CheckpointRow(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(200), primary_key=True)
     format: Mapped[str] = mapped_column(String(32))
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     n_layers: Mapped[int] = mapped_column(Integer)
     skipped_json: Mapped[str] = mapped_column(Text, default="[]")
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
@@ -50,7 +51,22 @@ class ActivationsRow(Base):
     checkpoint_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     n_layers: Mapped[int] = mapped_column(Integer)
     n_samples: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class BlobRow(Base):
+    """A stored file by content (``kind``: checkpoints or activations).
+
+    Its row is the lock that every upload and every removal of those bytes takes in its
+    transaction (:mod:`service.blobs`); it is kept when the file goes.
+    """
+
+    __tablename__ = "blobs"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    touched_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class JobRow(Base):
@@ -60,6 +76,8 @@ class JobRow(Base):
     owner: Mapped[str] = mapped_column(String(200), index=True)
     checkpoint_id: Mapped[str] = mapped_column(String(64), index=True)
     request_json: Mapped[str] = mapped_column(Text)
+    summary_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """methods, target, plan_method: what a job list shows, without reading the request"""
     status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -25,6 +25,28 @@ class Settings(BaseSettings):
         None, description="any SQLAlchemy URL; default: SQLite file data_dir/prunegraph.db"
     )
     max_upload_bytes: int = Field(512 * MiB, gt=0, description="largest accepted checkpoint")
+    max_json_bytes: int = Field(
+        4 * MiB,
+        gt=0,
+        description="largest request body other than an upload (a job's JSON); a larger "
+        "manifest goes as a file: multipart POST /v1/jobs with fields request and manifest",
+    )
+    upload_idle_s: float = Field(
+        60.0, gt=0, description="a request whose body sends nothing for this long is closed (408)"
+    )
+    quota_bytes: int = Field(
+        20 * 1024 * MiB,
+        ge=0,
+        description="bytes each user may store (checkpoints and "
+        "activations, as uploaded); 0: no limit",
+    )
+    quota_jobs: int = Field(100, ge=0, description="queued + running jobs per user; 0: no limit")
+    rate_limit: int = Field(
+        6000, ge=0, description="requests per minute per user (bursts up to that many); 0: off"
+    )
+    auth_failure_limit: int = Field(
+        60, ge=0, description="failed authentications per minute per client address; 0: off"
+    )
     tokens: str = Field("", description="user:token pairs, comma-separated")
     tokens_file: Path | None = Field(None, description="user:token pairs, one a line")
     workers: int = Field(2, ge=1, description="analysis worker processes")

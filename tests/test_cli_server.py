@@ -148,7 +148,8 @@ def test_serve_with_a_demo_checkpoint(files: tuple[Path, Path], tmp_path: Path) 
         text = log.read_text()
         assert f"prunegraph serving on {demo.url}" in text
         assert "demo done: 5 groups analysed" in text, text  # the digit CNN has 5
-        jobs = httpx.get(f"{demo.url}/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        jobs = httpx.get(f"{demo.url}/v1/jobs", headers=bearer).json()["items"]
         assert [j["status"] for j in jobs] == ["done"]
         assert f"{demo.url}/v1/jobs/{jobs[0]['id']}/report" in text
     finally:

@@ -149,7 +149,7 @@ def test_job_with_target_gives_report_and_plan(client: TestClient) -> None:
         client.get(f"/v1/jobs/{job['id']}/plan", headers=ALICE).text
     )
     assert plan.checkpoint_sha256 == ckpt and plan.params_after < plan.params_before
-    assert job["id"] in [j["id"] for j in client.get("/v1/jobs", headers=ALICE).json()]
+    assert job["id"] in [j["id"] for j in client.get("/v1/jobs", headers=ALICE).json()["items"]]
 
 
 def test_job_without_target_has_no_plan(client: TestClient) -> None:
@@ -214,7 +214,7 @@ def test_auth_and_isolation(client: TestClient) -> None:
     job_id = job.json()["id"]
     assert client.get(f"/v1/jobs/{job_id}", headers=ALICE).status_code == 404
     assert client.get(f"/v1/jobs/{job_id}/report", headers=ALICE).status_code == 404
-    assert job_id not in [j["id"] for j in client.get("/v1/jobs", headers=ALICE).json()]
+    assert job_id not in [j["id"] for j in client.get("/v1/jobs", headers=ALICE).json()["items"]]
     alice_job = client.post("/v1/jobs", json={"checkpoint_id": ckpt}, headers=ALICE)
     assert alice_job.status_code == 404  # alice never uploaded bob's checkpoint
     assert _wait(client, job_id, BOB)["status"] == "done"

@@ -40,8 +40,8 @@ def test_users_from_the_tokens_file(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert settings.data_dir == tmp_path / "data" and settings.tokens_file is not None
     assert settings.token_users() == {"alice-token-1": "alice", "bob-token-2": "bob"}
     with TestClient(create_app(settings)) as c:
-        assert c.get("/v1/jobs", headers=ALICE).json() == []
-        assert c.get("/v1/jobs", headers=BOB).json() == []
+        assert c.get("/v1/jobs", headers=ALICE).json() == {"items": [], "next_cursor": None}
+        assert c.get("/v1/jobs", headers=BOB).json()["items"] == []
         for bad in ({}, {"Authorization": "Bearer nobody"}, {"Authorization": "alice-token-1"}):
             r = c.get("/v1/jobs", headers=bad)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -59,8 +59,8 @@ def test_users_from_the_tokens_file(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         assert _wait(c, job_id, ALICE)["status"] == "done"
         assert c.get(f"/v1/jobs/{job_id}/report", headers=ALICE).status_code == 200
         # alice sees hers; bob sees nothing of alice's, and gets 404 (not 403) for it
-        assert [j["id"] for j in c.get("/v1/jobs", headers=ALICE).json()] == [job_id]
-        assert c.get("/v1/jobs", headers=BOB).json() == []
+        assert [j["id"] for j in c.get("/v1/jobs", headers=ALICE).json()["items"]] == [job_id]
+        assert c.get("/v1/jobs", headers=BOB).json()["items"] == []
         for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/report", f"/v1/jobs/{job_id}/plan"):
             r = c.get(path, headers=BOB)
             assert r.status_code == 404 and "visible only to the token" in r.json()["hint"]
