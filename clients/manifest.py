@@ -45,7 +45,7 @@ import torch_pruning as tp
 from torch import nn
 
 from clients.attention import attention_blocks
-from clients.flops import check_cost_model, cost_macs, count_layer_macs, count_model_macs
+from clients.flops import check_cost_model, cost_macs, count_layer_macs
 from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
 
 __all__ = ["ExampleInputs", "build_manifest", "manifest_from_factory"]
@@ -389,12 +389,6 @@ def find_roles(traced: TracedModel) -> tuple[list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------- MACs
-
-
-def count_macs(model: nn.Module, example_inputs: ExampleInputs) -> int:
-    """MACs per sample as ``tp.utils.count_ops_and_params`` counts them, but by ``isinstance``
-    (conv subclasses with their own ``forward`` included), rounded."""
-    return round(count_model_macs(model, as_input_tuple(example_inputs)))
 
 
 def checked_macs_total(traced: TracedModel, example_inputs: ExampleInputs) -> int:
