@@ -18,7 +18,7 @@ from sqlalchemy import select
 from graphs.errors import PruneGraphError
 from graphs.plan import PruningPlan
 from graphs.report import Report
-from service.app import State, _job_out, list_jobs
+from service.app import State
 from service.charts import (
     cluster_sizes,
     graph_svg,
@@ -29,6 +29,7 @@ from service.charts import (
 )
 from service.db import DONE, CheckpointRow, JobRow
 from service.errors import ApiError
+from service.job_api import _job_out, recent_jobs
 from service.layer_graph import find_job, layer_graph
 
 
@@ -65,14 +66,14 @@ def index_page(state: State, user: str) -> Page:
             .where(CheckpointRow.owner == user)
             .order_by(CheckpointRow.created_at.desc())
         ).all()
-    jobs = list_jobs(state, user)[::-1]
+    jobs = recent_jobs(state, user)  # newest first
     per_checkpoint = Counter(j.checkpoint_id for j in jobs)
     return Page(
         "index.html",
         {
             "checkpoints": [(c, per_checkpoint[c.id]) for c in checkpoints],
-            "jobs": [(j, describe(j.request)) for j in jobs],
-            "done": [(j, describe(j.request)) for j in jobs if j.status == DONE],
+            "jobs": [(j, describe(j.model_dump())) for j in jobs],
+            "done": [(j, describe(j.model_dump())) for j in jobs if j.status == DONE],
         },
     )
 
@@ -184,7 +185,7 @@ def compare(ra: Report, rb: Report) -> Comparison:
 
 
 def compare_page(state: State, user: str, a: str, b: str, base: str) -> Page:
-    done = [(j, describe(j.request)) for j in list_jobs(state, user)[::-1] if j.status == DONE]
+    done = [(j, describe(j.model_dump())) for j in recent_jobs(state, user) if j.status == DONE]
     ctx: dict[str, Any] = {"done": done, "a": a, "b": b, "cmp": None, "chart": None, "error": None}
     if not (a and b):
         return Page("compare.html", ctx)
