@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from graphs.errors import PruneGraphError
 from graphs.plan import PruningPlan
-from graphs.report import Report
+from graphs.report import MethodSummary, Report
 from service.app import State
 from service.charts import (
     cluster_sizes,
@@ -146,11 +146,23 @@ class Comparison:
     rows: list[tuple[str, list[tuple[str, float, float, float]]]]  # layer, (method, a, b, b − a)
     only_a: list[str]
     only_b: list[str]
-    summary: list[tuple[str, str, float | None, float | None, float | None]]
+    summary: list[tuple[str, str, str, float | None, float | None, float | None]]
+    """(method, figure: removable or weighted, of: params or flops, a, b, b − a)"""
 
 
 def _delta(a: float | None, b: float | None) -> float | None:
     return b - a if a is not None and b is not None else None
+
+
+def _figures(ms: MethodSummary) -> list[tuple[str, str, float | None]]:
+    """(figure, of what, value): the removable fractions, then the weighted mean redundancy."""
+    rm = ms.removable
+    return [
+        ("removable", "params", rm.params if rm is not None else None),
+        ("removable", "flops", rm.flops if rm is not None else None),
+        ("weighted", "params", ms.redundancy_params_weighted),
+        ("weighted", "flops", ms.redundancy_flops_weighted),
+    ]
 
 
 def compare(ra: Report, rb: Report) -> Comparison:
@@ -168,13 +180,13 @@ def compare(ra: Report, rb: Report) -> Comparison:
             a, b = float(la.methods[m].redundancy or 0.0), float(lb.methods[m].redundancy or 0.0)
             values.append((m, a, b, b - a))
         rows.append((la.name, values))
-    summary = []
-    for m in methods:
-        sa, sb = ra.summary.methods[m], rb.summary.methods[m]
-        for weight in ("params", "flops"):
-            a = getattr(sa, f"redundancy_{weight}_weighted")
-            b = getattr(sb, f"redundancy_{weight}_weighted")
-            summary.append((m, weight, a, b, _delta(a, b)))
+    summary = [
+        (m, fig, of, a, b, _delta(a, b))
+        for m in methods
+        for (fig, of, a), (_, _, b) in zip(
+            _figures(ra.summary.methods[m]), _figures(rb.summary.methods[m]), strict=True
+        )
+    ]
     return Comparison(
         methods,
         rows,

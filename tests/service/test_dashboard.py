@@ -290,10 +290,12 @@ def test_report_page_matches_the_report_and_plan(
     for row in _data(page, "#method-summary tr[data-method]"):
         ms = summary["methods"][row["method"]]
         if ms["redundancy_params_weighted"] is None:
-            assert row["paramsWeighted"] == row["flopsWeighted"] == ""
+            assert row["paramsWeighted"] == row["flopsWeighted"] == row["removableParams"] == ""
         else:
             assert float(row["paramsWeighted"]) == ms["redundancy_params_weighted"]
             assert float(row["flopsWeighted"]) == ms["redundancy_flops_weighted"]
+            assert float(row["removableParams"]) == ms["removable"]["params"]
+            assert float(row["removableFlops"]) == ms["removable"]["flops"]  # a manifest
     section = _data(page, "#plan")[0]
     assert section["targetKind"] == "flops" and float(section["target"]) == plan["target"]["flops"]
     assert float(section["achievedFlops"]) == plan["achieved"]["flops"]
@@ -384,8 +386,12 @@ def test_compare_page(page: Page, server: Server, jobs: dict[str, str]) -> None:
     only = {(d["only"], d["layer"]) for d in _data(page, "[data-only]")}
     assert only == {("a", "fc_layers.2")}
     for row in _data(page, "#compare-summary tr[data-method]"):
-        a = ra["summary"]["methods"][row["method"]][f"redundancy_{row['weight']}_weighted"]
-        b = rb["summary"]["methods"][row["method"]][f"redundancy_{row['weight']}_weighted"]
+        sa, sb = (r["summary"]["methods"][row["method"]] for r in (ra, rb))
+        if row["figure"] == "removable":
+            a, b = sa["removable"][row["weight"]], sb["removable"][row["weight"]]
+        else:
+            a = sa[f"redundancy_{row['weight']}_weighted"]
+            b = sb[f"redundancy_{row['weight']}_weighted"]
         assert row["delta"] == "" if a is None or b is None else float(row["delta"]) == b - a
     _shot(page, "compare")
 
