@@ -16,8 +16,9 @@ Two counts that :func:`clients.manifest.build_manifest` compares:
 
 Convention (torch-pruning's, so both agree on plain models): one multiply-accumulate per weight
 use, plus one add per output element for a conv's bias and ``out_features`` adds per call for a
-linear layer's bias. MACs are per sample: a call's count divided by the batch size (the first
-dimension of the first input).
+linear layer's bias. MACs are per sample: a call's count divided by the batch size of the model's
+input (the first dimension of the first example input), whatever layout the layer sees (a linear
+layer on a flattened (N·T, F) tensor or a sequence-first (T, N, F) one).
 
 :func:`check_cost_model` raises :class:`~clients.errors.ManifestError` when the cost model's
 conv/linear MACs and the independent count differ by more than 1 %.
@@ -61,7 +62,8 @@ def _first_tensor(args: Any) -> torch.Tensor | None:
 
 
 def batch_size(args: Any) -> int:
-    """The batch size of a call: the first dimension of its first tensor argument (1 if none)."""
+    """The first dimension of the first tensor argument (1 if none): the batch size of the
+    model's inputs."""
     x = _first_tensor(args)
     return int(x.shape[0]) if x is not None and x.dim() > 0 and x.shape[0] > 0 else 1
 
@@ -144,11 +146,11 @@ def _count(
 ) -> dict[str, float]:
     """Per-sample MACs per module name over one eval-mode forward pass (flags restored)."""
     macs: dict[str, float] = {}
+    batch = batch_size(tuple(example_inputs))  # of the model's input, as torch-pruning does
 
     def hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
-            value = count(module, args, output) / batch_size(args)
-            macs[name] = macs.get(name, 0.0) + value
+            macs[name] = macs.get(name, 0.0) + count(module, args, output) / batch
 
         return record
 

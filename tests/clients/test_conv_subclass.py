@@ -66,7 +66,8 @@ def tp_total(model: nn.Module, x: tuple[torch.Tensor, ...]) -> float:
 
 
 class SeqModel(nn.Module):
-    """Conv1d (strided, dilated, grouped, called twice) and linear layers on (N, T, F) inputs."""
+    """Conv1d (strided, dilated, grouped, called twice) and linear layers on (N·T, F) and
+    (N, T, F) inputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -79,7 +80,8 @@ class SeqModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.c1(x))
         y = self.c3(self.c2(y)) + self.c2(y)
-        return self.out(F.relu(self.fc(y.transpose(1, 2))))
+        z = F.relu(self.fc(y.transpose(1, 2).reshape(-1, 16)))  # (N·T, F): not batch first
+        return self.out(z.reshape(x.shape[0], -1, 12))
 
 
 class VolumeModel(nn.Module):
@@ -118,6 +120,7 @@ def test_hook_count_agrees_with_torch_pruning_on_plain_models(name: str) -> None
     for layer, macs in ours.items():
         assert macs * shape[0] == pytest.approx(theirs[layer], abs=1), layer
     assert flops.count_model_macs(model, x) == pytest.approx(tp_total(model, x), abs=1)
+    assert build_manifest(model, x).macs_total == round(tp_total(model, x))  # no refusal
 
 
 def test_transposed_conv_counts_like_its_adjoint_conv() -> None:
