@@ -178,3 +178,19 @@ def _greedy(
             return
         removed[gid].extend(took)
         budget.set(gid, budget.cost.channels[gid] - len(removed[gid]))
+
+
+def fixed_allocation(
+    works: dict[int, GroupWork], method: str, counts: dict[int, int]
+) -> Allocation:
+    """Counts decided elsewhere (:mod:`graphs.error_allocation`): each group's state takes its
+    redundant filters first (at most its count); the plan fills the rest by the state's order."""
+    out = Allocation.empty(list(counts))
+    for gid, w in works.items():
+        state = graph_state(w, method)
+        out.redundancy[gid] = round(state.redundancy(), 6)
+        took = state.take(counts.get(gid, 0)) if counts.get(gid, 0) > 0 else []
+        out.removed[gid] = list(took)
+        out.strict_removed[gid] = list(took)
+        out.states[gid] = state
+    return out

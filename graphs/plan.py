@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from graphs._frozen import Frozen
 from graphs.fold import Compensation
@@ -72,6 +72,18 @@ class GroupPlan(Frozen):
     heads: Heads | None = Field(
         None, exclude_if=lambda v: v is None, description="heads: the block's heads before pruning"
     )
+    functional_redundancy: float | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="largest fraction of the channels removable with relative consumer-output "
+        "error <= epsilon after least-squares folds (plans made with activation statistics)",
+    )
+    predicted_error: float | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="relative consumer-output error of this group's removal after the plan's "
+        "folds, summed over its consumers (compensated plans)",
+    )
 
 
 class PruningPlan(Frozen):
@@ -100,6 +112,10 @@ class PruningPlan(Frozen):
         description="folds that let the kept channels take over the removed ones' role "
         "(graphs.fold); their matrices are in the sidecar the plan pins by sha256",
     )
+
+    # the sidecar bytes of a plan made with compensation (graphs.compensated.plan_sidecar);
+    # not serialized, and compared as always equal: the fields pin them by sha256
+    _sidecar: object = PrivateAttr(default=None)
 
     def to_json(self, *, indent: int | None = 2) -> str:
         return self.model_dump_json(indent=indent)

@@ -25,17 +25,26 @@ channels, maximum ratio per group, ``round_to``) hold throughout.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from graphs.allocation import Allocation, Budget, group_limit, redundancy_allocation
+from graphs.allocation import (
+    Allocation,
+    Budget,
+    fixed_allocation,
+    group_limit,
+    redundancy_allocation,
+)
 from graphs.analyze import check_features
 from graphs.baselines import fpgm
 from graphs.cache import Cache
+from graphs.compensated_plan import plan_with_stats
 from graphs.cost import CostModel, infer_consumers
+from graphs.error_allocation import AllocationRule, Counts
 from graphs.errors import InvalidInputError, NoPrunableLayersError
 from graphs.features import Activations, group_features
+from graphs.functional import DEFAULT_EPSILON, DEFAULT_RIDGE
 from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
@@ -74,6 +83,7 @@ def make_plan(
     param_shapes: dict[str, list[int]] | None = None,
     cache: Cache | None = None,
     activations: Activations | None = None,
+    counts: Counts | None = None,
 ) -> PruningPlan:
     """A plan that removes ``target`` of the FLOPs or params by ``method``.
 
@@ -87,6 +97,8 @@ def make_plan(
             plan of the same weights, parameters and seed) are reused; see :mod:`graphs.cache`.
         activations: feature maps per layer (samples, channels, pixels): needed by ``ci`` and
             by graph methods with ``options.vectors == "activations"``.
+        counts: channels to remove per group, decided elsewhere (:mod:`graphs.error_allocation`);
+            the method then only chooses which (graph methods: their redundant filters first).
     """
     c = constraints or Constraints()
     opts = options or AnalysisOptions()
@@ -119,7 +131,10 @@ def make_plan(
         return int(np.sum(v < rho * alpha_max * 1.000001 * v.mean())) if v.mean() > 0 else 0
 
     alloc = Allocation.empty(ids)
-    if method in GRAPH_METHODS:
+    if method in GRAPH_METHODS and counts is not None:
+        works = {gid: work(g) for gid, g in zip(ids, groups, strict=True) if limit[gid]}
+        alloc = fixed_allocation(works, method, counts.removed)
+    elif method in GRAPH_METHODS:
         works = {gid: work(g) for gid, g in zip(ids, groups, strict=True) if limit[gid]}
         alloc = redundancy_allocation(
             works, method, limit=limit, budget=budget, step=step, anneal=opts.fallback == "anneal"
@@ -140,7 +155,9 @@ def make_plan(
     def kept_at(rho: float) -> dict[int, int]:
         out = dict(budget.kept)
         for gid in ids:
-            if method == "ci":
+            if counts is not None:
+                r = min(limit[gid], counts.removed.get(gid, 0))
+            elif method == "ci":
                 r = min(limit[gid], below(gid, rho)) if gid in ci else 0
             else:
                 r = base[gid] + math.ceil(rho * (limit[gid] - base[gid]) - 1e-9)
@@ -148,7 +165,7 @@ def make_plan(
         return out
 
     final = kept_at(0.0)
-    if budget.achieved(final) < target.ratio:
+    if budget.achieved(final) < target.ratio and counts is None:
         lo, hi = 0.0, 1.0
         for _ in range(50):
             mid = (lo + hi) / 2
@@ -162,13 +179,14 @@ def make_plan(
     # A ratio moves in whole channels (or round_to blocks) per group: give channels back while
     # the target still holds, most-cut groups first.
     for gid in sorted(ids, key=lambda i: (budget.kept[i] - cost.channels[i], i)):
-        while budget.kept[gid] + step_of <= cost.channels[gid] - rounded(gid, base[gid]):
+        top = cost.channels[gid] - rounded(gid, base[gid])
+        while counts is None and budget.kept[gid] + step_of <= top:
             budget.set(gid, budget.kept[gid] + step_of)
             if not budget.met():
                 budget.set(gid, budget.kept[gid] - step_of)
                 break
     extra = {gid: max(cost.channels[gid] - budget.kept[gid] - base[gid], 0) for gid in ids}
-    if method == "ci":
+    if method == "ci" and counts is None:
         extra = dict.fromkeys(ids, 0)
 
     # Which filters: per method, original indices.
@@ -217,6 +235,8 @@ def make_plan(
         + (f" ({alloc.softer} of them at softer calibration levels)" if alloc.softer else "")
         + (f"; redundancy ran out, uniform fallback removed {fallback} more" if fallback else "")
     )
+    if counts is not None:
+        rule = f"{method} chose the channels; counts by {counts.rule}"
     if budget.achieved() < target.ratio - 1e-9:
         rule += f"; target not reachable under the constraints (reached {budget.achieved():.3f})"
     return PruningPlan(
@@ -295,11 +315,21 @@ def plan_layers(
     checkpoint_sha256: str | None = None,
     cache: Cache | None = None,
     activations: Activations | None = None,
+    stats: Mapping[str, np.ndarray] | None = None,
+    compensation: bool = True,
+    allocation: AllocationRule | None = None,
+    epsilon: float = DEFAULT_EPSILON,
+    ridge: float = DEFAULT_RIDGE,
 ) -> PruningPlan:
     """Plan for a checkpoint's layers: groups from the manifest (exact params and MACs, its
     stem/classifier/ignored groups kept whole) or, without one, from the layers alone (params
     estimated, coupling ``unknown``, FLOPs targets refused; the first layer in checkpoint order
-    and every layer no other layer reads are kept whole as stem and outputs)."""
+    and every layer no other layer reads are kept whole as stem and outputs).
+
+    With ``stats`` (consumer module name → input second moment, needs a manifest) the plan is
+    made as :mod:`graphs.compensated_plan` describes: counts by ``allocation``, the graph
+    methods on correlations, and least-squares folds unless ``compensation`` is False (the
+    sidecar: :func:`graphs.compensated.plan_sidecar`)."""
     if manifest is not None:
         manifest = adapt_manifest(layers, manifest)  # transformer blocks: one group of vertices
     groups, _ = build_groups(layers, manifest)
@@ -331,11 +361,25 @@ def plan_layers(
             )
         c = c.model_copy(update={"ignored": sorted({*c.ignored, *manifest.ignored})})
         shapes = {k: list(v) for k, v in manifest.param_shapes.items()}
+        if stats is not None:
+            return plan_with_stats(
+                make_plan, layers, groups, manifest, stats, method=method, target=target,
+                cost=cost, constraints=c, prunable=prunable, options=options,
+                activations=activations, compensation=compensation, allocation=allocation,
+                epsilon=epsilon, ridge=ridge, step=step, seed=seed,
+                checkpoint_sha256=checkpoint_sha256, param_shapes=shapes, cache=cache,
+            )  # fmt: skip
         return make_plan(
             groups, method=method, target=target, cost=cost, constraints=c, options=options,
             step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=prunable,
             param_shapes=shapes, cache=cache, activations=activations,
         )  # fmt: skip
+    if stats is not None:
+        raise InvalidInputError(
+            "compensation from activation statistics needs the model's manifest",
+            hint="Pass --manifest (prunegraph manifest --model pkg.module:factory "
+            "--input-shape 1,3,224,224 -o manifest.json), or plan without statistics.",
+        )
     cost = CostModel.from_layers(groups, params_total)
     # Without a manifest: the stem is the first layer in order, and a group nothing reads is a
     # model output (classifier or head), whose channels are never removed. Transformer groups

@@ -1,0 +1,277 @@
+"""Compensated plans: every pruned group's consumers take over the removed channels (design §8).
+
+Given the second moments of the consumers' inputs (``stats``: consumer module name → S, as
+``clients.capture_activations`` records them under ``gram/<name>``), :func:`group_consumers`
+finds, from the manifest, every channel-mixing consumer of every group: the conv/linear
+weights that lose entries on axis 1 when a channel goes (a depthwise conv shrinks on axis 0 and
+is not a mixing consumer; a linear after a flatten has ``per_channel`` entries per channel).
+:func:`compensate` then adds to a plan, for each pruned group and each of its consumers, the
+least-squares fold (:mod:`graphs.functional`) and its predicted error; the fold matrices go to a
+sidecar (:mod:`graphs.fold`) whose bytes travel with the returned plan (:func:`plan_sidecar`,
+:func:`save_plan`) and that the plan pins by sha256. Every method gets the same compensation,
+so comparisons isolate the choice of the removed channels.
+
+:func:`stat_features` turns the same statistics into the feature maps the graph methods compare
+(Pearson correlations at the consumer inputs, through the exact embedding of
+:func:`graphs.features.activation_vectors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from graphs.consumers import Consumer, ConsumerStats, channel_gram, dense_weight
+from graphs.errors import InvalidInputError
+from graphs.fold import (
+    SIDECAR_SUFFIX,
+    Compensation,
+    ConsumerFold,
+    encode_sidecar,
+    fold_keys,
+    sidecar_sha256,
+)
+from graphs.functional import DEFAULT_RIDGE, ErrorCurve, error_curve, least_squares_fold
+from graphs.layers import LayerWeights
+from graphs.manifest import Manifest
+from graphs.plan import PruningPlan
+
+_HINT = (
+    "Capture the statistics with clients.capture_activations from the model this checkpoint "
+    "belongs to (every conv/linear consumer gets gram/<module name>)."
+)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A channel-mixing consumer of one group, with its statistics at channel level."""
+
+    group: int
+    consumer: str
+    weight: str
+    bias: str | None
+    per_channel: int
+    data: Consumer
+
+
+@dataclass(frozen=True)
+class GroupConsumers:
+    """Per group id its consumers with statistics, and consumers that had none (name list)."""
+
+    consumers: dict[int, list[ConsumerSpec]]
+    missing: dict[int, list[str]]
+
+    def curves(
+        self, ids: Iterable[int], *, ridge: float = DEFAULT_RIDGE, max_ratio: float = 1.0
+    ) -> dict[int, ErrorCurve]:
+        """The error curve of every listed group that has consumers with statistics."""
+        out: dict[int, ErrorCurve] = {}
+        for gid in ids:
+            specs = self.consumers.get(gid)
+            if specs:
+                c = specs[0].data.stats.channels
+                steps = min(c - 1, int(np.floor(max_ratio * c)))
+                out[gid] = error_curve([s.data for s in specs], ridge=ridge, max_remove=steps)
+        return out
+
+
+def group_consumers(
+    layers: Iterable[LayerWeights], manifest: Manifest, stats: Mapping[str, np.ndarray]
+) -> GroupConsumers:
+    """Every prunable group's channel-mixing consumers that have statistics.
+
+    Args:
+        layers: the checkpoint's conv/linear layers (``name`` = module name, weight as stored).
+        manifest: the model's manifest (which parameters shrink with each group).
+        stats: consumer module name → S, shape (F+1, F+1) with F the consumer's input width
+            (F = C·H·W for a linear after a flatten), constant column last.
+
+    Raises:
+        InvalidInputError: a Gram of the wrong size, or statistics naming no consumer.
+    """
+    by_name = {layer.name: layer for layer in layers}
+    known: set[str] = set()
+    consumers: dict[int, list[ConsumerSpec]] = {}
+    missing: dict[int, list[str]] = {}
+    for g in manifest.groups:
+        for pa in g.params:
+            name = pa.param.removesuffix(".weight")
+            layer = by_name.get(name)
+            if pa.axis != 1 or not pa.param.endswith(".weight") or layer is None:
+                continue
+            if layer.is_depthwise:
+                continue
+            known.add(name)
+            if not g.prunable:
+                continue
+            if name not in stats:
+                missing.setdefault(g.id, []).append(name)
+                continue
+            consumers.setdefault(g.id, []).append(_spec(g.id, g.channels, pa.per_channel, layer,
+                                                        stats[name], manifest))  # fmt: skip
+    unknown = sorted(set(stats) - known - set(by_name))
+    if unknown:
+        raise InvalidInputError(
+            f"statistics for {unknown[0]!r}, which is no conv/linear layer of the checkpoint",
+            hint=_HINT,
+        )
+    return GroupConsumers(consumers, missing)
+
+
+def _spec(
+    gid: int,
+    channels: int,
+    per_channel: int,
+    layer: LayerWeights,
+    gram: np.ndarray,
+    manifest: Manifest,
+) -> ConsumerSpec:
+    S = np.asarray(gram, dtype=np.float64)
+    width = layer.shape[1] * layer.groups if layer.kind != "linear" else layer.shape[1]
+    if S.shape != (width + 1, width + 1):
+        raise InvalidInputError(
+            f"the statistics of {layer.name} have shape {S.shape}; its input has {width} "
+            f"entries, so S must be ({width + 1}, {width + 1})",
+            hint=_HINT,
+        )
+    if width != channels * per_channel:
+        raise InvalidInputError(
+            f"{layer.name} reads {width} inputs, not the {channels} × {per_channel} of group "
+            f"{gid} (concatenated inputs cannot be compensated yet)",
+            hint="Plan without statistics for this model, or pass --no-compensation.",
+        )
+    stats = ConsumerStats(channel_gram(S, per_channel))
+    w = dense_weight(layer.weight, per_channel=per_channel, groups=layer.groups)
+    bias = f"{layer.name}.bias"
+    return ConsumerSpec(
+        group=gid,
+        consumer=layer.name,
+        weight=f"{layer.name}.weight",
+        bias=bias if bias in manifest.param_shapes else None,
+        per_channel=per_channel,
+        data=Consumer(layer.name, stats, w, groups=layer.groups),
+    )
+
+
+class _Attached:
+    """The sidecar bytes riding along with a plan object. Always equal: the plan's fields pin
+    the bytes by sha256, so two plans with equal fields have the same sidecar."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def compensate(
+    plan: PruningPlan,
+    consumers: GroupConsumers,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    curves: Mapping[int, ErrorCurve] | None = None,
+    epsilon: float | None = None,
+) -> PruningPlan:
+    """``plan`` with least-squares folds for every pruned group's consumers.
+
+    Every group's ``predicted_error`` is set (0 for groups that lose nothing), and its
+    ``functional_redundancy`` when ``curves`` and ``epsilon`` are given. The returned plan
+    carries its sidecar's bytes: :func:`plan_sidecar`, :func:`save_plan`.
+    """
+    folds: list[ConsumerFold] = []
+    arrays: dict[str, np.ndarray] = {}
+    groups = []
+    for g in plan.groups:
+        specs = consumers.consumers.get(g.id, [])
+        removed = list(g.remove)
+        kept = [i for i in range(g.channels_before) if i not in set(removed)]
+        total = 0.0
+        for s in specs if removed else []:
+            B, b, err = least_squares_fold(s.data, kept, removed, ridge=ridge)
+            mkey, skey = fold_keys(g.id, s.consumer)
+            arrays[mkey], arrays[skey] = B, b
+            total += err
+            folds.append(
+                ConsumerFold(
+                    group=g.id,
+                    consumer=s.consumer,
+                    weight=s.weight,
+                    bias=s.bias,
+                    per_channel=s.per_channel,
+                    kept=kept,
+                    removed=removed,
+                    matrix=mkey,
+                    shift=skey,
+                    predicted_error=round(err, 9),
+                    kind="least_squares",
+                )
+            )
+        update: dict[str, float | None] = {}
+        if specs:
+            update["predicted_error"] = round(total, 9)
+        if curves is not None and epsilon is not None and g.id in curves:
+            update["functional_redundancy"] = round(curves[g.id].redundancy(epsilon), 6)
+        groups.append(g.model_copy(update=update))
+    data = encode_sidecar(arrays)
+    comp = Compensation(sidecar_sha256=sidecar_sha256(data), sidecar_bytes=len(data), folds=folds)
+    fields = {**plan.model_dump(), "groups": [g.model_dump() for g in groups]}
+    out = PruningPlan.model_validate({**fields, "compensation": comp.model_dump()})
+    out._sidecar = _Attached(data)
+    return out
+
+
+def plan_sidecar(plan: PruningPlan) -> bytes:
+    """The sidecar bytes of a plan made by :func:`compensate` (b"" for plans without folds).
+
+    Raises:
+        InvalidInputError: the plan has compensation but was loaded from JSON (read its
+            ``.fold.safetensors`` file instead).
+    """
+    if plan.compensation is None:
+        return b""
+    att = plan._sidecar
+    if not isinstance(att, _Attached):
+        raise InvalidInputError(
+            "this plan's sidecar is not in memory",
+            hint=f"Read the {SIDECAR_SUFFIX} file written next to the plan.",
+        )
+    return att.data
+
+
+def sidecar_path(plan_path: str | Path) -> Path:
+    """``plan.json`` → ``plan.fold.safetensors`` (next to the plan)."""
+    p = Path(plan_path)
+    return p.with_name(p.name.removesuffix(".json") + SIDECAR_SUFFIX)
+
+
+def save_plan(plan: PruningPlan, path: str | Path) -> Path | None:
+    """Write the plan's JSON to ``path`` and, when it has folds, its sidecar next to it.
+    Returns the sidecar's path (None without compensation)."""
+    p = Path(path)
+    p.write_text(plan.to_json() + "\n")
+    if plan.compensation is None:
+        return None
+    side = sidecar_path(p)
+    side.write_bytes(plan_sidecar(plan))
+    return side
+
+
+def stat_features(specs: list[ConsumerSpec]) -> np.ndarray:
+    """Pseudo feature maps (1, c, 2c·m) of a group whose centred Gram is the sum of its m
+    consumers' input covariances (each scaled to unit mean variance): what
+    :func:`graphs.features.activation_vectors` embeds, so the graph methods compare the
+    channels' Pearson correlations at the consumer inputs."""
+    parts = []
+    for s in specs:
+        _, cov = s.data.stats.moments()
+        lam, Q = np.linalg.eigh(cov)
+        V = Q * np.sqrt(np.clip(lam, 0.0, None))[None, :]
+        mean_var = float(np.trace(cov)) / cov.shape[0]
+        V = V / np.sqrt(mean_var) if mean_var > 0 else V
+        parts.extend([V, -V])  # zero mean per channel: the centring leaves the Gram as it is
+    return np.concatenate(parts, axis=1)[None]

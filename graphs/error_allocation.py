@@ -1,0 +1,145 @@
+"""How many channels each group loses when compensation is planned (issue 14, point 4).
+
+Each rule gives a removal count per group as a function of one level, and the level is found by
+bisection so that the FLOPs/params target is met with the fewest removals:
+
+* ``uniform`` (a): the same fraction of what each group may lose (level = the fraction);
+* ``functional`` (b): SRP on functional redundancy — every group loses the channels its error
+  curve removes within one common relative error (level = that error, so the group with the
+  most functional redundancy loses the most, and a group without any loses channels only once
+  the others cost as much);
+* ``marginal`` (c): equal marginal error per MAC — group g removes the k minimizing
+  ``w_g · error_g(k) − λ · k · macs_g`` (level = λ; ``macs_g`` the MACs one channel of g
+  saves in the unpruned model), with ``w_g`` a per-group currency (default 1: the summed
+  relative consumer error; pass measured sensitivities to weight groups by what their error
+  does to the model's output).
+
+Groups without an error curve (no consumer statistics) lose nothing under ``functional`` and
+``marginal``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from graphs.allocation import Budget
+from graphs.cost import CostModel
+from graphs.errors import InvalidInputError
+from graphs.functional import ErrorCurve
+from graphs.plan import Target
+
+AllocationRule = Literal["method", "uniform", "functional", "marginal"]
+ALLOCATION_RULES: tuple[AllocationRule, ...] = ("method", "uniform", "functional", "marginal")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Channels to remove per group id, and the rule that chose them (for the plan's ``rule``)."""
+
+    removed: dict[int, int]
+    rule: str
+
+
+def _rounded(n: int, r: int, round_to: int | None) -> int:
+    if r <= 0 or not round_to or round_to == 1:
+        return max(r, 0)
+    return n - min(n, math.ceil((n - r) / round_to) * round_to)
+
+
+def _solve(
+    cost: CostModel,
+    target: Target,
+    limit: Mapping[int, int],
+    at: Callable[[float], dict[int, int]],
+    lo: float,
+    hi: float,
+    *,
+    log: bool,
+    round_to: int | None,
+) -> tuple[dict[int, int], float]:
+    """Smallest level in [lo, hi] whose counts meet the target (hi when none does)."""
+    budget = Budget(cost, target, list(limit))
+
+    def counts(level: float) -> dict[int, int]:
+        raw = at(level)
+        return {
+            gid: _rounded(cost.channels[gid], min(limit[gid], raw.get(gid, 0)), round_to)
+            for gid in limit
+        }
+
+    def met(level: float) -> bool:
+        c = counts(level)
+        kept = {**budget.kept, **{gid: cost.channels[gid] - r for gid, r in c.items()}}
+        return budget.achieved(kept) >= target.ratio - 1e-12
+
+    if not met(hi):
+        return counts(hi), hi
+    for _ in range(60):
+        mid = math.sqrt(lo * hi) if log else (lo + hi) / 2
+        if met(mid):
+            hi = mid
+        else:
+            lo = mid
+    return counts(hi), hi
+
+
+def allocate(
+    rule: AllocationRule,
+    *,
+    cost: CostModel,
+    target: Target,
+    limit: Mapping[int, int],
+    curves: Mapping[int, ErrorCurve],
+    round_to: int | None = None,
+    weights: Mapping[int, float] | None = None,
+) -> Counts:
+    """Removal counts per group by ``rule`` (not ``method``: that is the plan's own rule).
+
+    Args:
+        limit: group id → most channels it may lose (0: not pruned).
+        curves: group id → its error curve (:func:`graphs.functional.error_curve`).
+        weights: ``marginal`` only: group id → currency weight (default 1).
+    """
+    if rule == "uniform":
+        got, level = _solve(
+            cost, target, limit,
+            lambda rho: {g: math.ceil(rho * n - 1e-9) for g, n in limit.items()},
+            0.0, 1.0, log=False, round_to=round_to,
+        )  # fmt: skip
+        return Counts(got, f"uniform: {level:.4f} of what each group may lose")
+    if rule == "functional":
+
+        def within(eps: float) -> dict[int, int]:
+            return {g: c.removable(eps) for g, c in curves.items() if g in limit}
+
+        got, level = _solve(cost, target, limit, within, 1e-9, 1e3, log=True, round_to=round_to)
+        return Counts(got, f"functional: every group within relative error {level:.3g}")
+    if rule == "marginal":
+        full = dict(cost.channels)
+        per: dict[int, float] = {}
+        for g in curves:
+            if limit.get(g, 0) > 0:
+                _, dm = cost.delta(full, g, full[g] - 1)
+                per[g] = max(-float(dm), 1e-12)
+        w = {g: float((weights or {}).get(g, 1.0)) for g in per}
+        if any(not (np.isfinite(v) and v >= 0) for v in w.values()):
+            raise InvalidInputError("allocation weights must be finite and >= 0")
+
+        def priced(lam: float) -> dict[int, int]:
+            out = {}
+            for g, m in per.items():
+                e = curves[g].errors[: limit[g] + 1]
+                out[g] = int(np.argmin(w[g] * e - lam * m * np.arange(e.size)))
+            return out
+
+        got, level = _solve(cost, target, limit, priced, 1e-15, 1e3, log=True, round_to=round_to)
+        return Counts(got, f"marginal: equal error per MAC ({level:.3g} per MAC)")
+    raise InvalidInputError(
+        f"unknown allocation {rule!r}",
+        hint=f"Use one of {', '.join(ALLOCATION_RULES)}.",
+    )
