@@ -18,6 +18,12 @@ Everything is checked against the model before the first weight changes, and rai
 - the parameter shapes predicted from that coupling equal ``expected_shapes`` (a plan for
   another model fails here even on layers that the plan does not prune).
 
+A plan that carries compensation (``plan.compensation``, design §8) needs its sidecar (the
+``.fold.safetensors`` file written next to it, pinned by sha256): it is checked with every fold
+against the live model before any weight changes (:func:`clients.fold.check_compensation`), the
+folds rewrite the consumers' weights and biases by the ORIGINAL indices, then the channels are
+removed as usual. ``recalibrate=batches`` re-estimates BatchNorm statistics afterwards.
+
 Groups whose unit is ``neurons`` (an FFN's intermediate neurons) or ``heads`` (an attention
 block's heads; k/v heads with their q heads under grouped-query attention) carry the exact
 (parameter, axis, entries per index) they shrink; they are checked and pruned layer by layer by
@@ -27,7 +33,7 @@ block's heads; k/v heads with their q heads under grouped-query attention) carry
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ from torch import nn
 
 from clients.attention import check_unit_group, prune_unit_group
 from clients.errors import PlanError, PlanMismatchError
+from clients.fold import SidecarSource, apply_folds, check_compensation, recalibrate_batchnorm
 from clients.manifest import (
     ROOT_TYPES,
     ExampleInputs,
@@ -249,6 +256,8 @@ def apply_plan(
     example_inputs: ExampleInputs,
     *,
     checkpoint_sha256: str | None = None,
+    compensation: SidecarSource = None,
+    recalibrate: Iterable[object] | None = None,
 ) -> nn.Module:
     """Remove the plan's channels from ``model`` in place and return it.
 
@@ -259,6 +268,10 @@ def apply_plan(
             ``torch.zeros(1, 3, 32, 32)``); used to trace the coupling and, after pruning, for
             a forward pass.
         checkpoint_sha256: the digest of the loaded checkpoint, checked against the plan's.
+        compensation: the sidecar of a plan that carries compensation: its path, bytes or
+            arrays (default: ``<plan stem>.fold.safetensors`` next to a plan given as a path).
+        recalibrate: batches (tensors or (inputs, labels) pairs) to re-estimate BatchNorm
+            running statistics on after pruning.
 
     Raises:
         PlanMismatchError: the plan does not fit the model; nothing has been changed.
@@ -267,6 +280,11 @@ def apply_plan(
     """
     parsed = load_plan(plan)
     _check_digest(parsed, checkpoint_sha256)
+    if parsed.compensation is None and compensation is not None:
+        raise PlanMismatchError(
+            "a compensation sidecar was given, but the plan carries no compensation; pass the "
+            "plan that was written with it"
+        )
     modules = dict(model.named_modules())
     traced = trace_model(model, example_inputs)
     ids = [gp.id for gp in parsed.groups]
@@ -293,9 +311,12 @@ def apply_plan(
     }
     _check_coupling(parsed, structures)
     _check_shapes(model, parsed, structures)
+    plan_path = Path(plan) if isinstance(plan, str | Path) else None
+    folds = check_compensation(model, parsed, compensation, plan_path=plan_path)
 
     dg = traced.dg
     try:
+        apply_folds(model, folds)  # by ORIGINAL indices, before any channel is removed
         for gp in parsed.groups:
             if not gp.remove or gp.unit != "channels":
                 continue
@@ -326,4 +347,6 @@ def apply_plan(
                 f"the pruned model's forward pass fails ({exc}); a module may keep a width the "
                 "plan changed (e.g. a head count under another attribute name)"
             ) from exc
+    if recalibrate is not None:
+        recalibrate_batchnorm(model, recalibrate)
     return model
