@@ -11,13 +11,18 @@
   target_flops=0.5)`` plans a live model in one call.
 
 - :func:`capture_activations`: post-activation feature maps on calibration data, for the
-  data-aware methods (``ci``, ``vectors="activations"``); :class:`PCCLoss`: the pixel-level
+  data-aware methods (``ci``, ``vectors="activations"``), and the second moments of every
+  consumer's input that compensated plans fold with; :class:`PCCLoss`: the pixel-level
   cross-correlation loss that decorrelates channels during pre-training.
+- :func:`sensitivity`: prune one group at a time, with and without compensation, and measure a
+  metric (:class:`SensitivityTable`, CSV/JSON); :func:`recalibrate_batchnorm` re-estimates BN
+  statistics of a pruned model.
 """
 
 from clients.activations import Activations, capture_activations
 from clients.apply import apply_plan
 from clients.errors import ManifestError, PlanError, PlanMismatchError
+from clients.fold import recalibrate_batchnorm
 from clients.http import (
     AuthenticationError,
     ConnectionFailedError,
@@ -34,6 +39,7 @@ from clients.http import (
 )
 from clients.manifest import build_manifest, manifest_from_factory
 from clients.pcc import PCCLoss, pixel_correlation
+from clients.sensitivity import SensitivityTable, sensitivity
 
 __all__ = [
     "Activations",
@@ -52,10 +58,13 @@ __all__ = [
     "PruneGraphClient",
     "PruneGraphClientError",
     "PruneGraphHTTPError",
+    "SensitivityTable",
     "ServerError",
     "apply_plan",
     "build_manifest",
     "capture_activations",
     "manifest_from_factory",
     "pixel_correlation",
+    "recalibrate_batchnorm",
+    "sensitivity",
 ]
