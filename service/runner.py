@@ -11,9 +11,10 @@ replica takes over jobs whose lease ran out — their replica was killed, crashe
 database connection — by an atomic compare-and-set on the lease, so exactly one replica gets each
 job, and re-queues them in its own pool. A restarted replica is one more such replica: after a
 ``kill -9`` its jobs are re-run once their leases expire, and the jobs of replicas still alive
-are never touched. A job runs at most once at a time (the claim queued -> running is atomic);
-the only case where it can run twice is a worker stalled for a whole lease, and then both runs
-compute the same deterministic result.
+are never touched. Workers end when their replica dies (:mod:`service.lifeline`): a killed
+replica leaves no orphan holding memory. A job runs at most once at a time (the claim queued ->
+running is atomic); the only case where it can run twice is a worker stalled for a whole lease,
+and then both runs compute the same deterministic result.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import FAILED, QUEUED, UNFINISHED, JobRow
 from service.jobs import run_job, warm_up
+from service.lifeline import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +80,26 @@ class JobRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        # Pools are started from this one thread, which lives as long as the runner: a worker's
+        # PR_SET_PDEATHSIG fires when the thread that forked it ends (service.lifeline), and
+        # request threads come and go.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-spawner")
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        return self._spawner.submit(self._start_pool).result()
+
+    def _start_pool(self) -> ProcessPoolExecutor:
         # spawn: the server process has threads (event loop, thread pool); fork could deadlock.
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         pool = ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=ctx, initializer=warm_up, initargs=(threads,)
+            max_workers=self.workers,
+            mp_context=ctx,
+            initializer=init_worker,
+            initargs=(os.getpid(), threads),
         )
-        for _ in range(self.workers):  # start the workers now, not at the first job
+        for _ in range(self.workers):  # start the workers now (from this thread), not later
             pool.submit(time.sleep, 0)
         return pool
 
@@ -179,3 +191,11 @@ class JobRunner:
         if self._sweeper is not None:
             self._sweeper.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._spawner.shutdown(wait=True)
+
+
+def init_worker(parent_pid: int, threads: int) -> None:
+    """A pool worker's set-up: end with the server (:func:`service.lifeline.exit_with_parent`),
+    then :func:`service.jobs.warm_up`."""
+    exit_with_parent(parent_pid)
+    warm_up(threads)
