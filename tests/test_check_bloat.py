@@ -184,3 +184,22 @@ def test_reports_before_the_removable_fraction(ckpts: dict[str, Path], tmp_path:
     assert [c["name"] for c in result["checks"] if not c["passed"]] == [
         f"layer {conv}" for conv in CONVS
     ]
+
+
+@pytest.mark.real
+def test_growth_since_a_baseline_compares_like_with_like(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    """The widened model against the original: the growth of the removable fraction, of
+    parameters when only one of the two reports knows FLOPs."""
+    wide = _report(ckpts["wide"], "--manifest", str(ckpts["manifest"]))
+    original = _report(ckpts["original"])
+    base = tmp_path / "base.json"  # a report: checked as it is (the manifest is the wide one's)
+    base.write_text(json.dumps(original))
+    extra = ["--manifest", str(ckpts["manifest"]), "--baseline", str(base)]
+    code, out = _check(str(ckpts["wide"]), *extra, "--max-growth", "0.05", "--json")
+    assert code == 1, out
+    (growth,) = [c for c in json.loads(out)["checks"] if c["name"].startswith("growth")]
+    removable = [r["summary"]["methods"]["mrp"]["removable"] for r in (wide, original)]
+    assert removable[0]["flops"] is not None and removable[1]["flops"] is None
+    assert growth["value"] == pytest.approx(removable[0]["params"] - removable[1]["params"])
