@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, overload
@@ -293,12 +293,15 @@ class PruneGraphClient:
         constraints: PlanConstraints | None = None,
         step: float | None = None,
         activations_id: str | None = None,
+        input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
     ) -> str:
         """Submit an analysis job (planned too when ``target`` is set); returns the job id.
 
         ``options`` are the methods' parameters (``alpha``, ``min_explained``, ...; see
         :class:`graphs.AnalysisOptions`), ``constraints`` and ``step`` the planner's
         (:class:`graphs.plan.Constraints`); the server's defaults apply to what is not given.
+        ``input_shape`` (ONNX models only, e.g. ``(1, 3, 64, 256)``, or one shape per input)
+        makes symbolic dims concrete, so that the server derives FLOPs and a manifest.
         """
         body: dict[str, Any] = {
             "checkpoint_id": checkpoint_id,
@@ -317,6 +320,10 @@ class PruneGraphClient:
             body["step"] = step
         if activations_id is not None:
             body["activations_id"] = activations_id
+        if input_shape is not None:
+            body["input_shape"] = [
+                [int(d) for d in s] if isinstance(s, Sequence) else int(s) for s in input_shape
+            ]
         return str(self._request("POST", "/v1/jobs", json=body).json()["id"])
 
     def job(self, job_id: str) -> JobStatus:

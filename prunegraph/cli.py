@@ -184,22 +184,41 @@ def _load_manifest(path: Path | None) -> Manifest | None:
         ) from None
 
 
+def _input_shapes(text: str | None, manifest: Path | None) -> list[list[int]] | None:
+    """``--input-shape`` parsed (inputs separated by ';'); None when not given."""
+    if text is None:
+        return None
+    if manifest is not None:
+        raise InvalidInputError(
+            "--input-shape and --manifest both give shapes", hint="Pass only one of them."
+        )
+    from service.onnx_shapes import parse_input_shapes
+
+    return parse_input_shapes(text)
+
+
+def _notes(notes: list[str], err: Console) -> None:
+    for note in notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
 def _read_inputs(
-    checkpoint: Path, manifest: Path | None
-) -> tuple[ParsedCheckpoint, Manifest | None]:
-    """The checkpoint and its manifest: the given file, or for ONNX the one its graph carries.
+    checkpoint: Path, manifest: Path | None, input_shape: str | None
+) -> tuple[ParsedCheckpoint, Manifest | None, list[str]]:
+    """The checkpoint, its manifest (the given file, or for ONNX the one its graph gives) and
+    notes on what is missing (for stderr; ONNX with symbolic shapes has no manifest).
 
     Imported here: torch is only needed once a checkpoint is actually read.
     """
-    from service.ingest import read_checkpoint
+    from service.ingest import derived_manifest, read_checkpoint
 
+    shapes = _input_shapes(input_shape, manifest)
     man = _load_manifest(manifest)
     parsed = read_checkpoint(checkpoint)
-    if man is None and parsed.info.format == "onnx":
-        from service.onnx_manifest import manifest_from_onnx
-
-        man = manifest_from_onnx(checkpoint)
-    return parsed, man
+    notes: list[str] = []
+    if man is None:
+        man, notes = derived_manifest(checkpoint, parsed, input_shapes=shapes)
+    return parsed, man, notes
 
 
 def _existing(path: Path) -> Path:
@@ -254,6 +273,14 @@ TokenOpt = Annotated[
     str | None,
     typer.Option(help="bearer token for --server", envvar="PRUNEGRAPH_TOKEN", show_default=False),
 ]
+InputShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="ONNX: the input shape that makes symbolic dims concrete, for FLOPs and a manifest, "
+        "e.g. 1,3,64,256 (inputs separated by ';')",
+        show_default=False,
+    ),
+]
 
 
 def _analyze_here(
@@ -264,10 +291,11 @@ def _analyze_here(
     seed: int,
     options: AnalysisOptions,
     err: Console,
+    input_shape: str | None = None,
 ) -> tuple[Report, float]:
     """Embedded analysis with a progress bar on stderr; returns the report and the read time."""
     t0 = time.perf_counter()
-    parsed, man = _read_inputs(checkpoint, manifest)
+    parsed, man, notes = _read_inputs(checkpoint, manifest, input_shape)
     acts = _read_activations(activations, parsed)
     t_read = time.perf_counter() - t0
     with Progress(
@@ -295,6 +323,8 @@ def _analyze_here(
             manifest=man,
             activations=acts,
         )
+    if notes:
+        report = report.model_copy(update={"notes": notes})
     return report, t_read
 
 
@@ -314,6 +344,7 @@ def analyze_cmd(
     manifest: ManifestOpt = None,
     activations: ActivationsOpt = None,
     vectors: VectorsOpt = "auto",
+    input_shape: InputShapeOpt = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -341,17 +372,20 @@ def analyze_cmd(
                 manifest=_load_manifest(manifest),
                 activations=_existing(activations) if activations is not None else None,
                 progress=err.is_terminal,
+                input_shape=_input_shapes(input_shape, manifest),
             )
             _emit(report.to_json(), output, as_json, lambda: render_report(report, out), out, err)
+            _notes(report.notes, err)
             err.print(f"[dim]analysed on {server} in {time.perf_counter() - t0:.2f} s[/]")
             return
         report, t_read = _analyze_here(
-            checkpoint, manifest, activations, chosen, seed, options, err
+            checkpoint, manifest, activations, chosen, seed, options, err, input_shape
         )
     except PruneGraphError as e:
         raise _fail(err, e) from None
     t_total = time.perf_counter() - t0
     _emit(report.to_json(), output, as_json, lambda: render_report(report, out), out, err)
+    _notes(report.notes, err)
     err.print(
         f"[dim]read {t_read:.2f} s · analysed {len(report.layers)} groups in "
         f"{t_total - t_read:.2f} s[/]"
@@ -426,6 +460,7 @@ def plan_cmd(
             "benchmarks/RESULTS.md)"
         ),
     ] = "uniform",
+    input_shape: InputShapeOpt = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -477,11 +512,13 @@ def plan_cmd(
                 manifest=_load_manifest(manifest),
                 activations=_existing(activations) if activations is not None else None,
                 progress=err.is_terminal,
+                input_shape=_input_shapes(input_shape, manifest),
             )
             _emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
             err.print(f"[dim]planned on {server} in {time.perf_counter() - t0:.2f} s[/]")
             return
-        parsed, man = _read_inputs(checkpoint, manifest)
+        parsed, man, notes = _read_inputs(checkpoint, manifest, input_shape)
+        _notes(notes, err)
         plan = plan_layers(
             parsed.layers,
             method=method,
@@ -512,6 +549,7 @@ def _report_of(
     server: str | None,
     token: str | None,
     err: Console,
+    input_shape: str | None = None,
 ) -> Report:
     """A report JSON as it is, or the report of a checkpoint (embedded or on ``server``)."""
     head = _existing(path).open("rb").read(1)
@@ -527,12 +565,15 @@ def _report_of(
     if server is not None:
         from prunegraph.remote import remote_report
 
-        return remote_report(
+        report = remote_report(
             server, token, path, methods=methods, seed=seed, options=options,
             manifest=_load_manifest(manifest), activations=activations,
-            progress=err.is_terminal,
+            progress=err.is_terminal, input_shape=_input_shapes(input_shape, manifest),
         )  # fmt: skip
-    report, _ = _analyze_here(path, manifest, activations, methods, seed, options, err)
+        _notes(report.notes, err)
+        return report
+    report, _ = _analyze_here(path, manifest, activations, methods, seed, options, err, input_shape)
+    _notes(report.notes, err)
     return report
 
 
@@ -585,6 +626,7 @@ def check_cmd(
     ] = None,
     junit: Annotated[Path | None, typer.Option(help="write JUnit XML here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    input_shape: InputShapeOpt = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -618,7 +660,8 @@ def check_cmd(
         options = _options(vectors=_vectors(vectors, activations))
         check_features([cfg.method], options, {} if activations is not None else None)
         kw = dict(manifest=manifest, activations=activations, methods=[cfg.method], seed=seed,
-                  options=options, server=server, token=token, err=err)  # fmt: skip
+                  options=options, server=server, token=token, err=err,
+                  input_shape=input_shape)  # fmt: skip
         report = _report_of(checkpoint, **kw)  # type: ignore[arg-type]
         base = _report_of(baseline, **kw) if baseline is not None else None  # type: ignore[arg-type]
         result = evaluate(report, cfg, base)

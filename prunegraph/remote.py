@@ -85,12 +85,13 @@ def remote_report(
     activations: Path | None = None,
     timeout: float = 3600.0,
     progress: bool = False,
+    input_shape: list[list[int]] | None = None,
 ) -> Report:
     """The report of ``checkpoint`` computed by the service at ``server``."""
     return _run(
         server, token, timeout, progress, checkpoint, activations,
         lambda c, job: c.report(job),
-        methods=methods, seed=seed, options=options, manifest=manifest,
+        methods=methods, seed=seed, options=options, manifest=manifest, input_shape=input_shape,
     )  # fmt: skip
 
 
@@ -109,6 +110,7 @@ def remote_plan(
     activations: Path | None = None,
     timeout: float = 3600.0,
     progress: bool = False,
+    input_shape: list[list[int]] | None = None,
 ) -> PruningPlan:
     """The plan of ``checkpoint`` computed by the service at ``server``."""
     return _run(
@@ -117,4 +119,5 @@ def remote_plan(
         methods=(method,) if method != "random" else ("l1",),
         seed=seed, target=target.model_dump(exclude_none=True), plan_method=method,
         manifest=manifest, constraints=constraints, step=step, options=options,
+        input_shape=input_shape,
     )  # fmt: skip

@@ -8,6 +8,9 @@ a reason for every layer-like tensor that cannot be analysed. How conv ``groups`
 producers and BatchNorm pairs are found, with and without checkpoint order, is described in
 :mod:`service.layers_from_tensors` and :mod:`service.name_order`.
 
+For ONNX, :func:`derived_manifest` derives the manifest from the graph
+(:mod:`service.onnx_manifest`) when shapes allow, else says in a note why there is none.
+
 A folder is read as a sharded safetensors checkpoint (``model.safetensors.index.json`` and its
 shards; the index file may also be given itself) or, without an index, as the single
 ``.safetensors`` file it holds. safetensors tensors are memory-mapped and read layer by layer
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphs.errors import CheckpointError, NoPrunableLayersError
+from graphs.errors import CheckpointError, InvalidInputError, NoPrunableLayersError
 from graphs.layers import LayerWeights
+from graphs.manifest import Manifest
 from graphs.report import CheckpointInfo, SkippedLayer
 from service import formats, onnx_reader, torch_reader
 from service.formats import CHUNK, RawCheckpoint
@@ -46,6 +50,7 @@ __all__ = [
     "OTHER_TENSOR_REASON",
     "WEIGHT_NORM_REASON",
     "ParsedCheckpoint",
+    "derived_manifest",
     "extract_layers",
     "read_checkpoint",
     "sha256_file",
@@ -146,6 +151,58 @@ def read_checkpoint(
         n_params=raw.n_params,
     )
     return ParsedCheckpoint(info=info, layers=tuple(layers), skipped=tuple(skipped))
+
+
+def derived_manifest(
+    path: str | os.PathLike[str],
+    parsed: ParsedCheckpoint,
+    *,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+) -> tuple[Manifest | None, list[str]]:
+    """The manifest an ONNX checkpoint's graph gives, or None and a note saying why not.
+
+    FLOPs and the manifest need every layer's output size; the analysis needs only weights. So
+    for a model exported with symbolic dims (or a graph shape inference cannot follow), this
+    returns no manifest and a note for the report and the user, unless ``input_shapes`` (one
+    concrete shape per graph input) makes the shapes known. Other formats carry no graph: no
+    manifest, no note.
+
+    Args:
+        path: the checkpoint ``parsed`` was read from.
+        parsed: what :func:`read_checkpoint` returned for it.
+        input_shapes: the model's input shapes (ONNX only), e.g. ``[[1, 3, 64, 256]]``.
+
+    Raises:
+        InvalidInputError: ``input_shapes`` for a checkpoint that is not ONNX, or shapes the
+            model's inputs do not take (the message shows the inputs).
+    """
+    if parsed.info.format != "onnx":
+        if input_shapes is not None:
+            raise InvalidInputError(
+                f"an input shape applies to ONNX models only, not to a {parsed.info.format} "
+                "checkpoint",
+                hint="Drop the input shape; for FLOPs of a PyTorch model pass a manifest "
+                "(`prunegraph manifest --model pkg.module:factory --input-shape ...`).",
+            )
+        return None, []
+    from service.onnx_manifest import manifest_from_onnx
+    from service.onnx_shapes import ShapesUnknownError
+
+    try:
+        return manifest_from_onnx(path, input_shapes=input_shapes, name="the model"), []
+    except ShapesUnknownError as e:
+        why = e.reason
+    except (CheckpointError, InvalidInputError) as e:
+        if input_shapes is not None:
+            raise
+        why = e.message.removeprefix("the model").strip(" :.")
+    head = "no manifest (FLOPs unknown, coupling inferred from the weights)"
+    if input_shapes is not None:
+        return None, [f"{head} even with the given input shape: {why}"]
+    return None, [
+        f"{head}: {why}. Give the model's input shape (--input-shape, or input_shape in a job "
+        "request) to get FLOPs and a manifest; the redundancy analysis needs only the weights"
+    ]
 
 
 def _locate(p: Path, display: str) -> tuple[Path, Path | None]:

@@ -49,6 +49,7 @@ from graphs.report import ALL_METHODS, CheckpointInfo, MethodResult, Report, Ski
 from service.cache import FileCache, code_namespace
 from service.db import DONE, FAILED, QUEUED, RUNNING, JobRow, make_engine
 from service.executor import Executor, GroupTask, OnDone, analyze_group_task, make_executor
+from service.onnx_shapes import check_input_shapes
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,33 @@ class JobRequest(BaseModel):
         description="feature maps uploaded with POST /v1/checkpoints/{id}/activations: needed "
         "by the ci method and by options.vectors = activations",
     )
+    input_shape: list[list[int]] | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="ONNX models: one shape per graph input, e.g. [[1, 3, 64, 256]] (a single "
+        "shape [1, 3, 64, 256] is taken for a one-input model); makes symbolic dims concrete "
+        "so that FLOPs and a manifest are derived from the graph",
+    )
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _input_shape(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and all(isinstance(d, int) for d in v):
+            v = [v]  # one input's shape
+        if isinstance(v, list) and all(
+            isinstance(s, list) and all(isinstance(d, int) for d in s) for s in v
+        ):
+            try:
+                return check_input_shapes(v)
+            except PruneGraphError as e:
+                raise ValueError(f"{e.message}. {e.hint}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_source_of_shapes(self) -> JobRequest:
+        if self.input_shape is not None and self.manifest is not None:
+            raise ValueError("give either manifest or input_shape, not both")
+        return self
 
     @model_validator(mode="after")
     def _needs_activations(self) -> JobRequest:
@@ -233,7 +261,7 @@ def _compute(
     executor: Executor,
 ) -> _Result:
     """Read the checkpoint, run one task per group on ``executor``, assemble the report, plan."""
-    from service.ingest import read_checkpoint  # torch is imported in the worker only
+    from service.ingest import derived_manifest, read_checkpoint  # torch: in the worker only
 
     manifest = request.manifest
     groups_of = {layer.name: layer.groups for layer in manifest.layers} if manifest else None
@@ -246,10 +274,9 @@ def _compute(
 
         acts = read_activations(activations_path, name=f"activations {request.activations_id}")
         check_activations(acts, parsed.layers)
-    if manifest is None and parsed.info.format == "onnx":
-        from service.onnx_manifest import manifest_from_onnx
-
-        manifest = manifest_from_onnx(path)
+    notes: list[str] = []
+    if manifest is None:
+        manifest, notes = derived_manifest(path, parsed, input_shapes=request.input_shape)
 
     def progress(done: int, total: int) -> None:
         _set(sessions, job_id, progress=round(0.9 * done / max(total, 1), 4))
@@ -272,6 +299,8 @@ def _compute(
         progress=progress,
         job_id=job_id,
     )
+    if notes:
+        report = report.model_copy(update={"notes": notes})
     plan_json = None
     if request.target is not None:
         cache = FileCache(Path(cache_dir), namespace) if cache_dir is not None else None

@@ -168,17 +168,15 @@ def _drawing(
     layer: str,
 ) -> _Drawing:
     """Graph and layout of one group (pure function of its arguments, hence cached)."""
-    from service.ingest import read_checkpoint  # torch: only when a graph is asked for
+    from service.ingest import derived_manifest, read_checkpoint  # torch: only for a graph
 
     request = JobRequest.model_validate_json(request_json)
     manifest = request.manifest
     groups = {entry.name: entry.groups for entry in manifest.layers} if manifest else None
     path = Path(checkpoint_path)
     parsed = read_checkpoint(path, groups=groups, name=f"checkpoint {request.checkpoint_id[:12]}")
-    if manifest is None and parsed.info.format == "onnx":
-        from service.onnx_manifest import manifest_from_onnx
-
-        manifest = manifest_from_onnx(path)
+    if manifest is None:
+        manifest, _ = derived_manifest(path, parsed, input_shapes=request.input_shape)
     group = next((g for g in build_groups(parsed.layers, manifest)[0] if g.name == layer), None)
     if group is None:
         raise InvalidInputError(f"layer {layer!r} is not a group of the checkpoint")

@@ -17,8 +17,12 @@ with THEIR axes: a Gemm with ``transB=0`` or a MatMul keeps its (in, out) weight
 channels are axis 1. ``params_total`` and ``param_shapes`` cover every floating tensor except
 BatchNormalization running mean/var (buffers, as in torch and in the reader's ``n_params``);
 mean/var are therefore in no ParamAxis list, which keeps the cost model equal to
-``params_total``. ``macs_total`` counts Conv, Gemm and MatMul layers only (``ModuleCost`` per
-layer: weight size × output positions), for one sample with symbolic input dims set to 1.
+``params_total``. ``macs_total`` counts Conv, Gemm and MatMul layers (``ModuleCost`` per layer:
+weight size × output positions) and the weight MACs of GRU/LSTM/RNN nodes ((W + R) size × input
+positions; fixed, no group scales them), per sample: axis 0 of the first graph input is the batch.
+Shapes come from :mod:`service.onnx_shapes`: the user's input shapes, or a symbolic batch set to
+1; when a layer's output size stays unknown, :func:`service.ingest.derived_manifest` goes on
+without a manifest and says so in a note (the analysis needs weights only).
 ``ManifestLayer.weight_shape`` is the reader's layout ((out, in) for linear layers). The graph is
 read once more by the reader to name layers, so a model is decoded twice per call.
 """
@@ -27,14 +31,16 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from graphs.errors import CheckpointError
+from graphs.errors import CheckpointError, InvalidInputError
 from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
 from service.formats import corrupt, detect_format
 from service.onnx_reader import _ONNX_FLOAT_TYPES, _UNARY, _OnnxReader
+from service.onnx_shapes import ShapesUnknownError, describe_inputs, graph_inputs, infer_shapes
 
 __all__ = ["manifest_from_onnx"]
 
@@ -45,6 +51,7 @@ _PASS = _UNARY | {
 _MERGE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"})
 _RESHAPE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze"})
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
+_RECURRENT = frozenset({"GRU", "LSTM", "RNN"})
 Kind = Literal["conv1d", "conv2d", "conv3d", "linear"]
 _KINDS: dict[int, Kind] = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
@@ -66,7 +73,12 @@ class _Group:
 
 
 def manifest_from_onnx(
-    path: str | os.PathLike[str], *, ignore_stem: bool = True, ignore_classifier: bool = True
+    path: str | os.PathLike[str],
+    *,
+    ignore_stem: bool = True,
+    ignore_classifier: bool = True,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    name: str | None = None,
 ) -> Manifest:
     """Coupling groups, shapes, params and MACs of an ONNX model, from its graph.
 
@@ -75,18 +87,22 @@ def manifest_from_onnx(
         ignore_stem: keep the first layer in topological order whole (``ignored``, its group
             ``prunable=False``, reason ``stem``).
         ignore_classifier: the same for the layers whose channels reach a graph output.
+        input_shapes: one concrete shape per graph input (makes symbolic dims concrete);
+            default: a symbolic batch dim is 1, other symbolic dims stay unknown.
+        name: how the model is called in errors (default: ``path``).
 
     Raises:
-        CheckpointError: not an ONNX model, unreadable or malformed graph, or shape inference
-            cannot tell a layer's output shape.
+        ShapesUnknownError: a layer's output size cannot be known (a :class:`CheckpointError`).
+        CheckpointError: not an ONNX model, unreadable or malformed graph.
+        InvalidInputError: ``input_shapes`` does not fit the model's inputs.
     """
     import onnx
 
-    p, display = Path(path), os.fspath(path)
+    p, display = Path(path), name or os.fspath(path)
     try:
         if detect_format(p, display, p.stat().st_size) != "onnx":
             raise CheckpointError(f"{display} is not an ONNX model.")
-        model = onnx.load(display, load_external_data=False)
+        model = onnx.load(os.fspath(p), load_external_data=False)
     except OSError as e:
         raise CheckpointError(f"{display} cannot be read: {e.strerror or e}.") from e
     except CheckpointError:
@@ -94,20 +110,25 @@ def manifest_from_onnx(
     except Exception as e:  # protobuf DecodeError and friends
         raise corrupt(display, f"it cannot be parsed as ONNX ({e})") from e
     try:
-        return _Builder(model, display).build(ignore_stem, ignore_classifier)
+        return _Builder(model, display, input_shapes).build(ignore_stem, ignore_classifier)
+    except InvalidInputError:  # the given input shapes do not fit (a ValueError too)
+        raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as e:
         raise corrupt(display, f"its ONNX graph is malformed ({type(e).__name__}: {e})") from e
 
 
 class _Builder:
-    def __init__(self, model: Any, display: str) -> None:
+    def __init__(
+        self, model: Any, display: str, input_shapes: Sequence[Sequence[int]] | None
+    ) -> None:
         self.display, self.graph = display, model.graph
         self.reader = _OnnxReader(model.graph, display)
         self.reader.read()  # names layers exactly as read_checkpoint does
-        self.shapes = _infer_shapes(model, display)
-        inits = {i.name for i in model.graph.initializer}
-        inputs = [i.name for i in model.graph.input if i.name not in inits]
-        self.input_shapes = [[d or 1 for d in self.shapes.get(i, [])] for i in inputs]
+        self.shapes, inputs = infer_shapes(model, display, input_shapes)
+        self.inputs = describe_inputs(graph_inputs(model))
+        self.input_shapes = [[d or 1 for d in s] for s in inputs]
+        self.batch = max(self.input_shapes[0][0], 1) if inputs and inputs[0] else 1
+        self.fixed_macs = 0  # recurrent nodes: MACs no group scales
         self.param_shapes = {
             n: [int(d) for d in t.dims]
             for n, t in self.reader.protos.items()
@@ -180,6 +201,10 @@ class _Builder:
                 self._merge(node)
             elif op in _RESHAPE and node.input and node.input[0] in self.flows:
                 self._reshape(node)
+            elif op in _RECURRENT:
+                self.fixed_macs += self._recurrent_macs(node)
+                for i in inputs:
+                    self._block(self.flows[i].group, f"feeds {op}")
             elif op not in _SHAPE_ONLY:
                 why = "feeds a Concat (not supported yet)" if op == "Concat" else f"feeds {op}"
                 for i in inputs:
@@ -202,20 +227,15 @@ class _Builder:
 
     def _layer(self, pos: int, node: Any, name: str) -> None:
         r = self.reader
-        w = [int(d) for d in r.protos[r._resolve(node.input[1])].dims]
-        out_shape = self.shapes.get(node.output[0])
-        if out_shape is None or None in out_shape:
-            raise CheckpointError(
-                f"{self.display}: ONNX shape inference cannot tell the output shape of "
-                f"{node.op_type} node {node.name or node.output[0]!r}.",
-                hint="Export the model with fixed (or named batch) input shapes.",
-            )
-        out = [int(d or 1) for d in out_shape]
+        weight, transposed = r.weight_of[name]  # a MatMul's transposed weight is (out, in)
+        w = [int(d) for d in r.protos[weight].dims]
+        out = self._shape(node.output[0], node)
         conv, groups = node.op_type == "Conv", r.groups.get(name, 1)
         kind: Kind = _KINDS[len(w)] if conv else "linear"
-        trans = int(r._attr(node, "transB", 0)) if node.op_type == "Gemm" else 0
+        trans = int(r._attr(node, "transB", 0)) if node.op_type == "Gemm" else int(transposed)
         out_axis, in_axis = (0, 1) if conv else (1 - trans, trans)
-        spatial = max(math.prod(out[2:]) if conv else math.prod(out[1:-1]), 1)
+        positions = out[0] * math.prod(out[2:]) if conv else math.prod(out[:-1])
+        spatial = max(round(positions / self.batch), 1)  # per sample
         flow_in = self.flows.get(node.input[0])
         if name in r.depthwise and flow_in and flow_in.axis == 1 and flow_in.per == 1:
             g, in_group = flow_in.group, None  # same channels in and out: one group
@@ -227,17 +247,13 @@ class _Builder:
             if flow_in:
                 layout = (1, 1) if conv else (flow_in.rank - 1, flow_in.per)
                 ok = (flow_in.axis, flow_in.per) == layout and groups == 1
-                if (
-                    ok
-                    and not r._attr(node, "transA", 0)
-                    and self._param(flow_in, node.input[1], in_axis)
-                ):
+                if ok and not r._attr(node, "transA", 0) and self._param(flow_in, weight, in_axis):
                     in_group = flow_in.group
                 else:
                     self._block(flow_in.group, f"feeds {node.op_type} {name!r} in another layout")
         self.group_of[name] = g
         flow = _Flow(g, 1 if conv else len(out) - 1, len(out), 1)
-        self._param(flow, node.input[1], out_axis)
+        self._param(flow, weight, out_axis)
         if len(node.input) > 2 and node.input[2] and r._const(node.input[2]):
             if conv:
                 self._param(flow, node.input[2], 0)
@@ -253,7 +269,42 @@ class _Builder:
                 out_spatial=spatial,
             )
         )
-        self.costs.append((name, math.prod(w) * spatial, g, in_group))
+        self.costs.append((name, round(math.prod(w) * positions / self.batch), g, in_group))
+
+    def _shape(self, tensor: str, node: Any) -> list[int]:
+        """The tensor's concrete shape; ShapesUnknownError when a dim is unknown."""
+        shape, what = self.shapes.get(tensor), f"{node.op_type} node {node.name or tensor!r}"
+        which = "input" if tensor == node.input[0] else "output"
+        if shape is None or None in shape:
+            raise ShapesUnknownError(
+                self.display,
+                f"ONNX shape inference cannot tell the {which} shape of {what} (the model's "
+                f"inputs: {self.inputs})",
+            )
+        if any(d is not None and d < 1 for d in shape):
+            raise InvalidInputError(
+                f"{self.display}: the {which} of {what} would be empty ({shape}) with input "
+                f"shape(s) {self.input_shapes}",
+                hint=f"The model's inputs are {self.inputs}: give a shape large enough for "
+                "its strides and pooling.",
+            )
+        return [int(d) for d in shape if d is not None]
+
+    def _recurrent_macs(self, node: Any) -> int:
+        """MACs of a GRU/LSTM/RNN node's weights W and R for one sample: their sizes × the
+        (sequence, batch) positions of its input X."""
+        x = self._shape(node.input[0], node)
+        what = f"{node.op_type} node {node.name or node.output[0]!r}"
+        r = self.reader
+        weights = 0
+        for i in node.input[1:3]:
+            shape = list(r.protos[r._resolve(i)].dims) if r._const(i) else self.shapes.get(i)
+            if shape is None or None in shape:
+                raise ShapesUnknownError(
+                    self.display, f"ONNX shape inference cannot tell the weight shapes of {what}"
+                )
+            weights += math.prod(int(d or 0) for d in shape)
+        return round(weights * math.prod(x[:-1]) / self.batch)
 
     def _pass(self, node: Any) -> None:
         flow = self.flows[node.input[0]]
@@ -338,32 +389,10 @@ class _Builder:
         return Manifest(
             input_shapes=self.input_shapes,
             params_total=sum(math.prod(s) for s in self.param_shapes.values()),
-            macs_total=sum(c.macs for c in costs),
+            macs_total=sum(c.macs for c in costs) + self.fixed_macs,
             param_shapes=self.param_shapes,
             layers=self.layers,
             groups=groups,
             costs=costs,
             ignored=ignored,
         )
-
-
-def _infer_shapes(model: Any, display: str) -> dict[str, list[int | None]]:
-    """Tensor name -> shape (None for unknown dims) with symbolic input dims set to 1."""
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for i in m.graph.input:
-        for d in i.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                d.dim_value = 1
-    try:
-        m = onnx.shape_inference.infer_shapes(m, strict_mode=False)
-    except Exception as e:
-        raise corrupt(display, f"ONNX shape inference fails on it ({e})") from e
-    shapes: dict[str, list[int | None]] = {}
-    for v in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
-        t = v.type.tensor_type
-        if t.HasField("shape"):
-            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    return shapes

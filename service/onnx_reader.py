@@ -5,6 +5,14 @@ their ``group`` attribute; Gemm/MatMul weights are oriented to (out, in). A dept
 producer is read from the graph: the Conv/Gemm/MatMul layer whose output reaches the depthwise
 conv's input through channel-preserving nodes only (BatchNormalization, activations, Pad, other
 depthwise convs, and elementwise Add/Mul/... whose data inputs all come from that same layer).
+
+A MatMul whose right operand is a ``Transpose`` of a 2-D constant (torch's ``nn.Linear`` on 3-D
+input exported without constant folding) is a layer with that constant as its (out, in) weight.
+Every other weight that Conv/Gemm/MatMul/GRU/... nodes use is reported as skipped with the
+reason: a float constant by what it feeds, through the constant-only nodes (Slice, Concat,
+Unsqueeze, DequantizeLinear, ...) that prepare it (an unfolded GRU's weights are recurrent
+weights); a layer node whose weight is computed from constants of no float type (quantized
+weights) by the node's name.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ _UNARY = frozenset(_UNARY_OPS.split())
 # Elementwise nodes: followed only when all their non-constant inputs lead to one layer.
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"})
 _MAX_TRACE = 256
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def read_onnx(path: Path, display: str) -> RawCheckpoint:
@@ -78,6 +87,7 @@ class _OnnxReader:
         self.display = display
         self.protos: dict[str, Any] = {i.name: i for i in graph.initializer}
         self.alias: dict[str, str] = {}
+        self.derived: dict[str, Any] = {}  # tensor computed from constants only -> its node
         self.consumers: dict[str, list[Any]] = {}
         self.makers: dict[str, Any] = {}  # tensor name -> the node that outputs it
         for node in graph.node:
@@ -91,6 +101,8 @@ class _OnnxReader:
                         self.protos[node.output[0]] = a.t
             elif node.op_type == "Identity" and node.input and self._const(node.input[0]):
                 self.alias[node.output[0]] = self._resolve(node.input[0])
+            elif node.input and all(self._fixed(i) for i in node.input):
+                self.derived.update((o, node) for o in node.output)  # computed from constants
         self.tensors: dict[str, np.ndarray] = {}
         self.groups: dict[str, int] = {}
         self.used: set[str] = set()
@@ -103,6 +115,7 @@ class _OnnxReader:
         self.aliases_of: dict[str, list[str]] = {}  # constant -> Identity outputs naming it
         for a, target in self.alias.items():
             self.aliases_of.setdefault(target, []).append(a)
+        self.weight_of: dict[str, tuple[str, bool]] = {}  # layer -> (constant, transposed)
 
     def read(self) -> RawCheckpoint:
         for node in self.graph.node:
@@ -147,6 +160,10 @@ class _OnnxReader:
             return found.pop() if len(found) == 1 else None
         return None
 
+    def _fixed(self, name: str) -> bool:
+        """An absent optional input, a constant, or a tensor computed from constants only."""
+        return not name or self._const(name) or name in self.derived
+
     def _resolve(self, name: str) -> str:
         return self.alias.get(name, name)
 
@@ -189,10 +206,16 @@ class _OnnxReader:
         return default
 
     def _add_layer(
-        self, node: Any, weight_input: str, w: np.ndarray, bias: np.ndarray | None
+        self,
+        node: Any,
+        weight_input: str,
+        w: np.ndarray,
+        bias: np.ndarray | None,
+        transposed: bool = False,
     ) -> str:
         name = self._name(weight_input, node)
         self.used.add(self._resolve(weight_input))
+        self.weight_of[name] = (self._resolve(weight_input), transposed)
         if node.output:
             self.layer_of[node.output[0]] = name
         self.tensors[f"{name}.weight"] = w
@@ -236,7 +259,10 @@ class _OnnxReader:
         self._add_layer(node, node.input[1], np.ascontiguousarray(w), bias)
 
     def _on_matmul(self, node: Any) -> None:
-        b = None if self._const(node.input[0]) else self._new_weight(node)
+        if len(node.input) < 2 or self._const(node.input[0]):
+            return
+        flip = self._transposed(node.input[1])  # MatMul(x, Transpose(W)): W is (out, in)
+        b = self._array(flip).T if flip is not None else self._new_weight(node)
         if b is None or b.ndim != 2:
             return
         bias = None
@@ -245,7 +271,19 @@ class _OnnxReader:
             other = [i for i in adds[0].input if i != node.output[0]]
             if len(other) == 1 and self._const(other[0]):
                 bias = self._array(other[0])
-        self._add_layer(node, node.input[1], np.ascontiguousarray(b.T), bias)
+        weight = flip if flip is not None else node.input[1]
+        self._add_layer(node, weight, np.ascontiguousarray(b.T), bias, flip is not None)
+
+    def _transposed(self, name: str) -> str | None:
+        """The unused 2-D constant that ``name`` is the plain transpose of, else None."""
+        node = self.derived.get(name)
+        if node is None or node.op_type != "Transpose" or not self._const(node.input[0]):
+            return None
+        src = self._resolve(node.input[0])
+        perm = [int(p) for a in node.attribute if a.name == "perm" for p in a.ints]
+        if len(self.protos[src].dims) != 2 or perm not in ([], [1, 0]) or src in self.used:
+            return None
+        return src
 
     def _on_batchnormalization(self, node: Any) -> None:
         if len(node.input) < 5 or not all(self._const(i) for i in node.input[1:5]):
@@ -258,18 +296,28 @@ class _OnnxReader:
         self.buffers.update(self._resolve(i) for i in node.input[3:5])
 
     def _leftovers(self) -> list[SkippedLayer]:
-        """Floating constants of 2+ dimensions that no Conv/Gemm/MatMul uses as a weight."""
+        """Floating constants of 2+ dimensions that no Conv/Gemm/MatMul uses as a weight, then
+        Conv/Gemm/MatMul nodes whose weight is computed from constants none of which is."""
         skipped = []
         for name, proto in self.protos.items():
             if name in self.used or proto.data_type not in _ONNX_FLOAT_TYPES or len(proto.dims) < 2:
                 continue
             ops = sorted({n.op_type for n in self._users(name)})
-            if _ONNX_RECURRENT_OPS.intersection(ops):
+            prep, ends = self._prepared(name)
+            end_ops = {n.op_type for n in ends}
+            weighted = [n for n in ends if n.op_type in _WEIGHT_OPS]
+            if _ONNX_RECURRENT_OPS.intersection(end_ops):
                 reason = RECURRENT_REASON
             elif "Gather" in ops:
                 reason = EMBEDDING_REASON
-            elif "ConvTranspose" in ops:
+            elif "ConvTranspose" in end_ops:
                 reason = "transposed convolution weights are not analysed yet"
+            elif prep and weighted:
+                reason = (
+                    f"computed by {', '.join(sorted(set(prep)))} nodes before it is the weight of "
+                    f"{weighted[0].op_type} node {weighted[0].name or weighted[0].output[0]!r}; "
+                    "only weights stored as constants (or transposed ones) are analysed"
+                )
             elif ops:
                 reason = (
                     f"used by {', '.join(ops)} in a way that is not analysed (layers are Conv "
@@ -278,7 +326,65 @@ class _OnnxReader:
             else:
                 reason = "not used by any node of the graph"
             skipped.append(SkippedLayer(name=layer_name(name), reason=reason))
+        return skipped + self._computed_weights()
+
+    def _prepared(self, name: str) -> tuple[list[str], list[Any]]:
+        """(op types of the constant-only nodes that the constant flows through, the nodes that
+        take the result: its users when it is used as it is)."""
+        prep: list[str] = []
+        ends: list[Any] = []
+        todo, seen = [name, *self.aliases_of.get(name, [])], set[int]()
+        while todo and len(seen) < _MAX_TRACE:
+            for node in self.consumers.get(todo.pop(), []):
+                out = node.output[0] if node.output else ""
+                if id(node) in seen or (node.op_type == "Identity" and out in self.alias):
+                    continue
+                seen.add(id(node))
+                if out in self.derived:
+                    prep.append(node.op_type)
+                    todo.extend(node.output)
+                else:
+                    ends.append(node)
+        return prep, ends
+
+    def _computed_weights(self) -> list[SkippedLayer]:
+        """Weight nodes without a layer whose weight is computed from constants of which none
+        is a float matrix (reported by name): quantized weights (DequantizeLinear), ..."""
+        skipped = []
+        for node in self.graph.node:
+            out = node.output[0] if node.output else ""
+            if node.op_type not in _WEIGHT_OPS or not out or out in self.layer_of:
+                continue
+            computed = [i for i in node.input[:2] if i in self.derived]
+            if not computed:
+                continue
+            ops, sources = self._sources(computed[0])
+            if not any(
+                self.protos[c].data_type in _ONNX_FLOAT_TYPES and len(self.protos[c].dims) >= 2
+                for c in sources
+            ):
+                skipped.append(
+                    SkippedLayer(
+                        name=node.name or node.output[0],
+                        reason=f"its weight is computed in the graph ({', '.join(ops)}) from "
+                        "constants that are not float matrices (quantized?): not analysed",
+                    )
+                )
         return skipped
+
+    def _sources(self, tensor: str) -> tuple[list[str], set[str]]:
+        """(op types computing ``tensor`` from constants, the constants it is computed from)."""
+        ops: set[str] = set()
+        sources: set[str] = set()
+        todo, seen = [tensor], 0
+        while todo and seen < _MAX_TRACE:
+            t, seen = todo.pop(), seen + 1
+            if self._const(t):
+                sources.add(self._resolve(t))
+            elif t in self.derived:
+                ops.add(self.derived[t].op_type)
+                todo.extend(i for i in self.derived[t].input if i)
+        return sorted(ops), sources
 
     def _users(self, name: str) -> Iterable[Any]:
         names = [name, *self.aliases_of.get(name, [])]
