@@ -1,13 +1,17 @@
 """Planning and apply time (issue 3 goals, on 2 cores); run by `make bench` after speed.py.
 
-For a ResNet-56-shaped (CIFAR, 32×32) and a ResNet-50-shaped (ImageNet, 224×224) model, once
-with random weights and once with redundancy planted (in every conv of ≥ 8 filters, a quarter of
-the filters replaced by noisy, rescaled copies of others, so that the greedy SRP loop has work):
+For a ResNet-56-shaped (CIFAR, 32×32) and a ResNet-50-shaped (ImageNet, 224×224) model, and an
+EfficientNet/BiT-like model whose convs are nn.Conv2d subclasses with their own ``forward``
+(``subclass``: timm-style Conv2dSame, Conv2dStaticSamePadding, StdConv2d; 64×64), once with
+random weights and once with redundancy planted (in every conv of ≥ 8 filters, a quarter of the
+filters replaced by noisy, rescaled copies of others, so that the greedy SRP loop has work):
 build the manifest, read the checkpoint, plan every method to 50 % FLOPs with the default step
-and with step=1 (exact SRP), and apply the default mrp plan with torch-pruning.
+and with step=1 (exact SRP), and apply the default mrp plan with torch-pruning; the applied
+model's FLOPs reduction is measured again by forward hooks (``clients.flops.count_model_macs``,
+by ``isinstance``), next to the plan's own figure.
 Goals: planning ≤ 5 s (ResNet-56) and ≤ 30 s (ResNet-50) with default settings.
 
-Usage:  python benchmarks/planning.py [--models resnet56,resnet50] [--out results.json]
+Usage:  python benchmarks/planning.py [--models resnet56,resnet50,subclass] [--out results.json]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import run_meta  # noqa: E402
+from common import machine_busy, run_meta  # noqa: E402
 
 METHODS = ["mrp", "srr", "hsc", "l1", "fpgm", "random"]
 
@@ -51,17 +55,24 @@ def bench(name: str, planted: bool) -> list[dict[str, Any]]:
     import torch
 
     from clients import apply_plan, build_manifest
+    from clients.flops import count_model_macs
     from graphs.plan import Target
     from graphs.planner import plan_layers
     from service.ingest import read_checkpoint
     from tests.clients import models
 
+    factories = {
+        "resnet56": (lambda: models.resnet56("B"), 32),
+        "resnet50": (models.resnet50, 224),
+        "subclass": (models.subclass_convnet, 64),
+    }
+    factory, size = factories[name]
     torch.manual_seed(0)
-    model = models.resnet56("B") if name == "resnet56" else models.resnet50()
+    model = factory()
     if planted:
         _plant(model)
     model.eval()
-    x = torch.zeros(1, 3, 32, 32) if name == "resnet56" else torch.zeros(1, 3, 224, 224)
+    x = torch.zeros(1, 3, size, size)
     t = time.perf_counter()
     manifest = build_manifest(model, x)
     t_manifest = time.perf_counter() - t
@@ -100,11 +111,18 @@ def bench(name: str, planted: bool) -> list[dict[str, Any]]:
                 t = time.perf_counter()
                 apply_plan(pruned, plan, x)
                 row["apply_s"] = round(time.perf_counter() - t, 3)
+                macs = count_model_macs(pruned, (x,)) / count_model_macs(model, (x,))
+                row["flops_removed_hooks"] = round(1 - macs, 4)
             rows.append(row)
             print(
                 f"{name:9s} {row['weights']:7s} {method:6s} step={step!s:5s} plan={seconds:6.2f}s "
                 f"flops-{row['flops_removed']:.3f} params-{row['params_removed']:.3f} "
-                f"| {plan.rule}" + (f" apply={row['apply_s']:.2f}s" if "apply_s" in row else ""),
+                f"| {plan.rule}"
+                + (
+                    f" apply={row['apply_s']:.2f}s hooks: flops-{row['flops_removed_hooks']:.3f}"
+                    if "apply_s" in row
+                    else ""
+                ),
                 flush=True,
             )
     return rows
@@ -112,11 +130,12 @@ def bench(name: str, planted: bool) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet56,resnet50")
+    parser.add_argument("--models", default="resnet56,resnet50,subclass")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    busy = machine_busy()
     rows = [r for m in args.models.split(",") for p in (False, True) for r in bench(m, p)]
-    meta = run_meta()
+    meta = {**run_meta(), "busy_before": str(busy)}
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
