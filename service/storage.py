@@ -203,7 +203,7 @@ class CheckpointStore:
             raise not_multipart(file_field)
         body_limit = limit + MULTIPART_SLACK + len(keep) * field_limit
         if content_length and content_length.isdigit() and int(content_length) > body_limit:
-            raise too_large(limit)
+            raise too_large(limit, "the request body")
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="upload-")
         fcntl.flock(fd, fcntl.LOCK_EX)
         upload = Upload(Path(name), "", 0, "", fd=fd)
