@@ -311,8 +311,7 @@ def apply_plan(
     }
     _check_coupling(parsed, structures)
     _check_shapes(model, parsed, structures)
-    plan_path = Path(plan) if isinstance(plan, str | Path) else None
-    folds = check_compensation(model, parsed, compensation, plan_path=plan_path)
+    folds = check_compensation(model, parsed, compensation, given=plan)
 
     dg = traced.dg
     try:

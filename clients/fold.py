@@ -110,22 +110,24 @@ def apply_folds(model: nn.Module, folds: Iterable[Fold]) -> None:
 # -- validation ----------------------------------------------------------------------------
 
 
-def sidecar_path(plan_path: str | Path) -> Path:
-    """Where a plan's sidecar is by convention: ``<plan stem>.fold.safetensors`` next to it."""
-    p = Path(plan_path)
-    return p.with_name(p.stem + SIDECAR_SUFFIX)
+def _sidecar_bytes(source: SidecarSource, given: object) -> tuple[bytes, str]:
+    """The sidecar's bytes and how to name it in errors. Without ``source``: the sidecar a
+    freshly made plan object carries, or the file next to a plan given as a path."""
+    from graphs.compensated import plan_sidecar, sidecar_path
 
-
-def _sidecar_bytes(source: SidecarSource, plan_path: Path | None) -> tuple[bytes, str]:
-    """The sidecar's bytes and how to name it in errors."""
+    if source is None and isinstance(given, PruningPlan):
+        try:
+            return plan_sidecar(given), "the plan's own sidecar"
+        except InvalidInputError:
+            pass  # loaded from JSON: the sidecar must be given
     if source is None:
-        if plan_path is None:
+        if not isinstance(given, str | Path):
             raise PlanMismatchError(
                 "the plan carries compensation but no sidecar was given; pass "
-                "compensation=<the .fold.safetensors file written next to the plan> (or its "
+                f"compensation=<the {SIDECAR_SUFFIX} file written next to the plan> (or its "
                 "bytes), or pass the plan as a path with the sidecar next to it"
             )
-        source = sidecar_path(plan_path)
+        source = sidecar_path(given)
     if isinstance(source, Mapping):
         try:
             return encode_sidecar(source), "the given fold arrays"
@@ -202,9 +204,13 @@ def check_compensation(
     plan: PruningPlan,
     sidecar: SidecarSource = None,
     *,
-    plan_path: Path | None = None,
+    given: object = None,
 ) -> list[Fold]:
     """Every fold of ``plan`` checked against ``model`` and its sidecar; nothing is changed.
+
+    ``given`` is the plan as the caller passed it: a plan object made with its sidecar in
+    memory (``graphs.compensated.compensate``) or a path with the sidecar next to it provide the
+    sidecar when ``sidecar`` is None.
 
     Raises:
         PlanMismatchError: sidecar missing, modified or malformed; a fold that does not fit the
@@ -213,7 +219,7 @@ def check_compensation(
     comp = plan.compensation
     if comp is None:
         return []
-    data, name = _sidecar_bytes(sidecar, plan_path)
+    data, name = _sidecar_bytes(sidecar, given)
     arrays = _arrays(data, name, plan)
     modules = dict(model.named_modules())
     params = {n for n, _ in model.named_parameters()}

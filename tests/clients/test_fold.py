@@ -4,6 +4,7 @@ elsewhere; BN recalibration."""
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 
 from clients import PlanMismatchError, apply_plan, build_manifest, capture_activations
 from clients.fold import Fold, fold_module, least_squares_folds, recalibrate_batchnorm
+from graphs.compensated import save_plan
 from graphs.fold import (
     SIDECAR_SUFFIX,
     Compensation,
@@ -25,6 +27,10 @@ from graphs.fold import (
 )
 from graphs.manifest import Manifest
 from graphs.plan import Constraints, GroupPlan, PruningPlan, Target
+from graphs.planner import plan_layers
+from service.ingest import read_checkpoint
+from tests.clients import models
+from tests.mnist import load_mnist, split
 
 Removal = Mapping[str, list[int]]  # first producer of a group -> ORIGINAL indices to remove
 
@@ -320,3 +326,60 @@ def test_recalibrate_re_estimates_batchnorm() -> None:
         y = net.p1(torch.relu(net.stem(batch))) + net.p2(torch.relu(net.stem(batch)))
     assert net.bn.running_mean is not None
     assert torch.allclose(net.bn.running_mean, y.mean(dim=(0, 2, 3)), atol=1e-5)
+
+
+def _planned(
+    net: nn.Module, x: torch.Tensor, calibration: torch.Tensor, tmp: Path, *, flops: float
+) -> dict[bool, nn.Module]:
+    """capture → plan_layers(stats) → save_plan → apply_plan(path), with and without
+    compensation: the user's path end to end."""
+    torch.save(net.state_dict(), tmp / "model.pt")
+    parsed = read_checkpoint(tmp / "model.pt")
+    manifest = build_manifest(net, x)
+    stats = capture_activations(net, calibration.split(64), maps=False).stats()
+    out = {}
+    for comp in (False, True):
+        plan = plan_layers(
+            parsed.layers, method="l1", target=Target(flops=flops), manifest=manifest,
+            params_total=parsed.info.n_params, stats=stats, compensation=comp,
+            checkpoint_sha256=parsed.info.sha256,
+        )  # fmt: skip
+        path = tmp / f"plan-{comp}.json"
+        side = save_plan(plan, path)
+        assert (side is not None) == comp and plan.groups
+        pruned = copy.deepcopy(net)
+        apply_plan(pruned, path, x, checkpoint_sha256=parsed.info.sha256)  # finds the sidecar
+        out[comp] = pruned
+    return out
+
+
+def test_plans_made_from_statistics_apply_with_their_sidecar(tmp_path: Path) -> None:
+    for make, size in ((_residual, 4), (_chain, 12)):
+        net = make(False)
+        held_out = _data(32, 7, size)
+        with torch.no_grad():
+            before = net(held_out)
+        pruned = _planned(
+            net, torch.zeros(1, 3, size, size), _data(64, 0, size), tmp_path, flops=0.2
+        )
+        with torch.no_grad():
+            errors = {comp: _error(before, m(held_out)) for comp, m in pruned.items()}
+        assert errors[True] < 0.5 * errors[False], make.__name__
+
+
+@pytest.mark.real
+def test_real_digit_cnn_keeps_more_accuracy_with_compensation(
+    realdata: Path, tmp_path: Path
+) -> None:
+    net = models.digit_cnn()
+    net.load_state_dict(torch.load(realdata / "digit_cnn.pth", weights_only=True))
+    net.eval()
+    images, labels = load_mnist(realdata)
+    train, test = split(len(images))  # calibrate on training digits, measure on held-out ones
+
+    def accuracy(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(images[test]).argmax(1) == labels[test]).float().mean())
+
+    pruned = _planned(net, torch.zeros(1, 1, 28, 28), images[train[:512]], tmp_path, flops=0.7)
+    assert accuracy(pruned[True]) > accuracy(pruned[False])
