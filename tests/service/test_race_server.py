@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from torch import nn
 
 from tests.server_process import Server
 
@@ -44,6 +43,19 @@ def _upload(c: httpx.Client, user: str, data: bytes) -> httpx.Response:
     return c.post("/v1/checkpoints", files={"file": ("m.pt", data)}, headers=HEADERS[user])
 
 
+def _delete(
+    c: httpx.Client,
+    start: threading.Barrier,
+    sha: str,
+    holder: str,
+    jitter: float,
+    result: dict[str, int],
+) -> None:
+    start.wait()
+    time.sleep(jitter)  # spreads the delete over the upload's steps
+    result["delete"] = c.delete(f"/v1/checkpoints/{sha}", headers=HEADERS[holder]).status_code
+
+
 def test_deletes_racing_uploads_of_the_same_bytes_lose_no_file(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKENS)
@@ -55,25 +67,19 @@ def test_deletes_racing_uploads_of_the_same_bytes_lose_no_file(tmp_path: Path) -
     lost: list[int] = []
     jobs: list[tuple[str, str]] = []
     try:
-        with httpx.Client(base_url=server.url, timeout=60) as a, httpx.Client(
-            base_url=server.url, timeout=60
-        ) as b:
+        with (
+            httpx.Client(base_url=server.url, timeout=60) as a,
+            httpx.Client(base_url=server.url, timeout=60) as b,
+        ):
             for i in range(ROUNDS):
                 holder, uploader = ("alice", "bob") if i % 2 == 0 else ("bob", "alice")
                 data = _model_bytes(i)
                 sha = hashlib.sha256(data).hexdigest()
                 assert _upload(a, holder, data).status_code == 201
                 start = threading.Barrier(2)
-                jitter = rng.uniform(0.0, 0.03)  # spreads the delete over the upload's steps
                 result: dict[str, int] = {}
-
-                def delete(sha: str = sha, holder: str = holder, jitter: float = jitter) -> None:
-                    start.wait()
-                    time.sleep(jitter)
-                    r = a.delete(f"/v1/checkpoints/{sha}", headers=HEADERS[holder])
-                    result["delete"] = r.status_code
-
-                t = threading.Thread(target=delete)
+                args = (a, start, sha, holder, rng.uniform(0.0, 0.03), result)
+                t = threading.Thread(target=_delete, args=args)
                 t.start()
                 start.wait()
                 up = _upload(b, uploader, data)
@@ -82,8 +88,8 @@ def test_deletes_racing_uploads_of_the_same_bytes_lose_no_file(tmp_path: Path) -
                 if not (data_dir / "checkpoints" / sha).is_file():
                     lost.append(i)
                 if i % JOB_EVERY == 0:
-                    body = {"checkpoint_id": sha, "methods": ["l1"]}
-                    r = b.post("/v1/jobs", json=body, headers=HEADERS[uploader])
+                    req = {"checkpoint_id": sha, "methods": ["l1"]}
+                    r = b.post("/v1/jobs", json=req, headers=HEADERS[uploader])
                     assert r.status_code == 201, r.text
                     jobs.append((r.json()["id"], uploader))
             assert lost == [], f"files lost in rounds {lost} of {ROUNDS}"
