@@ -32,3 +32,19 @@ def test_compose_file_parses_and_points_at_the_dockerfile() -> None:
     assert "8000:8000" in svc["ports"]
     assert "prunegraph-data:/data" in svc["volumes"] and "prunegraph-data" in compose["volumes"]
     assert svc["environment"]["PRUNEGRAPH_DATA_DIR"] == "/data"
+
+
+def test_compose_runs_the_service_on_its_postgres() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    pg, svc = compose["services"]["postgres"], compose["services"]["prunegraph"]
+    assert pg["image"].startswith("postgres:") and "pg_isready" in pg["healthcheck"]["test"]
+    assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+    url = svc["environment"]["PRUNEGRAPH_DATABASE_URL"]
+    env = pg["environment"]
+    assert "postgresql+psycopg://" in url and "@postgres:5432/" in url
+    assert env["POSTGRES_USER"] in url and url.rstrip("}").endswith(env["POSTGRES_DB"])
+    assert ".[postgres]" in (ROOT / "docker" / "Dockerfile").read_text()  # the driver
+    volume = pg["volumes"][0].split(":")[0]
+    assert volume in compose["volumes"]
