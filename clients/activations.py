@@ -40,7 +40,13 @@ import torch
 from torch import nn
 
 from clients.capture_points import capture_points, trace
-from clients.gram import GRAM_PREFIX, MAX_LINEAR_INPUTS, GramAccumulator, safetensors_bytes
+from clients.gram import (
+    GRAM_PREFIX,
+    MAX_BYTES,
+    MAX_LINEAR_INPUTS,
+    GramAccumulator,
+    safetensors_bytes,
+)
 
 __all__ = ["FORMAT", "Activations", "capture_activations"]
 
@@ -143,6 +149,7 @@ def capture_activations(
     maps: bool = True,
     statistics: bool = True,
     max_linear_inputs: int = MAX_LINEAR_INPUTS,
+    max_statistics_bytes: int = MAX_BYTES,
 ) -> Activations:
     """Post-activation feature maps of the prunable layers of ``model``, and the second moments
     of the inputs of its channel-mixing consumers.
@@ -160,6 +167,8 @@ def capture_activations(
         maps: keep feature maps (needed by ``ci`` and ``vectors="activations"``).
         statistics: record S = Σ [x, 1]ᵀ[x, 1] of every consumer input (compensation).
         max_linear_inputs: linear consumers with more inputs get no S (see ``statistics_skipped``).
+        max_statistics_bytes: budget of all S together; in module order, a consumer whose S would
+            exceed it gets none (see ``statistics_skipped``).
 
     Returns:
         :class:`Activations`; maps are float32 (samples, channels, pixels), statistics float64
@@ -176,7 +185,11 @@ def capture_activations(
     unknown = [n for n in wanted if not isinstance(named.get(n), _PRUNABLE)]
     if unknown:
         raise ValueError(f"not Conv/Linear layers of the model: {', '.join(unknown[:5])}")
-    gram = GramAccumulator(model, max_linear_inputs=max_linear_inputs) if statistics else None
+    gram = (
+        GramAccumulator(model, max_linear_inputs=max_linear_inputs, max_bytes=max_statistics_bytes)
+        if statistics
+        else None
+    )
     was_training = model.training
     model.eval()
     try:

@@ -13,8 +13,10 @@ runs; no map is kept.
 
 A consumer is any ``nn.Conv1d/2d/3d`` with ``groups < in_channels`` (not depthwise) or any
 ``nn.Linear``, subclasses included. Linear layers with more than ``max_linear_inputs`` inputs are
-skipped (their Gram would be large) and reported in ``skipped`` with the reason, like consumers
-that did not run.
+skipped (their Gram would be large), and so is, in module order, every consumer whose Gram would
+take the total beyond ``max_bytes`` (a transformer's many wide linear layers would otherwise
+take tens of GB); each is reported in ``skipped`` with the reason, like consumers that did not
+run.
 
 This module also holds the byte encoder of the activations file (float32 maps, float64 Grams).
 """
@@ -29,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "GRAM_PREFIX",
+    "MAX_BYTES",
     "MAX_LINEAR_INPUTS",
     "GramAccumulator",
     "input_width",
@@ -39,6 +42,8 @@ __all__ = [
 GRAM_PREFIX = "gram/"
 """Tensor names of the Grams in the activations file: ``gram/<module name>``."""
 MAX_LINEAR_INPUTS = 4096
+MAX_BYTES = 256 * 2**20
+"""Default budget of all Grams of one capture (ResNet-50's 54 consumers take 184 MiB)."""
 _CHUNK_VALUES = 1 << 23  # float64 values converted at a time (64 MiB)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -77,22 +82,36 @@ class GramAccumulator:
     module name -> S (CPU float64), ``acc.skipped`` module name -> why it has none.
     """
 
-    def __init__(self, model: nn.Module, *, max_linear_inputs: int = MAX_LINEAR_INPUTS) -> None:
-        if max_linear_inputs < 1:
-            raise ValueError("max_linear_inputs must be at least 1")
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_linear_inputs: int = MAX_LINEAR_INPUTS,
+        max_bytes: int = MAX_BYTES,
+    ) -> None:
+        if max_linear_inputs < 1 or max_bytes < 0:
+            raise ValueError("max_linear_inputs must be at least 1 and max_bytes at least 0")
         self.consumers: dict[str, nn.Module] = {}
         self.skipped: dict[str, str] = {}
+        total = 0
         for name, module in model.named_modules():
             if not is_mixing_consumer(module):
                 continue
             width = input_width(module)
+            size = (width + 1) ** 2 * 8
             if isinstance(module, nn.Linear) and width > max_linear_inputs:
                 self.skipped[name] = (
                     f"linear layer with {width} inputs (more than max_linear_inputs="
                     f"{max_linear_inputs}): its Gram would hold {(width + 1) ** 2} values"
                 )
+            elif total + size > max_bytes:
+                self.skipped[name] = (
+                    f"the Grams of the consumers before it take {total} bytes; with its "
+                    f"{size} they would exceed max_statistics_bytes={max_bytes} (raise it)"
+                )
             else:
                 self.consumers[name] = module
+                total += size
         self.n_take: int | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

@@ -124,6 +124,10 @@ def test_wide_linear_layers_and_unused_consumers_are_skipped() -> None:
     assert "fc1" not in acts.statistics and "36 inputs" in acts.statistics_skipped["fc1"]
     assert "did not run" in acts.statistics_skipped["unused"]
     assert {"stem", "grouped", "sub", "fc2"} == set(acts.statistics)
+    budget = (3 + 1) ** 2 * 8 + (8 + 1) ** 2 * 8  # stem's and grouped's Grams fit, not sub's
+    acts = capture_activations(net, [_data()], maps=False, max_statistics_bytes=budget)
+    assert set(acts.statistics) == {"stem", "grouped"}
+    assert "max_statistics_bytes" in acts.statistics_skipped["sub"]
     with pytest.raises(ValueError, match="nothing to capture"):
         capture_activations(net, [_data()], maps=False, statistics=False)
 
