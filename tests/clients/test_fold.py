@@ -350,6 +350,9 @@ def _planned(
         pruned = copy.deepcopy(net)
         apply_plan(pruned, path, x, checkpoint_sha256=parsed.info.sha256)  # finds the sidecar
         out[comp] = pruned
+        in_memory = apply_plan(copy.deepcopy(net), plan, x)  # the plan object carries it
+        same = zip(in_memory.state_dict().values(), pruned.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in same)
     return out
 
 
