@@ -69,12 +69,18 @@ class Upload:
         self.close()
 
 
-def too_large(limit: int, what: str = "the upload") -> ApiError:
+UPLOAD_HINT = (
+    "Upload a smaller checkpoint (e.g. only the model's state_dict, or safetensors), or "
+    "raise PRUNEGRAPH_MAX_UPLOAD_BYTES on the server."
+)
+
+
+def too_large(limit: int, what: str = "the upload", hint: str = UPLOAD_HINT) -> ApiError:
     return ApiError(
         413,
         f"{what} is larger than the limit of {limit:,} bytes",
-        "Upload a smaller checkpoint (e.g. only the model's state_dict, or safetensors), or "
-        "raise PRUNEGRAPH_MAX_UPLOAD_BYTES on the server.",
+        hint,
+        headers={"Connection": "close"},  # the rest of the body is not read
     )
 
 
@@ -220,7 +226,12 @@ class CheckpointStore:
                     if parts.too_large:
                         raise too_large(limit)
                     if parts.field_too_large is not None:
-                        raise too_large(field_limit, f"the field '{parts.field_too_large}'")
+                        raise too_large(
+                            field_limit,
+                            f"the field '{parts.field_too_large}'",
+                            "Send the job's JSON under PRUNEGRAPH_MAX_JSON_BYTES: a large "
+                            "manifest goes in the file field 'manifest'.",
+                        )
                 parser.finalize()
             if required and not parts.found:
                 raise ApiError(
