@@ -56,6 +56,7 @@ from clients.manifest import (
     out_channels,
     trace_model,
 )
+from clients.recurrent import check_hidden_group, prune_hidden_group
 from graphs.plan import GroupPlan, PruningPlan
 
 __all__ = ["apply_plan", "load_plan"]
@@ -208,7 +209,7 @@ def _predicted_shapes(
         if not gp.remove:
             continue
         for pa in structures[gp.id].params if gp.id in structures else gp.params:
-            shapes[pa.param][pa.axis] -= len(gp.remove) * pa.per_channel
+            shapes[pa.param][pa.axis] -= len(gp.remove) * pa.per_channel * pa.blocks
             touched.add((pa.param, pa.axis))
     return shapes, touched
 
@@ -293,6 +294,8 @@ def apply_plan(
     for gp in parsed.groups:
         if gp.unit == "channels":
             _check_group(gp, modules, traced)
+        elif gp.unit == "hidden":
+            check_hidden_group(gp, model)
         else:
             check_unit_group(gp, model)
     _, outputs = find_roles(traced)
@@ -323,7 +326,9 @@ def apply_plan(
             group = dg.get_pruning_group(root, _prune_fn(root), idxs=list(gp.remove))
             group.prune()
         for gp in parsed.groups:
-            if gp.unit != "channels":
+            if gp.unit == "hidden":
+                prune_hidden_group(gp, model)
+            elif gp.unit != "channels":
                 prune_unit_group(gp, model)
     except Exception as exc:
         raise PlanError(

@@ -46,6 +46,7 @@ from torch import nn
 
 from clients.attention import attention_blocks
 from clients.flops import check_cost_model, cost_macs, count_layer_macs
+from clients.recurrent import hidden_costs, hidden_groups, opaque_pruners
 from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
 
 __all__ = ["ExampleInputs", "build_manifest", "manifest_from_factory"]
@@ -172,7 +173,7 @@ def trace_model(model: nn.Module, example_inputs: ExampleInputs) -> TracedModel:
     try:
         with keep_training_flags(model), torch.enable_grad():
             traced.dg = tp.DependencyGraph().build_dependency(
-                model, example_inputs=inputs, verbose=False
+                model, example_inputs=inputs, verbose=False, customized_pruners=opaque_pruners()
             )
     finally:
         for h in hooks:
@@ -270,8 +271,18 @@ def group_structure(traced: TracedModel, root: nn.Module) -> GroupStructure:
     names = traced.module_names
     channels = out_channels(root)
     pruner = dg.get_pruner_of_module(root)
-    group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(channels)))
     identity = list(range(channels))
+    try:
+        group = dg.get_pruning_group(root, pruner.prune_out_channels, identity)
+    except (IndexError, KeyError, RecursionError) as exc:  # torch-pruning inside a GRU or cell
+        return GroupStructure(
+            root=names[root], channels=channels, producers=[names[root]], params=[],
+            problems=[
+                f"torch-pruning cannot trace the channels of {names[root]} ({type(exc).__name__}: "
+                f"{exc}); they reach a module it does not follow (e.g. a GRU or a recurrent cell)"
+            ],
+            out_of=[], in_of=[], nodes=[],
+        )  # fmt: skip
 
     producers: list[str] = []
     params: list[ParamAxis] = []
@@ -510,6 +521,7 @@ def build_manifest(
         forward pass (weight shape, groups, output positions per channel, role), MACs per module
         and group, and the ignored layers.
     """
+    ignored_layers = list(ignored_layers)
     traced = trace_model(model, example_inputs)
     stems, classifiers = find_roles(traced)
 
@@ -539,6 +551,7 @@ def build_manifest(
                 reason="; ".join(why) if why else None,
             )
         )
+    hidden = hidden_groups(model, as_input_tuple(example_inputs), len(groups), ignored_layers)
 
     return Manifest(
         input_shapes=[list(x.shape) for x in as_input_tuple(example_inputs)],
@@ -546,8 +559,8 @@ def build_manifest(
         macs_total=checked_macs_total(traced, example_inputs),
         param_shapes={n: list(p.shape) for n, p in model.named_parameters()},
         layers=_layers(traced, stems, classifiers),
-        groups=groups,
-        costs=_costs(traced, structures),
+        groups=groups + hidden,
+        costs=_costs(traced, structures) + hidden_costs(model, traced.calls, hidden),
         ignored=sorted(reasons, key=traced.order.__getitem__),
         attention=attention_blocks(model),
     )
