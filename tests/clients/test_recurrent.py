@@ -24,14 +24,16 @@ METHODS = ["mrp", "srr", "hsc", "l1", "fpgm"]
 
 
 class CRNN(nn.Module):
-    def __init__(self, rnn: str = "lstm", hidden: int = 12, classes: int = 7) -> None:
+    def __init__(
+        self, rnn: str = "lstm", hidden: int = 12, classes: int = 7, layers: int = 1
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
         self.pool = nn.MaxPool2d((2, 1))
         kind = nn.LSTM if rnn == "lstm" else nn.GRU
-        self.rnn = kind(16 * 4, hidden, batch_first=True, bidirectional=True)
+        self.rnn = kind(16 * 4, hidden, layers, batch_first=True, bidirectional=True)
         self.fc = nn.Linear(2 * hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,9 +62,9 @@ class VAD(nn.Module):
         return torch.stack(ys, 1)
 
 
-def _crnn(rnn: str) -> tuple[Any, torch.Tensor]:
+def _crnn(rnn: str, layers: int = 1) -> tuple[Any, torch.Tensor]:
     torch.manual_seed(0)
-    return CRNN(rnn).eval(), torch.randn(2, 1, 8, 20)
+    return CRNN(rnn, layers=layers).eval(), torch.randn(2, 1, 8, 20)
 
 
 def _vad() -> tuple[Any, torch.Tensor]:
@@ -136,12 +138,16 @@ def _kept_rows(before: torch.Tensor, after: torch.Tensor, gates: int, keep: list
 
 
 @pytest.mark.parametrize("method", ["mrp", "l1", "random"])
-@pytest.mark.parametrize("which", ["crnn", "vad"])
+@pytest.mark.parametrize("which", ["crnn", "crnn-gru-2", "vad"])
 def test_plans_remove_hidden_units_and_the_model_runs(
     which: str, method: str, tmp_path: Path
 ) -> None:
-    model, x = _crnn("lstm") if which == "crnn" else _vad()
-    rnn = model.rnn if which == "crnn" else model.cell
+    if which == "vad":
+        model, x = _vad()
+    else:
+        model, x = _crnn("gru", layers=2) if which == "crnn-gru-2" else _crnn("lstm")
+    rnn = model.cell if which == "vad" else model.rnn
+    gates = 3 if which == "crnn-gru-2" else 4
     if which == "vad":
         _plant(model.cell, protos=4)
     manifest = build_manifest(model, x)
@@ -153,13 +159,13 @@ def test_plans_remove_hidden_units_and_the_model_runs(
     (gp,) = [g for g in plan.groups if g.unit == "hidden"]
     assert gp.remove, plan.rule
     keep = [i for i in range(gp.channels_before) if i not in gp.remove]
-    wname = "weight_ih_l0" if which == "crnn" else "weight_ih"
+    wname = "weight_ih" if which == "vad" else "weight_ih_l0"
     before = getattr(rnn, wname).detach().clone()
     with torch.no_grad():
         y0 = model(x)
     apply_plan(model, plan, x)
     assert rnn.hidden_size == gp.channels_after
-    _kept_rows(before, getattr(rnn, wname).detach(), 4, keep)
+    _kept_rows(before, getattr(rnn, wname).detach(), gates, keep)
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
     assert all(shapes[n] == s for n, s in plan.expected_shapes.items())
     with torch.no_grad():
@@ -186,3 +192,37 @@ def test_proj_size_lstm_is_skipped_and_unprunable(tmp_path: Path) -> None:
     manifest = build_manifest(model, torch.randn(1, 4, 6))
     (g,) = [g for g in manifest.groups if g.unit == "hidden"]
     assert not g.prunable and g.reason and "proj_size" in g.reason
+
+
+def test_building_keeps_weights_and_training_mode_and_refuses_what_it_cannot_follow() -> None:
+    model, x = _vad()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    manifest = build_manifest(model, x)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    (g,) = [g for g in manifest.groups if g.unit == "hidden"]
+    assert g.prunable and g.producers == ["cell"]
+
+    class Normed(nn.Module):  # a LayerNorm over the units: not a consumer the manifest follows
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(6, 8, batch_first=True)
+            self.norm = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.norm(self.rnn(x)[0]))
+
+    class Bare(nn.Module):  # the units are the model's output
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(6, 8, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0]
+
+    for model, why in [(Normed(), "breaks the forward pass"), (Bare(), "model's output")]:
+        manifest = build_manifest(model.eval(), torch.randn(2, 4, 6))
+        (g,) = [g for g in manifest.groups if g.unit == "hidden"]
+        assert not g.prunable and why in (g.reason or ""), g.reason
