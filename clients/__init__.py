@@ -36,6 +36,7 @@ from clients.http import (
     PruneGraphClientError,
     PruneGraphHTTPError,
     ServerError,
+    TooManyRequestsError,
 )
 from clients.manifest import build_manifest, manifest_from_factory
 from clients.pcc import PCCLoss, pixel_correlation
@@ -60,6 +61,7 @@ __all__ = [
     "PruneGraphHTTPError",
     "SensitivityTable",
     "ServerError",
+    "TooManyRequestsError",
     "apply_plan",
     "build_manifest",
     "capture_activations",

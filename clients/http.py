@@ -12,7 +12,8 @@ optional progress bar on stderr) and fetches the :class:`~graphs.report.Report` 
 
 Any ``httpx.Client`` can be injected (``http=``), e.g. FastAPI's ``TestClient`` to run the real
 app in-process. Connection failures (``httpx.ConnectError``/``ConnectTimeout``: the request never
-reached the server) are retried with a short exponential backoff; nothing else is retried.
+reached the server) are retried with a short exponential backoff; a 429 whose ``Retry-After`` is
+short (a rate limit) is retried after that pause; nothing else is retried.
 
 Exceptions (all carry a message that says what was wrong and what to do)::
 
@@ -21,6 +22,7 @@ Exceptions (all carry a message that says what was wrong and what to do)::
     │   ├── AuthenticationError           401: missing or unknown token
     │   ├── NotFoundError                 404: unknown id, or owned by another token
     │   ├── PayloadTooLargeError          413: checkpoint above the server's upload limit
+    │   ├── TooManyRequestsError          429: rate limit or quota: .retry_after (seconds)
     │   ├── InvalidRequestError           any other 4xx (bad checkpoint, bad job request, ...)
     │   └── ServerError                   5xx
     ├── ConnectionFailedError             no connection after ``retries`` attempts
@@ -30,6 +32,7 @@ Exceptions (all carry a message that says what was wrong and what to do)::
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -65,11 +68,14 @@ __all__ = [
     "PruneGraphClientError",
     "PruneGraphHTTPError",
     "ServerError",
+    "TooManyRequestsError",
 ]
 
 DEFAULT_METHODS: tuple[str, ...] = ALL_METHODS
 _BACKOFF_S = 0.1  # first pause between connection attempts; doubles each time
 _MAX_BACKOFF_S = 2.0
+_MAX_RATE_WAIT_S = 10.0  # a 429 asking for a longer pause (a quota) is raised, not waited out
+_MANIFEST_AS_FILE = 1 << 20  # a job's JSON above this sends its manifest as a multipart file
 Checkpoint = str | os.PathLike[str] | bytes
 Options = AnalysisOptions | Mapping[str, Any]
 Calibration = Iterable[Any]
@@ -104,6 +110,14 @@ class NotFoundError(PruneGraphHTTPError):
 
 class PayloadTooLargeError(PruneGraphHTTPError):
     """413: the checkpoint is larger than the server accepts."""
+
+
+class TooManyRequestsError(PruneGraphHTTPError):
+    """429: past the server's rate limit or the token's quota; ``retry_after`` in seconds."""
+
+    def __init__(self, status_code: int, error: str, hint: str, retry_after: float | None = None):
+        super().__init__(status_code, error, hint)
+        self.retry_after = retry_after
 
 
 class InvalidRequestError(PruneGraphHTTPError):
@@ -157,6 +171,9 @@ def _error_for(response: httpx.Response) -> PruneGraphHTTPError:
     elif response.text:
         error = response.text[:500]
     code = response.status_code
+    if code == 429:
+        after = response.headers.get("retry-after", "")
+        return TooManyRequestsError(code, error, hint, float(after) if after.isdigit() else None)
     cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 else InvalidRequestError)
     return cls(code, error, hint)
 
@@ -223,7 +240,12 @@ class PruneGraphClient:
                 last = e
                 continue
             if response.is_error:
-                raise _error_for(response)
+                error = _error_for(response)
+                wait = getattr(error, "retry_after", None)
+                if wait is not None and wait <= _MAX_RATE_WAIT_S and attempt + 1 < self._retries:
+                    time.sleep(wait)  # a rate limit: the server said when to come back
+                    continue
+                raise error
             return response
         raise ConnectionFailedError(
             f"cannot connect to {self.base_url} after {self._retries} attempts: {last}; "
@@ -324,6 +346,18 @@ class PruneGraphClient:
             body["input_shape"] = [
                 [int(d) for d in s] if isinstance(s, Sequence) else int(s) for s in input_shape
             ]
+        text = json.dumps(body)
+        if len(text) > _MANIFEST_AS_FILE and body.get("manifest") is not None:
+            # a large manifest goes as a file: the server bounds JSON bodies (a few MiB)
+            short = json.dumps({k: v for k, v in body.items() if k != "manifest"})
+            files = {
+                "request": (None, short),
+                "manifest": ("manifest.json", json.dumps(body["manifest"])),
+            }
+            r = self._call(
+                lambda: self._http.post(self._url("/v1/jobs"), files=files, headers=self._headers)
+            )
+            return str(r.json()["id"])
         return str(self._request("POST", "/v1/jobs", json=body).json()["id"])
 
     def job(self, job_id: str) -> JobStatus:

@@ -143,7 +143,7 @@ def test_a_large_manifest_goes_as_a_file_and_is_never_echoed(client: TestClient)
     job = _wait(client, r.json()["id"])
     assert job["status"] == "done", job
     assert job["has_manifest"] is True and "manifest" not in job["request"]
-    assert job["request"]["target"] == {"flops": 0.3, "params": None} or job["request"]["target"]
+    assert job["request"]["target"]["flops"] == 0.3 and job["request"]["methods"] == ["l1"]
     assert client.get(f"/v1/jobs/{job['id']}/plan", headers=ALICE).status_code == 200
     # without a manifest the FLOPs target cannot be planned: the file really was used
     plain = client.post("/v1/jobs", json=request, headers=ALICE).json()
@@ -328,3 +328,60 @@ def test_stale_temp_files_go_and_uploads_in_progress_stay(tmp_path: Path) -> Non
     assert not stale.exists() and busy.exists() and fresh.exists()
     assert (tmp_path / "other").exists()
     assert clean_stale(tmp_path, now=time.time() + 10 * STALE_GRACE_S) == 2
+
+
+# ---- the Python client --------------------------------------------------------------------
+
+
+def test_the_client_waits_out_a_rate_limit_and_raises_on_a_quota(
+    client: TestClient, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import clients.http
+    from clients import NotFoundError, PruneGraphClient, TooManyRequestsError
+
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:  # the client's pauses move the server's clock instead
+        slept.append(s)
+        clock.now += s
+
+    monkeypatch.setattr(
+        clients.http, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic)
+    )
+    pg = PruneGraphClient("http://testserver", token="a-token", http=client)
+    clock.frozen = True
+    try:
+        for _ in range(8):  # past the 6 a minute: the client waits as told and goes on
+            client.get("/v1/jobs", headers=ALICE)
+        with pytest.raises(NotFoundError):
+            pg.job("nope")  # answered (404) after the client waited out the 429
+        assert 10.0 in slept
+    finally:
+        clock.frozen = False
+    with pytest.raises(TooManyRequestsError) as quota:
+        pg.upload(_bytes(40))  # alice: two checkpoints already, the quota is full
+    assert quota.value.retry_after is not None and quota.value.retry_after > 10
+    assert "PRUNEGRAPH_QUOTA_BYTES" in quota.value.hint
+
+
+def test_the_client_sends_a_large_manifest_as_a_file(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clients.http
+    from clients import PruneGraphClient, build_manifest
+
+    monkeypatch.setattr(clients.http, "_MANIFEST_AS_FILE", 100)  # this small one is "large"
+    pg = PruneGraphClient("http://testserver", token="b-token", http=client)
+    ckpt = client.get("/v1/checkpoints", headers=BOB).json()["items"][0]["id"]
+    sent: list[str] = []
+    client.event_hooks["request"].append(lambda r: sent.append(r.headers["content-type"]))
+    try:
+        job = pg.submit(
+            ckpt, methods=["l1"], manifest=build_manifest(Net(3), torch.zeros(1, 3, 8, 8))
+        )
+    finally:
+        client.event_hooks["request"].pop()
+    assert sent[-1].startswith("multipart/form-data")
+    assert client.get(f"/v1/jobs/{job}", headers=BOB).json()["has_manifest"] is True
