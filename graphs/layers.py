@@ -142,7 +142,7 @@ class LayerGroup:
     ``blocks[i]`` equal blocks of that axis when ``blocks`` is given (the gates of a recurrent
     layer: a hidden unit owns rows j, H+j, 2H+j, 3H+j of an LSTM's ``weight_ih``; see
     :mod:`graphs.recurrent`). A member may appear twice with different axes (a recurrent
-    ``weight_hh``: the unit's rows and its column); it counts once in ``params``.
+    ``weight_hh``: the unit's rows and its column); it counts once (by name) in ``params``.
     """
 
     name: str
@@ -191,7 +191,8 @@ class LayerGroup:
         and down lose input columns)."""
         if self.unit == "channels":
             return self.members
-        return tuple(dict.fromkeys(m for m, (axis, _), _b in self._parts() if axis == 0))
+        rows = {m.name: m for m, (axis, _), _b in self._parts() if axis == 0}
+        return tuple(rows.values())
 
     @property
     def fan_in(self) -> int:
@@ -202,7 +203,7 @@ class LayerGroup:
 
     @property
     def params(self) -> int:
-        return sum(m.params for m in dict.fromkeys(self.members))
+        return sum(m.params for m in {m.name: m for m in self.members}.values())
 
     def vectors(self) -> np.ndarray:
         """Filter vectors of the group, shape (n_filters, sum of members' fan_in), float64.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -279,3 +281,14 @@ def test_without_a_manifest_units_are_analysed_but_kept_in_plans() -> None:
     assert plan.params_before == total
     report = analyze(layers, checkpoint=INFO, methods=["mrp"])
     assert report.layers[1].methods["mrp"].redundancy == pytest.approx(0.75, abs=0.05)
+
+
+def test_a_group_rebuilt_from_copies_counts_weight_hh_once() -> None:
+    """Tasks (service.executor) rebuild a group's members as new objects: weight_hh's two parts
+    are then two objects of one name, still one parameter."""
+    ih, hh, _ = recurrent_weights("gru", 8, 5, seed=0)
+    (group,), _ = build_groups(_layers("rnn", "_l0", ih, hh))
+    again = dataclasses.replace(group, members=tuple(dataclasses.replace(m) for m in group.members))
+    assert again.params == group.params == ih.size + hh.size + 2 * ih.shape[0]
+    assert [m.name for m in again.producers] == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]
+    np.testing.assert_array_equal(again.vectors(), group.vectors())
