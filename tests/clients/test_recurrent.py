@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from clients import apply_plan, build_manifest
+from clients.flops import count_model_macs
 from graphs import analyze
 from graphs.plan import Target
 from graphs.planner import plan_layers
@@ -226,3 +227,21 @@ def test_building_keeps_weights_and_training_mode_and_refuses_what_it_cannot_fol
         manifest = build_manifest(model.eval(), torch.randn(2, 4, 6))
         (g,) = [g for g in manifest.groups if g.unit == "hidden"]
         assert not g.prunable and why in (g.reason or ""), g.reason
+
+
+@pytest.mark.parametrize("which", ["crnn", "vad"])
+def test_flops_plans_predict_the_pruned_models_macs(which: str, tmp_path: Path) -> None:
+    """Recurrent MACs scale with the units (weight_ih) and their square (weight_hh)."""
+    model, x = _crnn("lstm") if which == "crnn" else _vad()
+    manifest = build_manifest(model, x)
+    parsed = _read(model, tmp_path)
+    plan = plan_layers(
+        parsed.layers, method="l1", target=Target(flops=0.3),
+        params_total=manifest.params_total, manifest=manifest,
+    )  # fmt: skip
+    assert any(g.remove for g in plan.groups if g.unit == "hidden")
+    before = count_model_macs(model, (x,))
+    apply_plan(model, plan, x)
+    measured = 1 - count_model_macs(model, (x,)) / before
+    assert plan.achieved["flops"] >= 0.3
+    assert abs(plan.achieved["flops"] - measured) <= 0.02
