@@ -10,7 +10,6 @@ import io
 import json
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Iterator
 
@@ -18,6 +17,8 @@ import httpx
 import pytest
 import torch
 
+from service.db import RUNNING, JobRow, init_db
+from service.settings import Settings
 from tests.server_process import Server
 
 pytestmark = [pytest.mark.slow]
@@ -169,13 +170,10 @@ def test_quotas_per_user(server: Server) -> None:
     assert int(r.headers["retry-after"]) > 0
     ckpt = c.get("/v1/checkpoints").json()["items"][0]["id"]
     # a job another replica runs for bob fills his job quota (1)
-    with sqlite3.connect(server.data_dir / "prunegraph.db") as db:
-        db.execute(
-            "INSERT INTO jobs (id, owner, checkpoint_id, request_json, status, progress, "
-            "runner, lease_until, cache_hits, cache_misses, created_at, updated_at) VALUES "
-            "('elsewhere', 'bob', ?, '{}', 'running', 0.5, 'other', ?, 0, 0, 0, 0)",
-            (ckpt, time.time() + 3600),
-        )
+    _, sessions = init_db(Settings(data_dir=server.data_dir).db_url())  # the server's database
+    with sessions.begin() as s:
+        s.add(JobRow(id="elsewhere", owner="bob", checkpoint_id=ckpt, request_json="{}",
+                     status=RUNNING, runner="other", lease_until=time.time() + 3600))  # fmt: skip
     r = c.post("/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]})
     _error(r, 429, "queued or running", "PRUNEGRAPH_QUOTA_JOBS")
     assert int(r.headers["retry-after"]) > 0
