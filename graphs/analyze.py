@@ -14,6 +14,7 @@ from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
 from graphs.options import AnalysisOptions, layer_seed
+from graphs.recurrent import without_hidden
 from graphs.removable import removable
 from graphs.report import (
     ALL_METHODS,
@@ -118,8 +119,10 @@ def group_layers(
     checkpoint: CheckpointInfo,
     skipped: Sequence[SkippedLayer] = (),
     manifest: Manifest | None = None,
+    activations: Activations | None = None,
 ) -> Grouping:
-    """The groups :func:`analyze` scores (reads no weight: only names and shapes).
+    """The groups :func:`analyze` scores (reads no weight: only names and shapes). With
+    ``activations``, recurrent hidden units (which have no captured maps) are skipped.
 
     Raises:
         NoPrunableLayersError: when no group is left to analyse.
@@ -127,6 +130,9 @@ def group_layers(
     if manifest is not None:
         manifest = adapt_manifest(layers, manifest)
     groups, dw_skipped = build_groups(layers, manifest)
+    if activations is not None:
+        groups, no_maps = without_hidden(groups)
+        dw_skipped += no_maps
     if not groups:
         why = "; ".join(f"{s.name}: {s.reason}" for s in [*skipped, *dw_skipped][:5])
         raise NoPrunableLayersError(
@@ -176,7 +182,9 @@ def analyze(
         InvalidInputError: for unknown methods or a seed outside [0, 2**32).
     """
     chosen, opts = check_inputs(methods, seed, options, activations)
-    grouping = group_layers(layers, checkpoint=checkpoint, skipped=skipped, manifest=manifest)
+    grouping = group_layers(
+        layers, checkpoint=checkpoint, skipped=skipped, manifest=manifest, activations=activations
+    )
     results: list[dict[str, MethodResult]] = []
     for i, group in enumerate(grouping.groups):
         maps = group_features(group, activations) if activations is not None else None

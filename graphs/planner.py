@@ -107,7 +107,9 @@ def make_plan(
         raise InvalidInputError(f"step must be an integer >= 1 or a fraction in (0, 1), got {step}")
     ids = [g.group_id if g.group_id is not None else i for i, g in enumerate(groups)]
     ok = {
-        gid: (prunable or {}).get(gid, True) and not any(m.name in c.ignored for m in g.producers)
+        gid: (prunable or {}).get(gid, True)
+        and not any(m.name in c.ignored for m in g.producers)
+        and not (activations is not None and g.unit == "hidden")  # no maps: kept whole
         for gid, g in zip(ids, groups, strict=True)
     }
     budget = Budget(cost, target, ids)

@@ -44,6 +44,10 @@ RECURRENT_PARAM = re.compile(
 """A recurrent module's parameter: ``rnn.weight_ih_l0``, ``rnn.bias_hh_l1_reverse``,
 ``cell.weight_hh``, ``lstm.weight_hr_l0`` (an LSTM with ``proj_size``)."""
 
+NO_MAPS_REASON = (
+    "recurrent hidden units have no captured feature maps, so data-aware analysis (ci, "
+    "vectors=activations) does not cover them; analyse without activations to score them"
+)
 PROJ_REASON = (
     "LSTM with proj_size (weight_hr): the hidden state is a projection of the cell's units, which "
     "is not analysed; its weights are skipped"
@@ -142,6 +146,19 @@ def recurrent_groups(
         groups[group.name] = group
         names |= {rl.ih.name, rl.hh.name}
     return groups, names
+
+
+def without_hidden(groups: Sequence[LayerGroup]) -> tuple[list[LayerGroup], list[SkippedLayer]]:
+    """``groups`` without the groups of hidden units, and those as skipped layers (reason
+    :data:`NO_MAPS_REASON`): what data-aware analysis covers."""
+    kept = [g for g in groups if g.unit != "hidden"]
+    skipped = [
+        SkippedLayer(name=m.name, reason=NO_MAPS_REASON)
+        for g in groups
+        if g.unit == "hidden"
+        for m in g.producers
+    ]
+    return kept, skipped
 
 
 def _weight_param(m: LayerWeights) -> str:

@@ -360,7 +360,9 @@ def analyze_on(
     is computed or read twice.
     """
     chosen, opts = check_inputs(methods, seed, options, activations)
-    grouping = group_layers(layers, checkpoint=checkpoint, skipped=skipped, manifest=manifest)
+    grouping = group_layers(
+        layers, checkpoint=checkpoint, skipped=skipped, manifest=manifest, activations=activations
+    )
     warm = (
         plan_method if plan_method in (*GRAPH_METHODS, "ci") and plan_method not in chosen else None
     )

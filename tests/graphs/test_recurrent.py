@@ -13,7 +13,7 @@ from graphs.layers import LayerWeights
 from graphs.manifest import ChannelGroup, Manifest, ParamAxis
 from graphs.plan import Target
 from graphs.planner import plan_layers
-from graphs.recurrent import GATES, Cell, gates_of, parse
+from graphs.recurrent import GATES, NO_MAPS_REASON, Cell, gates_of, parse
 from graphs.report import CheckpointInfo
 from tests.graphs.planted import same_partition
 
@@ -292,3 +292,27 @@ def test_a_group_rebuilt_from_copies_counts_weight_hh_once() -> None:
     assert again.params == group.params == ih.size + hh.size + 2 * ih.shape[0]
     assert [m.name for m in again.producers] == ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]
     np.testing.assert_array_equal(again.vectors(), group.vectors())
+
+
+def test_with_feature_maps_units_are_skipped_with_the_reason_and_kept_in_plans() -> None:
+    """Captured activations cover conv/linear channels only: ci and data-aware graphs analyse
+    those, and the recurrent units are listed as skipped (not an error for the whole model)."""
+    rng = np.random.default_rng(3)
+    ih, hh, _ = recurrent_weights("lstm", 8, 12, seed=3, protos=2)
+    layers = [
+        LayerWeights("conv", "conv1d", rng.standard_normal((12, 3, 3))),
+        *_layers("rnn", "_l0", ih, hh),
+        LayerWeights("fc", "linear", rng.standard_normal((4, 8))),
+    ]
+    acts = {"conv": rng.standard_normal((6, 12, 20)), "fc": rng.standard_normal((6, 4, 1))}
+    report = analyze(layers, checkpoint=INFO, methods=["ci", "mrp"], activations=acts)
+    assert [r.name for r in report.layers] == ["conv", "fc"]
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert reasons["rnn.weight_ih_l0"] == reasons["rnn.weight_hh_l0"] == NO_MAPS_REASON
+    layers, manifest, _ = _bidirectional(1)
+    plan = plan_layers(
+        layers, method="mrp", target=Target(params=0.2), params_total=manifest.params_total,
+        manifest=manifest, activations={"fc": rng.standard_normal((6, 5, 1))},
+    )  # fmt: skip
+    (gp,) = [g for g in plan.groups if g.unit == "hidden"]
+    assert gp.remove == []
