@@ -18,7 +18,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service import errors, limits, pagination
+from service import errors, limits, logins, pagination
 from service.bodies import BodyLimits
 from service.checkpoints import (
     ActivationsOut,
@@ -38,8 +38,6 @@ from service.settings import Settings
 from service.storage import CheckpointStore, clean_stale
 
 ANONYMOUS = "anonymous"
-TOKEN_COOKIE = "prunegraph_token"
-"""Cookie the dashboard stores the token in (entered once); the API accepts it like a header."""
 
 
 class State:
@@ -88,13 +86,15 @@ def _authenticated(request: Request, state: State) -> str:
     if wait is not None:
         raise limits.auth_blocked(wait)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    user = None
     if scheme.lower() != "bearer" and request.method in ("GET", "HEAD"):
-        # the dashboard's browser sends the token as a cookie; only for reads, so that another
-        # site cannot make a logged-in browser change anything (no CSRF)
-        token = request.cookies.get(TOKEN_COOKIE, "")
+        # the dashboard's browser sends its login's session cookie (service.logins); only for
+        # reads, so that another site cannot make a logged-in browser change anything (no CSRF)
+        cookie = request.cookies.get(logins.SESSION_COOKIE, "")
+        user = logins.user_of(state.sessions, cookie, set(state.tokens.values()))
+        token = ""
     elif scheme.lower() != "bearer":
         token = ""
-    user = None
     for known, name in state.tokens.items():
         if token and secrets.compare_digest(known.encode(), token.strip().encode()):
             user = name
@@ -186,7 +186,15 @@ def create_app(settings: Settings | None = None, clock: limits.Clock = time.mono
             state.runner.shutdown()
             state.engine.dispose()
 
-    app = FastAPI(title="prunegraph", version="1", lifespan=lifespan)
+    # /docs and /openapi.json: offline and behind the auth setting (service.apidocs)
+    app = FastAPI(
+        title="prunegraph",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     errors.install(app)
     app.add_middleware(BodyLimits, max_json_bytes=cfg.max_json_bytes, idle_s=cfg.upload_idle_s)
 

@@ -79,8 +79,10 @@ def _room_left(state: State, user: str) -> None:
 
 def _validate_and_store(state: State, upload: Upload, user: str) -> CheckpointOut:
     from service.ingest import read_checkpoint  # torch is imported at first upload only
+    from service.safetensors_file import refuse_index
 
     with upload:
+        refuse_index(upload.tmp_path, upload.filename)  # its shards would be read from tmp/
         parsed = read_checkpoint(upload.tmp_path, name=upload.filename)
         row = CheckpointRow(
             id=upload.sha256,

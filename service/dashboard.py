@@ -3,12 +3,16 @@
 Pages: ``/`` (the caller's checkpoints and jobs), ``/jobs/{id}`` (summary, per-layer redundancy
 of each method side by side, the plan), ``/jobs/{id}/layer?name=L`` (the layer's filter graph
 coloured by mrp community, hsc cluster sizes), ``/compare?a=J1&b=J2`` (per-layer redundancy
-deltas), ``/login`` and ``/logout``. JSON: ``GET /v1/jobs/{id}/layers/{layer}/graph``.
+deltas), ``/login`` and ``POST /logout``. JSON: ``GET /v1/jobs/{id}/layers/{layer}/graph``.
+Also the API's offline Swagger UI at ``/docs`` (:mod:`service.apidocs`).
 
-Auth: with tokens configured, a page needs the token in the ``prunegraph_token`` cookie (set by
-``/login``: HttpOnly, SameSite=Strict) or a bearer header, else it redirects to ``/login``. The
-API accepts the same cookie for GET requests, which is how ``static/dashboard.js`` polls a running
-job. Nothing is loaded from another origin (a Content-Security-Policy says so).
+Auth: with tokens configured, a page needs a login session or a bearer header, else it redirects
+to ``/login``. ``POST /login`` checks the token once and sets the ``prunegraph_session`` cookie
+(HttpOnly, SameSite=Strict) to a random session id kept in the database, never the token
+(:mod:`service.logins`: expiring, revocable); ``POST /logout`` (the form on every page) revokes
+it. The API accepts the same cookie for GET requests, which is how ``static/dashboard.js`` polls a
+running job. Nothing is loaded from another origin (a Content-Security-Policy says so), and every
+response carries ``X-Content-Type-Options: nosniff`` (:mod:`service.headers`).
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from service import pages
-from service.app import ANONYMOUS, TOKEN_COOKIE, State, StateDep, UserDep
+from service import apidocs, logins, pages
+from service.app import ANONYMOUS, State, StateDep, UserDep
+from service.headers import NoSniff
 from service.layer_graph import LayerGraph, find_job, layer_graph
 
 STATIC = Path(__file__).parent / "static"
-COOKIE_MAX_AGE = 30 * 24 * 3600
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
     "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
@@ -63,8 +67,11 @@ def page_user(request: Request, state: StateDep) -> str:
     if not state.tokens:
         return ANONYMOUS
     scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
-    token = bearer if scheme.lower() == "bearer" else request.cookies.get(TOKEN_COOKIE, "")
-    user = token_user(state, token)
+    if scheme.lower() == "bearer":
+        user = token_user(state, bearer)
+    else:
+        cookie = request.cookies.get(logins.SESSION_COOKIE, "")
+        user = logins.user_of(state.sessions, cookie, set(state.tokens.values()))
     if user is None:
         query = f"?{request.url.query}" if request.url.query else ""
         raise LoginRequired(request.url.path + query)
@@ -72,6 +79,11 @@ def page_user(request: Request, state: StateDep) -> str:
 
 
 PageUser = Annotated[str, Depends(page_user)]
+
+
+def _api_user(user: UserDep) -> str:
+    """An API caller's user (401 without a known token or login), for ``/openapi.json``."""
+    return user
 
 
 def _base(request: Request) -> str:
@@ -105,19 +117,25 @@ def login_page(
     return render(request, state, None, pages.Page("login.html", context, status))
 
 
-def login(request: Request, state: State, token: str, next_path: str) -> Response:
-    """Check the token; on success store it in the cookie and go back to ``next``."""
+def _cross_site(request: Request) -> bool:
     origin = request.headers.get("origin")
-    if origin and urlsplit(origin).netloc != request.headers.get("host", ""):
+    return bool(origin) and urlsplit(origin).netloc != request.headers.get("host", "")
+
+
+def login(request: Request, state: State, token: str, next_path: str) -> Response:
+    """Check the token; on success start a session, put its id in the cookie, go to ``next``."""
+    if _cross_site(request):
         return login_page(request, state, next_path, "Log in from this site's form.", 403)
-    if state.tokens and token_user(state, token) is None:
+    user = token_user(state, token) if state.tokens else None
+    if state.tokens and user is None:
         return login_page(request, state, next_path, "That token is not known to this server.", 401)
     response = _redirect(_base(request) + _safe_next(next_path))
-    if state.tokens:
+    if user is not None:
+        ttl = state.settings.session_ttl_s
         response.set_cookie(
-            TOKEN_COOKIE,
-            token.strip(),
-            max_age=COOKIE_MAX_AGE,
+            logins.SESSION_COOKIE,
+            logins.start(state.sessions, user, ttl),
+            max_age=int(ttl),
             path="/",
             httponly=True,
             samesite="strict",
@@ -127,8 +145,12 @@ def login(request: Request, state: State, token: str, next_path: str) -> Respons
 
 
 def logout(request: Request, state: State) -> Response:
+    """Revoke the session (its row goes: the cookie is worthless even if kept) and clear it."""
+    if _cross_site(request):
+        return _redirect(_base(request) + "/")
+    logins.end(state.sessions, request.cookies.get(logins.SESSION_COOKIE, ""))
     response = _redirect(_base(request) + ("/login" if state.tokens else "/"))
-    response.delete_cookie(TOKEN_COOKIE, path="/", httponly=True, samesite="strict")
+    response.delete_cookie(logins.SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return response
 
 
@@ -144,6 +166,8 @@ def graph_json(state: State, job_id: str, user: str, layer: str) -> LayerGraph:
 def install(app: FastAPI) -> None:
     """Add the dashboard's pages, its static files and the layer-graph JSON route to ``app``."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(NoSniff)
+    apidocs.install(app, page_user, _api_user)
 
     async def to_login(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, LoginRequired)
@@ -191,8 +215,8 @@ def install(app: FastAPI) -> None:
     ) -> Response:
         return login(request, state, token, next)
 
-    @app.api_route("/logout", methods=["GET", "POST"], **page)
-    def get_logout(request: Request, state: StateDep) -> Response:
+    @app.post("/logout", **page)
+    def post_logout(request: Request, state: StateDep) -> Response:
         return logout(request, state)
 
     @app.get("/v1/jobs/{job_id}/layers/{layer:path}/graph")

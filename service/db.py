@@ -69,6 +69,18 @@ class BlobRow(Base):
     touched_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+class LoginRow(Base):
+    """A dashboard login (:mod:`service.logins`): the cookie holds a random id, this row its
+    sha256 (a copy of the database gives no usable cookie); deleting the row revokes it."""
+
+    __tablename__ = "logins"
+
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(200), index=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
 class JobRow(Base):
     __tablename__ = "jobs"
 

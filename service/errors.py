@@ -15,6 +15,7 @@ from graphs.errors import (
     UnsafeCheckpointError,
     UnsupportedFormatError,
 )
+from service.redact import redact, server_roots
 
 
 class ApiError(Exception):
@@ -57,9 +58,12 @@ def body(error: str, hint: str) -> dict[str, str]:
     return {"error": error, "hint": hint}
 
 
-async def _library(_: Request, exc: Exception) -> JSONResponse:
+async def _library(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PruneGraphError)
-    return JSONResponse(body(exc.message, exc.hint), status_code=status_for(exc))
+    state = getattr(request.app.state, "pg", None)
+    roots = server_roots(state.settings.data_dir if state is not None else None)
+    message, hint = redact(exc.message, roots), redact(exc.hint, roots)  # no server paths
+    return JSONResponse(body(message, hint), status_code=status_for(exc))
 
 
 async def _api(_: Request, exc: Exception) -> JSONResponse:

@@ -155,6 +155,13 @@ def warm_up(threads: int) -> None:
     threadpool_limits(limits=threads)
 
 
+def _hide_paths(error: str, checkpoint_path: str) -> str:
+    """``error`` without the server's paths (a client reads it): its data dir and the rest."""
+    from service.redact import redact, server_roots
+
+    return redact(error, server_roots(Path(checkpoint_path).parent.parent))
+
+
 @contextmanager
 def _heartbeat(sessions: sessionmaker[Session], job_id: str, lease_s: float) -> Iterator[None]:
     """Renew the job's lease every third of it while the body runs (a thread of the worker)."""
@@ -222,11 +229,13 @@ def run_job(
                     request, Path(checkpoint_path), sessions, job_id, cache_dir, acts, executor
                 )
         except PruneGraphError as e:
-            _set(sessions, job_id, status=FAILED, error=f"{e.message} {e.hint}")
+            error = f"{e.message} {e.hint}"
+            _set(sessions, job_id, status=FAILED, error=_hide_paths(error, checkpoint_path))
             return FAILED
         except Exception as e:  # a bug or a resource problem: still only this job fails
             log.exception("job %s failed", job_id)
-            _set(sessions, job_id, status=FAILED, error=f"internal error: {type(e).__name__}: {e}")
+            error = f"internal error: {type(e).__name__}: {e}"
+            _set(sessions, job_id, status=FAILED, error=_hide_paths(error, checkpoint_path))
             return FAILED
         _set(
             sessions,

@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from graphs.errors import CheckpointError
+from graphs.errors import CheckpointError, UnsupportedFormatError
 from graphs.report import SkippedLayer
 from service.formats import (
     RawCheckpoint,
@@ -254,12 +254,31 @@ def _shard_path(folder: Path, name: str, display: str) -> Path:
             hint="Fix the index's weight_map (transformers writes plain file names).",
         )
     path = folder.joinpath(*parts)
-    if not path.is_file():
+    if not path.is_file():  # the folder is not named: on a server it is the server's own path
         raise CheckpointError(
-            f"{display} names the shard {name!r}, which is missing from {folder}.",
+            f"{display} names the shard {name!r}, which is missing from the index's folder.",
             hint="Download every shard the index lists into the same folder.",
         )
     return path
+
+
+def refuse_index(path: Path, display: str) -> None:
+    """Refuse a sharded checkpoint's index given as a single file (an upload to the service).
+
+    Its shards would be looked up next to it, in a folder the uploader does not own (the
+    server's temp or storage folder, holding other users' files).
+
+    Raises:
+        UnsupportedFormatError: ``path`` is an index (a JSON object with a ``weight_map``).
+    """
+    if not path.is_dir() and find_index(path) is not None:
+        raise UnsupportedFormatError(
+            f"{display} is the index of a sharded safetensors checkpoint; the service reads "
+            "single files only.",
+            hint="Upload one file: save the model with save_pretrained(..., "
+            "max_shard_size='1000GB') or safetensors.torch.save_file, or analyse the folder "
+            "locally with `prunegraph analyze FOLDER`.",
+        )
 
 
 def _read_file(

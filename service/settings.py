@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         60, ge=0, description="failed authentications per minute per client address; 0: off"
     )
     tokens: str = Field("", description="user:token pairs, comma-separated")
+    session_ttl_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="a dashboard login lasts this long (its cookie holds a random session id, "
+        "never the token; POST /logout ends it)",
+    )
     tokens_file: Path | None = Field(None, description="user:token pairs, one a line")
     workers: int = Field(2, ge=1, description="analysis worker processes")
     job_lease_s: float = Field(

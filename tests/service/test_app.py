@@ -78,10 +78,12 @@ def client(data_dir: Path) -> Iterator[TestClient]:
         yield c
 
 
-def test_healthz_and_docs_need_no_token(client: TestClient) -> None:
+def test_healthz_needs_no_token_docs_do(client: TestClient) -> None:
+    """With tokens set, the API description is for callers with a token (service.apidocs)."""
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/docs").status_code == 200
-    assert "/v1/jobs" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/openapi.json").status_code == 401
+    assert client.get("/docs", follow_redirects=False).status_code == 303  # to /login
+    assert "/v1/jobs" in client.get("/openapi.json", headers=ALICE).json()["paths"]
 
 
 def test_upload_is_content_addressed(client: TestClient, data_dir: Path) -> None:

@@ -187,15 +187,21 @@ def browser(server: Server) -> Iterator[Browser]:
             b.close()
 
 
+def _session(server: Server, token: str) -> str:
+    """The session id that POST /login puts in the dashboard's cookie for ``token``."""
+    r = httpx.post(f"{server.url}/login", data={"token": token, "next": "/"}, timeout=30)
+    return str(r.cookies["prunegraph_session"])
+
+
 @pytest.fixture
 def page(browser: Browser, server: Server) -> Iterator[Page]:
-    """A page of a browser that logged in as alice (the token in the dashboard's cookie)."""
+    """A page of a browser that logged in as alice (a session id in the dashboard's cookie)."""
     context = browser.new_context(viewport={"width": 1200, "height": 900})
     context.add_cookies(
         [
             {
-                "name": "prunegraph_token",
-                "value": ALICE,
+                "name": "prunegraph_session",
+                "value": _session(server, ALICE),
                 "url": server.url,
                 "httpOnly": True,
                 "sameSite": "Strict",
@@ -237,7 +243,7 @@ def test_login_flow(browser: Browser, server: Server, jobs: dict[str, str]) -> N
         page.click("form.login button")
         assert page.url == f"{server.url}/jobs/{jobs['a']}"
         (cookie,) = context.cookies()
-        assert cookie["name"] == "prunegraph_token" and cookie["value"] == ALICE
+        assert cookie["name"] == "prunegraph_session" and ALICE not in cookie["value"]
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         assert page.evaluate("document.cookie") == ""  # invisible to scripts
         page.goto(f"{server.url}/")
@@ -252,7 +258,7 @@ def test_login_flow(browser: Browser, server: Server, jobs: dict[str, str]) -> N
     # a page asked for with a bearer header needs no cookie; a bad one is sent to the login
     r = httpx.get(f"{server.url}/", headers=_bearer(BOB))
     assert r.status_code == 200 and jobs["a"] not in r.text  # bob sees none of alice's jobs
-    r = httpx.get(f"{server.url}/", cookies={"prunegraph_token": "nope"})
+    r = httpx.get(f"{server.url}/", cookies={"prunegraph_session": "nope"})
     assert r.status_code == 303 and r.headers["location"] == "/login?next=/"
 
 
@@ -409,7 +415,7 @@ def test_failed_unknown_and_others_jobs(page: Page, server: Server, jobs: dict[s
     assert response is not None and response.status == 404
     response = page.goto(f"{server.url}/jobs/{jobs['a']}/layer?name=no.such.layer")
     assert response is not None and response.status == 404
-    bob = {"prunegraph_token": BOB}
+    bob = {"prunegraph_session": _session(server, BOB)}
     for path in (f"/jobs/{jobs['a']}", f"/jobs/{jobs['a']}/layer?name=conv_layers.0",
                  f"/compare?a={jobs['a']}&b={jobs['b']}", f"/jobs/{jobs['a']}/part"):  # fmt: skip
         r = httpx.get(f"{server.url}{path}", cookies=bob)
@@ -501,7 +507,9 @@ def test_pages_without_auth(tmp_path: Path) -> None:
         assert "Log out" not in home.text
         assert home.headers["content-security-policy"].startswith("default-src 'self'")
         assert c.get("/login", follow_redirects=False).headers["location"] == "/"
-        assert c.get("/logout", follow_redirects=False).headers["location"] == "/"
+        assert c.post("/logout", follow_redirects=False).headers["location"] == "/"
+        assert c.get("/docs").status_code == 200  # public, like the API, without tokens
+        assert "/v1/jobs" in c.get("/openapi.json").json()["paths"]
         missing = c.get(f"/jobs/{'0' * 32}")
         assert missing.status_code == 404 and "not found" in missing.text
         assert c.get("/compare").status_code == 200
