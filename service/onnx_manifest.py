@@ -18,13 +18,11 @@ channels are axis 1. ``params_total`` and ``param_shapes`` cover every floating 
 BatchNormalization running mean/var (buffers, as in torch and in the reader's ``n_params``);
 mean/var are therefore in no ParamAxis list, which keeps the cost model equal to
 ``params_total``. ``macs_total`` counts Conv, Gemm and MatMul layers (``ModuleCost`` per layer:
-weight size × output positions) and the weight MACs of GRU/LSTM/RNN nodes ((W + R) size × input
-positions; fixed, no group scales them), per sample: axis 0 of the first graph input is the batch.
-Shapes come from :mod:`service.onnx_shapes`: the user's input shapes, or a symbolic batch set to
-1; when a layer's output size stays unknown, :func:`service.ingest.derived_manifest` goes on
-without a manifest and says so in a note (the analysis needs weights only).
-``ManifestLayer.weight_shape`` is the reader's layout ((out, in) for linear layers). The graph is
-read once more by the reader to name layers, so a model is decoded twice per call.
+weight size × output positions) and GRU/LSTM/RNN nodes ((W + R) size × input positions; fixed),
+per sample of the first input's batch dim (:meth:`service.onnx_shapes.GraphInput.batch_axis`).
+Shapes: :mod:`service.onnx_shapes` (unknown ones: :func:`service.ingest.derived_manifest` goes on
+without a manifest). ``ManifestLayer.weight_shape`` is the reader's layout ((out, in) for linear
+layers). The reader reads the graph once more to name layers: a model is decoded twice per call.
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ from graphs.errors import CheckpointError, InvalidInputError
 from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
 from service.formats import corrupt, detect_format
 from service.onnx_reader import _ONNX_FLOAT_TYPES, _UNARY, _OnnxReader
+from service.onnx_recurrent import RECURRENT_OPS, hidden_groups
 from service.onnx_shapes import ShapesUnknownError, describe_inputs, graph_inputs, infer_shapes
 
 __all__ = ["manifest_from_onnx"]
@@ -51,7 +50,6 @@ _PASS = _UNARY | {
 _MERGE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"})
 _RESHAPE = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze"})
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
-_RECURRENT = frozenset({"GRU", "LSTM", "RNN"})
 Kind = Literal["conv1d", "conv2d", "conv3d", "linear"]
 _KINDS: dict[int, Kind] = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
@@ -125,15 +123,19 @@ class _Builder:
         self.reader = _OnnxReader(model.graph, display)
         self.reader.read()  # names layers exactly as read_checkpoint does
         self.shapes, inputs = infer_shapes(model, display, input_shapes)
-        self.inputs = describe_inputs(graph_inputs(model))
+        declared = graph_inputs(model)
+        self.inputs = describe_inputs(declared)
         self.input_shapes = [[d or 1 for d in s] for s in inputs]
-        self.batch = max(self.input_shapes[0][0], 1) if inputs and inputs[0] else 1
+        axis = declared[0].batch_axis if declared else 0
+        first = self.input_shapes[0] if self.input_shapes else []
+        self.batch = max(first[axis], 1) if len(first) > axis else 1  # MACs are per sample
         self.fixed_macs = 0  # recurrent nodes: MACs no group scales
+        r = self.reader  # recurrent nodes' W/R/B are listed by their PyTorch names
         self.param_shapes = {
             n: [int(d) for d in t.dims]
-            for n, t in self.reader.protos.items()
-            if t.data_type in _ONNX_FLOAT_TYPES and n not in self.reader.buffers
-        }
+            for n, t in r.protos.items()
+            if t.data_type in _ONNX_FLOAT_TYPES and n not in r.buffers and n not in r.converted
+        } | {n: list(a.shape) for n, a in r.recurrent.items()}
         self.flows: dict[str, _Flow] = {}  # activation -> where its channels come from
         self.parent: list[int] = []
         self.groups: list[_Group] = []
@@ -201,7 +203,7 @@ class _Builder:
                 self._merge(node)
             elif op in _RESHAPE and node.input and node.input[0] in self.flows:
                 self._reshape(node)
-            elif op in _RECURRENT:
+            elif op in RECURRENT_OPS:
                 self.fixed_macs += self._recurrent_macs(node)
                 for i in inputs:
                     self._block(self.flows[i].group, f"feeds {op}")
@@ -271,10 +273,9 @@ class _Builder:
         )
         self.costs.append((name, round(math.prod(w) * positions / self.batch), g, in_group))
 
-    def _shape(self, tensor: str, node: Any) -> list[int]:
+    def _shape(self, tensor: str, node: Any, which: str = "output") -> list[int]:
         """The tensor's concrete shape; ShapesUnknownError when a dim is unknown."""
         shape, what = self.shapes.get(tensor), f"{node.op_type} node {node.name or tensor!r}"
-        which = "input" if tensor == node.input[0] else "output"
         if shape is None or None in shape:
             raise ShapesUnknownError(
                 self.display,
@@ -293,18 +294,12 @@ class _Builder:
     def _recurrent_macs(self, node: Any) -> int:
         """MACs of a GRU/LSTM/RNN node's weights W and R for one sample: their sizes × the
         (sequence, batch) positions of its input X."""
-        x = self._shape(node.input[0], node)
-        what = f"{node.op_type} node {node.name or node.output[0]!r}"
-        r = self.reader
-        weights = 0
-        for i in node.input[1:3]:
-            shape = list(r.protos[r._resolve(i)].dims) if r._const(i) else self.shapes.get(i)
-            if shape is None or None in shape:
-                raise ShapesUnknownError(
-                    self.display, f"ONNX shape inference cannot tell the weight shapes of {what}"
-                )
-            weights += math.prod(int(d or 0) for d in shape)
-        return round(weights * math.prod(x[:-1]) / self.batch)
+        r, x = self.reader, self._shape(node.input[0], node, "input")
+        sizes = [
+            [int(d) for d in r.protos[r._resolve(i)].dims] if r._const(i) else self._shape(i, node)
+            for i in node.input[1:3]
+        ]
+        return round(sum(math.prod(s) for s in sizes) * math.prod(x[:-1]) / self.batch)
 
     def _pass(self, node: Any) -> None:
         flow = self.flows[node.input[0]]
@@ -386,6 +381,7 @@ class _Builder:
             ModuleCost(name=n, macs=m, out_group=gid(o), in_group=gid(i))
             for n, m, o, i in self.costs
         ]
+        groups += hidden_groups(self.reader.recurrent, len(groups))
         return Manifest(
             input_shapes=self.input_shapes,
             params_total=sum(math.prod(s) for s in self.param_shapes.values()),

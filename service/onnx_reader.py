@@ -36,6 +36,7 @@ from service.formats import (
     layer_name,
     not_supported,
 )
+from service.onnx_recurrent import recurrent_weights
 
 # ONNX TensorProto.DataType codes of floating types: FLOAT, FLOAT16, DOUBLE, BFLOAT16, FLOAT8*.
 _ONNX_FLOAT_TYPES = frozenset({1, 10, 11, 16, 17, 18, 19, 20})
@@ -116,12 +117,15 @@ class _OnnxReader:
         for a, target in self.alias.items():
             self.aliases_of.setdefault(target, []).append(a)
         self.weight_of: dict[str, tuple[str, bool]] = {}  # layer -> (constant, transposed)
+        self.converted: set[str] = set()  # recurrent W/R/B now in tensors under torch's names
 
     def read(self) -> RawCheckpoint:
         for node in self.graph.node:
             handler = getattr(self, f"_on_{node.op_type.lower()}", None)
             if handler is not None:
                 handler(node)
+        self.recurrent = recurrent_weights(self)  # PyTorch-named, see service.onnx_recurrent
+        self.tensors.update(self.recurrent)
         skipped = self._leftovers()
         n_params = sum(
             math.prod(p.dims)

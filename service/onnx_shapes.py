@@ -3,9 +3,11 @@
 Redundancy needs weights only; FLOPs need every layer's output size, hence concrete input
 shapes. Models exported with symbolic dims (``dynamic_axes``) get them in one of two ways:
 
-- by default, a symbolic axis 0 of every graph input (the batch) is set to 1 and every other
+- by default, the symbolic batch dim of every graph input is set to 1 and every other
   symbolic dim is left symbolic: when a layer's output size then depends on one, the shapes are
-  unknown (:class:`ShapesUnknownError`) and the caller goes on without a manifest;
+  unknown (:class:`ShapesUnknownError`) and the caller goes on without a manifest. The batch
+  dim (:meth:`GraphInput.batch_axis`) is the first one named like a batch (``batch``,
+  ``batch_size``, ``N``, ``B``, ...; a sequence-first recurrent model's is axis 1), else axis 0;
 - with the user's input shapes (``--input-shape 1,3,64,256``, a job's ``input_shape``): every
   input gets its shape (fixed dims must match, ranks too), the declared output and
   intermediate shapes are dropped so that nothing contradicts them, and inference runs strictly;
@@ -19,6 +21,7 @@ targets computed by ``Shape``/``Gather``/``Concat`` nodes (``x.view(x.size(0), -
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +48,7 @@ MAX_INPUTS = 16
 MAX_INPUT_RANK = 8
 MAX_INPUT_DIM = 2**31 - 1
 _MAX_ELEMENTS = 2**40  # per input: shapes are arithmetic only, but products must stay sane
+_BATCH = re.compile(r"(?i)n|b|bs|batch(?:[_ ]?size)?|(?:\w*[_/.])?batch(?:[_ ]?size)?")
 
 
 class ShapesUnknownError(CheckpointError):
@@ -78,6 +82,14 @@ class GraphInput:
         if self.dims is None:
             return f"{self.name} (shape not declared)"
         return f"{self.name} [{', '.join('?' if d is None else str(d) for d in self.dims)}]"
+
+    @property
+    def batch_axis(self) -> int:
+        """The axis named like a batch (``batch``, ``batch_size``, ``N``, ``B``, ``bs``), else 0."""
+        for k, d in enumerate(self.dims or ()):
+            if isinstance(d, str) and _BATCH.fullmatch(d):
+                return k
+        return 0
 
     @property
     def symbolic(self) -> list[str]:
@@ -157,7 +169,8 @@ def check_input_shapes(shapes: Sequence[Sequence[int]]) -> list[list[int]]:
 def infer_shapes(
     model: Any, display: str, input_shapes: Sequence[Sequence[int]] | None = None
 ) -> tuple[Shapes, list[list[int | None]]]:
-    """Every tensor's shape, and the graph inputs' shapes the inference started from.
+    """Every tensor's shape, and the graph inputs' shapes the inference started from (their
+    batch axes: :meth:`GraphInput.batch_axis` of :func:`graph_inputs`).
 
     Args:
         model: an ``onnx.ModelProto`` (not modified).
@@ -178,10 +191,12 @@ def infer_shapes(
     if input_shapes is not None:
         _set_inputs(m, inputs, check_input_shapes(input_shapes))
     else:
-        for i in m.graph.input:
-            dims = i.type.tensor_type.shape.dim
-            if dims and not dims[0].HasField("dim_value"):
-                dims[0].dim_value = 1
+        by_name = {i.name: i for i in m.graph.input}
+        for gi in inputs:
+            dims = by_name[gi.name].type.tensor_type.shape.dim
+            axis = gi.batch_axis
+            if len(dims) > axis and not dims[axis].HasField("dim_value"):
+                dims[axis].dim_value = 1
     strict = input_shapes is not None
     try:
         try:

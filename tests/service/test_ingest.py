@@ -642,7 +642,9 @@ def test_onnx_manifest_groups_win(tmp_path: Path) -> None:
     assert (dw.groups, dw.groups_source) == (1, "manifest")
 
 
-def test_onnx_recurrent_weights_are_skipped(tmp_path: Path) -> None:
+def test_onnx_recurrent_nodes_are_recurrent_layers(tmp_path: Path) -> None:
+    """An ONNX LSTM's W/R become torch's weight_ih_l0/weight_hh_l0, gates i,o,f,c -> i,f,g,o
+    (service.onnx_recurrent; tests/service/test_onnx_dynamic.py checks exported torch models)."""
     rng = np.random.default_rng(0)
     inits = [
         _init("lstm.W", rng.standard_normal((1, 20, 3))),
@@ -664,11 +666,13 @@ def test_onnx_recurrent_weights_are_skipped(tmp_path: Path) -> None:
     path = tmp_path / "rnn.onnx"
     onnx.save(helper.make_model(graph), str(path))
     parsed = read_checkpoint(path)
-    assert [x.name for x in parsed.layers] == ["head"]
-    assert _reasons(parsed) == {
-        "lstm.W": "recurrent/attention weights are not analysed yet",
-        "lstm.R": "recurrent/attention weights are not analysed yet",
-    }
+    layers = {x.name: x.weight for x in parsed.layers}
+    assert set(layers) == {"head", "lstm.weight_ih_l0", "lstm.weight_hh_l0"}
+    assert _reasons(parsed) == {}
+    torch_order = np.r_[0:5, 10:15, 15:20, 5:10]  # ONNX i, o, f, c -> torch i, f, g, o
+    for name, onnx_w in (("ih", inits[0]), ("hh", inits[1])):
+        w = numpy_helper.to_array(onnx_w)[0]
+        np.testing.assert_array_equal(layers[f"lstm.weight_{name}_l0"], w[torch_order])
 
 
 def test_onnx_external_data_is_refused(tmp_path: Path) -> None:

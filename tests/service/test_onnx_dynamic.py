@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 from clients.http import PruneGraphClient
 from graphs import analyze
 from graphs.errors import InvalidInputError
+from graphs.recurrent import parse
 from graphs.report import Report
 from prunegraph.cli import app
 from service.app import create_app
@@ -184,13 +185,17 @@ def _shape_arg(shape: tuple[int, ...]) -> str:
 
 def _assert_every_weight_accounted_for(path: Path, parsed: ParsedCheckpoint) -> None:
     """Every float matrix/kernel of the file is a layer's weight (as is, or transposed), or is
-    skipped with a reason under its name, and every weight node of the graph is covered."""
+    skipped with a reason under its name, and every weight node of the graph is a layer; the
+    weights of recurrent nodes are checked against the torch model (test_recurrent_nodes...)."""
     model = onnx.load(str(path))
     layers = [layer.weight for layer in parsed.layers]
     skipped = {s.name: s.reason for s in parsed.skipped}
+    recurrent = {
+        i for n in model.graph.node if n.op_type in ("GRU", "LSTM", "RNN") for i in n.input
+    }
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init)
-        if arr.dtype.kind != "f" or arr.ndim < 2:
+        if arr.dtype.kind != "f" or arr.ndim < 2 or init.name in recurrent:
             continue
         as_layer = any(
             (w.shape == arr.shape and np.array_equal(w, arr))
@@ -200,7 +205,12 @@ def _assert_every_weight_accounted_for(path: Path, parsed: ParsedCheckpoint) -> 
         name = init.name.removesuffix(".weight")
         assert as_layer or skipped.get(name), f"{init.name} is neither a layer nor skipped"
     n_weight_nodes = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in model.graph.node)
-    assert len(parsed.layers) == n_weight_nodes  # every conv/linear of these models is a layer
+    assert len(_plain(parsed)) == n_weight_nodes  # every conv/linear of these models is a layer
+
+
+def _plain(parsed: ParsedCheckpoint) -> list[str]:
+    """The checkpoint's layers that are not recurrent matrices."""
+    return [la.name for la in parsed.layers if parse(la.name) is None]
 
 
 def test_analyze_without_input_shape(exported: dict[str, Path]) -> None:
@@ -210,16 +220,16 @@ def test_analyze_without_input_shape(exported: dict[str, Path]) -> None:
         parsed = read_checkpoint(path)
         _assert_every_weight_accounted_for(path, parsed)
         convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        assert len(parsed.layers) == len(convs)
-        gru = [s for s in parsed.skipped if "recurrent" in s.reason]
-        # folded: the ONNX GRU's W, R and B; unfolded: weight_ih/hh of both directions
-        assert len(gru) == (0 if name != "crnn" else 4 if "unfolded" in str(path) else 3)
+        assert len(_plain(parsed)) == len(convs) and parsed.skipped == ()
+        recurrent = {la.name for la in parsed.layers} - set(_plain(parsed))
+        gru = {n for n, _ in model.named_parameters() if n.startswith("gru.weight")}
+        assert recurrent == gru  # ih and hh of both directions, as torch names them
 
         code, out, err = _run("analyze", str(path), "--methods", "mrp,l1", "--json")
         assert code == 0, err
         report = Report.model_validate_json(out)
-        members = sorted(m for la in report.layers for m in la.members)
-        assert members == sorted(la.name for la in parsed.layers)
+        members = {m for la in report.layers for m in la.members}  # weight_hh: rows and column
+        assert members == {la.name for la in parsed.layers}
         batch_only = set(MODELS[name][1]) == {0}
         if batch_only:  # a symbolic batch is set to 1: FLOPs per sample, no note
             assert report.notes == [] and "notes" not in json.loads(out)
@@ -247,7 +257,7 @@ def test_input_shape_gives_the_reference_flops(exported: dict[str, Path], name: 
         assert manifest.input_shapes == [list(shape)]
         assert manifest.macs_total == report.summary.flops
         layers = {la.name for la in manifest.layers}
-        assert layers == {la.name for la in read_checkpoint(path).layers}
+        assert layers == set(_plain(read_checkpoint(path)))  # recurrent units: no manifest group
 
 
 def test_the_same_model_with_static_shapes_gives_the_same_manifest(
@@ -280,6 +290,25 @@ def test_plan_reaches_a_flops_target_once_the_shape_is_given(exported: dict[str,
     plan = json.loads(out)
     assert plan["flops_before"] == reference_macs(_model("convnet"), (1, 3, 32, 32))
     assert plan["coupling"] == "manifest" and plan["achieved"]["flops"] >= 0.3
+
+
+def test_plans_keep_the_hidden_units_of_onnx_recurrent_nodes(exported: dict[str, Path]) -> None:
+    """The manifest covers the GRU (one group of hidden units, both directions, unprunable from
+    ONNX), so a plan is made, with the GRU's units kept."""
+    path = exported["crnn"]
+    manifest = manifest_from_onnx(path, input_shapes=[[1, 1, 16, 32]])
+    hidden = [g for g in manifest.groups if g.unit == "hidden"]
+    assert [(g.producers, g.channels, g.prunable) for g in hidden] == [(["gru"], 12, False)]
+    assert manifest.params_total == sum(p.numel() for p in _model("crnn").parameters()) - sum(
+        p.numel() for n, p in _model("crnn").named_parameters() if n.startswith("bn1.")
+    ) * ("unfolded" not in str(path))  # folded: BatchNorm merged into conv1
+    code, out, err = _run("plan", str(path), "--target-params", "0.3", "--method", "l1",
+                          "--input-shape", "1,1,16,32", "--json")  # fmt: skip
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["coupling"] == "manifest"
+    gru = [g for g in plan["groups"] if g["name"].startswith("gru.")]
+    assert len(gru) == 1 and gru[0]["channels_after"] == gru[0]["channels_before"] == 12
 
 
 def test_check_reads_dynamic_onnx(exported: dict[str, Path]) -> None:
@@ -373,6 +402,46 @@ def test_reports_are_the_same_embedded_and_after_a_shape_is_given(
     notes = [derived_manifest(p, read_checkpoint(p))[1] for p in (path, moved)]
     assert notes[0] == notes[1] and len(notes[0]) == 1
     assert str(path.parent) not in notes[0][0]
+
+
+@pytest.mark.parametrize("folding", [True, False], ids=["folded", "unfolded"])
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM, nn.RNN])
+def test_recurrent_nodes_are_read_as_torch_saves_them(
+    tmp_path: Path, cell: type[nn.Module], folding: bool
+) -> None:
+    """ONNX gate order (GRU z,r,h; LSTM i,o,f,c) back to torch's, for both directions of both
+    layers, with the torch parameter names: the tensors equal the module's state_dict."""
+
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = cell(6, 5, num_layers=2, bidirectional=True)
+            self.head = nn.Linear(10, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    model = Seq().eval()
+    path = tmp_path / "seq.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(7, 1, 6),), str(path), dynamo=False,
+                          do_constant_folding=folding, input_names=["x"],
+                          dynamic_axes={"x": {0: "time", 1: "batch"}})  # fmt: skip
+    parsed = read_checkpoint(path)
+    by_name = {la.name: la for la in parsed.layers}
+    state = {k: v.numpy() for k, v in model.rnn.state_dict().items()}
+    assert len(state) == 16 and parsed.skipped == ()
+    for key, value in state.items():
+        layer = by_name[f"rnn.{key.replace('bias', 'weight')}"]
+        got = layer.weight if key.startswith("weight") else layer.bias
+        assert got is not None, key
+        np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-7, err_msg=key)
+    manifest = manifest_from_onnx(path, input_shapes=[[7, 2, 6]])
+    weights = sum(v.size for k, v in state.items() if k.startswith("weight"))
+    head = model.head.weight.numel() * 7  # per sample: 7 time steps
+    assert manifest.macs_total == weights * 7 + head  # every layer's W and R, each step
 
 
 # --- weights the reader cannot use are reported by what they feed --------------------------------
