@@ -9,6 +9,7 @@
   inserted and cut off: stored (201) or refused with a 4xx JSON error, never 5xx.
 - Forged safetensors headers, as checkpoints and as activations: shapes (overflowing products
   included), offsets and dtypes drawn by hypothesis, never 5xx.
+- No error names a folder of the server (its data dir, the working dir).
 
 Requests go through a Starlette ``TestClient`` that runs the app's lifespan (so
 ``app.state.pg`` exists) with ``raise_server_exceptions=False``: an unhandled exception comes
@@ -82,6 +83,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         assert job.status_code == 201, job.text
         yield Server(client, data_dir, ckpt, job.json()["id"])
     assert list((data_dir / "tmp").iterdir()) == []  # no upload left a temp file behind
+
+
+def _no_server_path(server: Server, text: str) -> None:
+    """An error names no folder of the server (its data dir, here under the temp dir)."""
+    for root in {str(server.data_dir), str(server.data_dir.resolve()), str(Path.cwd())}:
+        assert root not in text, text
 
 
 def _coin(value: object) -> bool:
@@ -243,6 +250,7 @@ def test_mutated_checkpoints_never_give_5xx(
     if r.status_code != 201:
         assert set(r.json()) == {"error", "hint"} and r.json()["hint"], r.text
         assert "trusted source" not in r.text and "to `False`" not in r.text  # torch's advice
+        _no_server_path(server, r.text)
 
 
 # ------------------------------------------------------------------------- forged safetensors
@@ -319,6 +327,7 @@ def test_forged_safetensors_headers_never_give_5xx(
     assert r.status_code == 201 or 400 <= r.status_code < 500, (r.status_code, r.text)
     if r.status_code != 201:
         assert set(r.json()) == {"error", "hint"}, r.text
+        _no_server_path(server, r.text)
 
 
 @pytest.mark.parametrize("target", ["checkpoint", "activations"])
