@@ -226,7 +226,7 @@ def assemble_report(
                 n_filters=group.n_filters,
                 fan_in=group.fan_in,
                 groups=head.groups,
-                members=[m.name for m in group.members],
+                members=list(dict.fromkeys(m.name for m in group.members)),
                 coupling=group.coupling,
                 bn=head.bn,
                 params=group.params,

@@ -123,6 +123,7 @@ def test_layers_and_directions_are_groups_of_their_own() -> None:
     ]
     report = analyze(layers, checkpoint=INFO, methods=["mrp"])
     assert {r.kind for r in report.layers[:5]} == {"recurrent"}
+    assert report.layers[0].members == ["enc.gru.weight_ih_l0", "enc.gru.weight_hh_l0"]
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
