@@ -50,6 +50,7 @@ from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
 from graphs.options import AnalysisOptions, layer_seed
 from graphs.plan import Constraints, GroupPlan, PlanMethod, PruningPlan, Target
+from graphs.recurrent import hidden_kept
 from graphs.selection import GroupState, HscState
 from graphs.transformer import adapt_manifest, plan_fields
 from graphs.work import GroupWork
@@ -211,7 +212,8 @@ def make_plan(
                 channels_after=g.n_filters - len(idx),
                 remove=idx,
                 redundancy=redundancy[gid],
-                rationale=_rationale(
+                rationale=hidden_kept(g, ok[gid], activations is not None)
+                or _rationale(
                     method, ok[gid], redundancy[gid], min(base[gid], len(idx)), extra[gid]
                 ),
                 **plan_fields(g),

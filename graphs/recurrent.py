@@ -161,6 +161,21 @@ def without_hidden(groups: Sequence[LayerGroup]) -> tuple[list[LayerGroup], list
     return kept, skipped
 
 
+def hidden_kept(group: LayerGroup, ok: bool, with_maps: bool) -> str | None:
+    """A plan's rationale for hidden units it keeps whole because it cannot plan them: without a
+    manifest, or with feature maps; None otherwise."""
+    if group.unit != "hidden" or ok:
+        return None
+    if with_maps:
+        return f"not pruned: {NO_MAPS_REASON}"
+    if group.coupling != "manifest":
+        return (
+            "not pruned: recurrent hidden units are planned only with a manifest "
+            "(clients.build_manifest knows their consumers and the module's one hidden_size)"
+        )
+    return None
+
+
 def _weight_param(m: LayerWeights) -> str:
     """A member's weight parameter: its name for recurrent matrices, else ``{name}.weight``."""
     return m.name if parse(m.name) is not None else f"{m.name}.weight"

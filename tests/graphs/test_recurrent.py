@@ -279,6 +279,7 @@ def test_without_a_manifest_units_are_analysed_but_kept_in_plans() -> None:
     plan = plan_layers(layers, method="mrp", target=Target(params=0.2), params_total=total)
     gp = next(g for g in plan.groups if g.unit == "hidden")
     assert gp.remove == [] and gp.channels_after == 16
+    assert "only with a manifest" in gp.rationale
     assert plan.params_before == total
     report = analyze(layers, checkpoint=INFO, methods=["mrp"])
     assert report.layers[1].methods["mrp"].redundancy == pytest.approx(0.75, abs=0.05)
@@ -316,4 +317,4 @@ def test_with_feature_maps_units_are_skipped_with_the_reason_and_kept_in_plans()
         manifest=manifest, activations={"fc": rng.standard_normal((6, 5, 1))},
     )  # fmt: skip
     (gp,) = [g for g in plan.groups if g.unit == "hidden"]
-    assert gp.remove == []
+    assert gp.remove == [] and NO_MAPS_REASON in gp.rationale
