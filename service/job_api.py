@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -62,6 +62,46 @@ class JobSummary(BaseModel):
 class JobPage(BaseModel):
     items: list[JobSummary] = Field(description="newest first")
     next_cursor: str | None = Field(description="pass as cursor for the next page; null: last")
+
+
+JOB_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["request"],
+                "properties": {
+                    "request": {"type": "string", "description": "the job's JSON"},
+                    "manifest": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "a large manifest as a JSON file (instead of the field)",
+                    },
+                },
+            }
+        },
+    },
+}
+"""``POST /v1/jobs``'s body in the API description (the route reads the request itself)"""
+
+
+def document_job_body(app: FastAPI) -> None:
+    """Put :class:`JobRequest`'s schema (and those it uses) in the API description's
+    components, where :data:`JOB_BODY` refers to it."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "JobRequest" not in components:
+            job = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(job.pop("$defs", {}))
+            components["JobRequest"] = job
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def summary_of(request: JobRequest) -> str:

@@ -385,3 +385,27 @@ def test_the_client_sends_a_large_manifest_as_a_file(
         client.event_hooks["request"].pop()
     assert sent[-1].startswith("multipart/form-data")
     assert client.get(f"/v1/jobs/{job}", headers=BOB).json()["has_manifest"] is True
+
+
+def test_the_api_description_shows_both_job_bodies_with_resolvable_refs(client: TestClient) -> None:
+    schema = client.app.openapi()  # type: ignore[attr-defined]
+    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+    assert {"limit", "cursor"} <= {
+        p["name"] for p in schema["paths"]["/v1/jobs"]["get"]["parameters"]
+    }
+
+    def refs(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    components = schema["components"]["schemas"]
+    assert "JobRequest" in components and "checkpoint_id" in components["JobRequest"]["properties"]
+    missing = {r for r in refs(schema) if r.split("/")[-1] not in components}
+    assert not missing and all(r.startswith("#/components/schemas/") for r in refs(schema))
