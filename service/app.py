@@ -18,7 +18,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service import errors, limits, logins, pagination
+from service import errors, job_api, limits, logins, pagination
 from service.bodies import BodyLimits
 from service.checkpoints import (
     ActivationsOut,
@@ -32,7 +32,6 @@ from service.checkpoints import (
 from service.db import init_db
 from service.errors import ApiError
 from service.job_api import JobOut, JobPage, _job_out, job_result, list_jobs, own_job, submit
-from service.jobs import JobRequest
 from service.runner import JobRunner
 from service.settings import Settings
 from service.storage import CheckpointStore, clean_stale
@@ -129,26 +128,6 @@ _MULTIPART_FILE = {
 }
 
 
-_JOB_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {"schema": JobRequest.model_json_schema()},
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["request"],
-                "properties": {
-                    "request": {"type": "string", "description": "the job's JSON"},
-                    "manifest": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "a large manifest as a JSON file (instead of the field)",
-                    },
-                },
-            }
-        },
-    },
-}
 Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT, description="items per page")]
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
 DEFAULT = pagination.DEFAULT_LIMIT
@@ -228,7 +207,7 @@ def create_app(settings: Settings | None = None, clock: limits.Clock = time.mono
         delete_checkpoint(state, checkpoint_id, user)
         return Response(status_code=204)
 
-    @app.post("/v1/jobs", status_code=201, openapi_extra={"requestBody": _JOB_BODY})
+    @app.post("/v1/jobs", status_code=201, openapi_extra={"requestBody": job_api.JOB_BODY})
     async def post_job(request: Request, state: StateDep, user: UserDep) -> JobOut:
         """Submit a job: its JSON, or multipart with the JSON in ``request`` and a large
         manifest as the file ``manifest``."""
@@ -253,6 +232,7 @@ def create_app(settings: Settings | None = None, clock: limits.Clock = time.mono
     def get_plan(job_id: str, state: StateDep, user: UserDep) -> Response:
         return job_result(state, job_id, user, "plan")
 
+    job_api.document_job_body(app)
     from service import dashboard  # the pages (it imports this module, so not at the top)
 
     dashboard.install(app)
