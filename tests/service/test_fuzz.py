@@ -74,7 +74,15 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("fuzz")
-    cfg = Settings(data_dir=data_dir, workers=1, tokens=f"fuzzer:{TOKEN}", max_upload_bytes=1 << 20)
+    # rate limits off: the fuzzing sends hundreds of bad tokens from one address on purpose
+    cfg = Settings(
+        data_dir=data_dir,
+        workers=1,
+        tokens=f"fuzzer:{TOKEN}",
+        max_upload_bytes=1 << 20,
+        rate_limit=0,
+        auth_failure_limit=0,
+    )
     with TestClient(create_app(cfg), raise_server_exceptions=False) as client:
         up = client.post("/v1/checkpoints", files={"file": ("m.pt", _model_bytes())}, headers=AUTH)
         assert up.status_code == 201, up.text
