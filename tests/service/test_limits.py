@@ -6,10 +6,8 @@ the clock of the rate limiter stepped by the test, each bad input's status and h
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +20,7 @@ from torch import nn
 
 from service.app import create_app
 from service.db import DONE, RUNNING, JobRow, init_db
-from service.limits import RateLimiter
 from service.settings import Settings
-from service.storage import STALE_GRACE_S, clean_stale
 
 ALICE = {"Authorization": "Bearer a-token"}
 BOB = {"Authorization": "Bearer b-token"}
@@ -300,34 +296,6 @@ def test_rate_limits_per_user_and_failed_logins_per_address(
         assert c.get("/v1/jobs", headers=CAROL).status_code == 200
     finally:
         clock.frozen = False
-
-
-def test_limits_off_and_defaults(tmp_path: Path) -> None:
-    off = RateLimiter(0, lambda: 0.0)
-    assert all(off.take("u") is None and off.blocked("u") is None for _ in range(100))
-    default = Settings(data_dir=tmp_path)
-    assert default.rate_limit >= 1000 and default.quota_jobs >= 50
-    assert default.quota_bytes >= 10 * default.max_upload_bytes
-    assert default.max_json_bytes >= 1 << 20
-
-
-# ---- temp files ------------------------------------------------------------------------------
-
-
-def test_stale_temp_files_go_and_uploads_in_progress_stay(tmp_path: Path) -> None:
-    old = time.time() - 10 * STALE_GRACE_S
-    stale, busy, fresh = (tmp_path / f"upload-{n}" for n in ("stale", "busy", "fresh"))
-    for p in (stale, busy, fresh):
-        p.write_bytes(b"partial")
-    for p in (stale, busy):
-        os.utime(p, (old, old))
-    (tmp_path / "other").write_bytes(b"not ours")
-    with busy.open("rb") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # an upload another process is writing
-        assert clean_stale(tmp_path) == 1
-    assert not stale.exists() and busy.exists() and fresh.exists()
-    assert (tmp_path / "other").exists()
-    assert clean_stale(tmp_path, now=time.time() + 10 * STALE_GRACE_S) == 2
 
 
 # ---- the Python client --------------------------------------------------------------------
