@@ -98,7 +98,8 @@ def _authenticated(request: Request, state: State) -> str:
         if token and secrets.compare_digest(known.encode(), token.strip().encode()):
             user = name
     if user is None:
-        state.auth_failures.take(address)
+        if token:  # a wrong token (a guess): a missing or expired login session is not
+            state.auth_failures.take(address)
         raise ApiError(
             401,
             "missing or invalid bearer token",

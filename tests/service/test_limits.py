@@ -286,6 +286,10 @@ def test_rate_limits_per_user_and_failed_logins_per_address(
         clock.now += 10
         assert c.get("/v1/jobs", headers=ALICE).status_code == 200
         assert c.get("/v1/jobs", headers=ALICE).status_code == 429
+        # no token, or an unknown login cookie, is not a guess: never counted
+        assert [c.get("/v1/jobs").status_code for _ in range(5)] == [401] * 5
+        cookie = {"Cookie": "prunegraph_session=expired"}
+        assert [c.get("/v1/jobs", headers=cookie).status_code for _ in range(5)] == [401] * 5
         # failed authentications: 3 a minute per address, then even a good token waits
         for _ in range(3):
             assert c.get("/v1/jobs", headers={"Authorization": "Bearer guess"}).status_code == 401
