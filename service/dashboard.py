@@ -126,8 +126,16 @@ def login(request: Request, state: State, token: str, next_path: str) -> Respons
     """Check the token; on success start a session, put its id in the cookie, go to ``next``."""
     if _cross_site(request):
         return login_page(request, state, next_path, "Log in from this site's form.", 403)
+    address = request.client.host if request.client is not None else ""
+    wait = state.auth_failures.blocked(address) if state.tokens else None
+    if wait is not None:  # too many wrong tokens from this address (PRUNEGRAPH_AUTH_FAILURE_LIMIT)
+        page = login_page(request, state, next_path, f"Too many failed logins: wait {wait} s.", 429)
+        page.headers["Retry-After"] = str(wait)
+        return page
     user = token_user(state, token) if state.tokens else None
     if state.tokens and user is None:
+        if token.strip():
+            state.auth_failures.take(address)
         return login_page(request, state, next_path, "That token is not known to this server.", 401)
     response = _redirect(_base(request) + _safe_next(next_path))
     if user is not None:

@@ -298,6 +298,12 @@ def test_rate_limits_per_user_and_failed_logins_per_address(
         assert r.headers["retry-after"] == "20"
         clock.now += 20
         assert c.get("/v1/jobs", headers=CAROL).status_code == 200
+        # the dashboard's login form counts too
+        clock.now += 20
+        login = {"token": "wrong", "next": "/"}
+        assert [c.post("/login", data=login).status_code for _ in range(2)] == [401, 401]
+        r = c.post("/login", data={**login, "token": "c-token"}, follow_redirects=False)
+        assert r.status_code == 429 and r.headers["retry-after"] == "20"
     finally:
         clock.frozen = False
 
