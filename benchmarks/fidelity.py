@@ -36,6 +36,10 @@ Usage:  python benchmarks/fidelity.py [--quick] [--seeds 0 1 2] [--targets 0.1 0
             [--methods mrp srr ...] [--out-dir DIR] [--no-bn-recalibration] [--threads 1]
 Writes DIR/fidelity.json, DIR/fidelity.md and DIR/fidelity.png (default DIR:
 benchmarks/fidelity/) and prints the markdown tables.
+
+Compensated plans (issue 14: statistics from the calibration inputs, least-squares folds, the
+allocation rules): ``python benchmarks/fidelity.py --compensation [--quick] ...`` runs
+``benchmarks/fidelity_compensation.py`` with the remaining options.
 """
 
 from __future__ import annotations
@@ -698,7 +702,18 @@ def run_fidelity(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "--compensation" in args_in:  # compensated plans: benchmarks/fidelity_compensation.py
+        from fidelity_compensation import main as compensation_main
+
+        args_in.remove("--compensation")
+        compensation_main(args_in)
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="--compensation: measure compensated plans instead (options of "
+        "benchmarks/fidelity_compensation.py)",
+    )
     parser.add_argument("--quick", action="store_true", help="target 0.1, l1 + mrp, 16 inputs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", type=float, nargs="+", default=None)
@@ -710,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--realdata", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_in)
     result = run_fidelity(
         quick=args.quick,
         seeds=args.seeds,
