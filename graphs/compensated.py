@@ -65,16 +65,24 @@ class GroupConsumers:
     missing: dict[int, list[str]]
 
     def curves(
-        self, ids: Iterable[int], *, ridge: float = DEFAULT_RIDGE, max_ratio: float = 1.0
+        self,
+        ids: Iterable[int],
+        *,
+        ridge: float = DEFAULT_RIDGE,
+        max_ratio: float = 1.0,
+        stop_above: float | None = None,
     ) -> dict[int, ErrorCurve]:
-        """The error curve of every listed group that has consumers with statistics."""
+        """The error curve of every listed group that has consumers with statistics (up to
+        ``max_ratio`` of its channels, or the first error above ``stop_above``)."""
         out: dict[int, ErrorCurve] = {}
         for gid in ids:
             specs = self.consumers.get(gid)
             if specs:
                 c = specs[0].data.stats.channels
                 steps = min(c - 1, int(np.floor(max_ratio * c)))
-                out[gid] = error_curve([s.data for s in specs], ridge=ridge, max_remove=steps)
+                out[gid] = error_curve(
+                    [s.data for s in specs], ridge=ridge, max_remove=steps, stop_above=stop_above
+                )
         return out
 
 
@@ -208,7 +216,7 @@ def compensate(
                     matrix=mkey,
                     shift=skey,
                     predicted_error=round(err, 9),
-                    kind="least_squares",
+                    kind="least_squares" if B.any() else "mean",
                 )
             )
         update: dict[str, float | None] = {}
@@ -241,6 +249,29 @@ def plan_sidecar(plan: PruningPlan) -> bytes:
             hint=f"Read the {SIDECAR_SUFFIX} file written next to the plan.",
         )
     return att.data
+
+
+def attach_sidecar(plan: PruningPlan, data: bytes) -> PruningPlan:
+    """``plan`` (e.g. loaded from JSON) carrying its sidecar's bytes, as :func:`compensate`
+    returns it: :func:`plan_sidecar` and ``clients.apply_plan`` then find them.
+
+    Raises:
+        InvalidInputError: the plan has no compensation, or ``data`` is not the sidecar it pins.
+    """
+    comp = plan.compensation
+    if comp is None:
+        raise InvalidInputError(
+            "the plan carries no compensation", hint="Only a compensated plan has a sidecar."
+        )
+    if len(data) != comp.sidecar_bytes or sidecar_sha256(data) != comp.sidecar_sha256:
+        raise InvalidInputError(
+            f"the sidecar ({len(data)} bytes, sha256 {sidecar_sha256(data)[:12]}…) is not the "
+            f"one the plan pins ({comp.sidecar_bytes} bytes, sha256 {comp.sidecar_sha256[:12]}…)",
+            hint="Fetch the sidecar of this very plan again.",
+        )
+    out = plan.model_copy()
+    out._sidecar = _Attached(data)
+    return out
 
 
 def sidecar_path(plan_path: str | Path) -> Path:

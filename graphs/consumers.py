@@ -9,6 +9,7 @@ turns both into standardized coordinates (correlations and the output metric) us
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,6 +128,11 @@ class Consumer:
         if self.groups < 1 or c % self.groups:
             raise InvalidInputError(f"consumer {self.name}: {self.groups} groups do not split {c}")
 
+    @functools.cached_property
+    def prepared(self) -> Prepared:
+        """The standardized form (:func:`prepare`), computed once."""
+        return prepare(self)
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -164,6 +170,17 @@ def prepare(consumer: Consumer) -> Prepared:
         rows = (wt * np.sqrt(omega)[:, None, None]).reshape(-1, c)
         metric = rows.T @ rows
     return Prepared(mu=mu, sd=sd, corr=corr, metric=metric, constant=constant)
+
+
+def spd_solve(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """A⁻¹ B for a symmetric positive (semi)definite A: Cholesky, else eigh with a floor."""
+    try:
+        cf = scipy.linalg.cho_factor(A, lower=True, check_finite=False)
+        return scipy.linalg.cho_solve(cf, B, check_finite=False)
+    except np.linalg.LinAlgError:
+        w, V = np.linalg.eigh(A)
+        w = np.maximum(w, 1e-12 * max(float(w.max()), 1e-300))
+        return (V / w) @ (V.T @ B)
 
 
 def spd_inverse(A: np.ndarray) -> np.ndarray:

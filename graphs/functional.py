@@ -48,8 +48,8 @@ from graphs.consumers import (
     Prepared,
     channel_gram,
     dense_weight,
-    prepare,
     spd_inverse,
+    spd_solve,
 )
 from graphs.errors import InvalidInputError
 
@@ -87,7 +87,7 @@ def _std_fold(p: Prepared, kept: np.ndarray, removed: np.ndarray, ridge: float) 
     if kept.size == 0 or removed.size == 0:
         return np.zeros((removed.size, kept.size))
     ckk = p.corr[np.ix_(kept, kept)] + ridge * np.eye(kept.size)
-    return p.corr[np.ix_(removed, kept)] @ spd_inverse(ckk)
+    return spd_solve(ckk, p.corr[np.ix_(kept, removed)]).T
 
 
 def least_squares_fold(
@@ -105,7 +105,7 @@ def least_squares_fold(
     """
     k, r = _check_split(consumer.stats.channels, kept, removed)
     _check_ridge(ridge)
-    p = prepare(consumer)
+    p = consumer.prepared
     Bs = _std_fold(p, k, r, ridge)
     scale_k = np.where(p.sd[k] > 0, 1.0 / np.where(p.sd[k] > 0, p.sd[k], 1.0), 0.0)
     B = Bs * p.sd[r][:, None] * scale_k[None, :]
@@ -207,12 +207,14 @@ def error_curve(
     *,
     ridge: float = DEFAULT_RIDGE,
     max_remove: int | None = None,
+    stop_above: float | None = None,
 ) -> ErrorCurve:
     """Remove a group's channels one by one, always the one adding least error.
 
     ``consumers``: every channel-mixing consumer of the group (same c). The path stops after
-    ``max_remove`` channels (default c − 1: at least one channel stays). Ties go to the lowest
-    index. O(c²) per step per consumer.
+    ``max_remove`` channels (default c − 1: at least one channel stays), or after the first
+    step whose error exceeds ``stop_above`` (enough for :meth:`ErrorCurve.removable` at any
+    ε ≤ stop_above). Ties go to the lowest index. O(c²) per step per consumer.
     """
     if not consumers:
         raise InvalidInputError("a group needs at least one consumer for its error curve")
@@ -223,7 +225,7 @@ def error_curve(
     steps = c - 1 if max_remove is None else int(max_remove)
     if not 0 <= steps <= c - 1:
         raise InvalidInputError(f"max_remove must be in [0, {c - 1}], got {max_remove}")
-    states = [_State(prepare(k), ridge) for k in consumers]
+    states = [_State(k.prepared, ridge) for k in consumers]
     kept = np.arange(c)
     order: list[int] = []
     errors = [0.0]
@@ -247,6 +249,8 @@ def error_curve(
         order.append(int(kept[j]))
         errors.append(errors[-1] + float(score[j]))
         live[j] = False
+        if stop_above is not None and errors[-1] > stop_above:
+            break
         for s in states:
             s.remove(j)
     return ErrorCurve(
@@ -264,4 +268,4 @@ def functional_redundancy(
     error ≤ ``epsilon`` after least-squares folds (greedy path of :func:`error_curve`)."""
     if not (np.isfinite(epsilon) and epsilon >= 0):
         raise InvalidInputError(f"epsilon must be a finite number >= 0, got {epsilon}")
-    return error_curve(consumers, ridge=ridge).redundancy(epsilon)
+    return error_curve(consumers, ridge=ridge, stop_above=epsilon).redundancy(epsilon)

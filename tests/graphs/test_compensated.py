@@ -8,6 +8,7 @@ import pytest
 from graphs import InvalidInputError
 from graphs.compensated import plan_sidecar, save_plan, sidecar_path
 from graphs.fold import decode_sidecar, fold_weight, sidecar_sha256
+from graphs.functional import error_curve
 from graphs.plan import PruningPlan, Target
 from graphs.planner import plan_layers
 from tests.graphs.test_functional import gram
@@ -144,3 +145,34 @@ def test_missing_consumer_statistics_are_named_in_the_rule() -> None:
     plan = _plan("l1", stats={"b": _stats()["b"]})
     assert "no statistics for fc" in plan.rule
     assert {f.consumer for f in plan.compensation.folds} <= {"b"}  # type: ignore[union-attr]
+
+
+def test_mrp_with_statistics_removes_the_head_of_the_least_squares_path() -> None:
+    from graphs.compensated import group_consumers
+
+    man, layers = _tiny_manifest()
+    plan = _plan("mrp", stats=_stats())
+    found = group_consumers(layers, man, _stats())
+    for g in plan.groups:
+        if g.remove and g.id in found.consumers:
+            curve = error_curve([s.data for s in found.consumers[g.id]], max_remove=len(g.remove))
+            assert g.remove == sorted(int(i) for i in curve.order)
+
+
+def test_data_free_statistics_give_mean_folds() -> None:
+    from graphs.datafree import moments_gram, rectified_moments
+
+    rng = np.random.default_rng(2)
+    gamma = rng.uniform(0.5, 2.0, size=8)
+    gamma[3] = 0.0  # a constant channel: exactly redundant
+    mean, var = rectified_moments(gamma, rng.normal(size=8), activation="relu")
+    mean_fc, var_fc = rectified_moments(np.ones(24), np.zeros(24), activation="relu")
+    stats = {"b": moments_gram(mean, var, rows=64), "fc": moments_gram(mean_fc, var_fc, rows=16)}
+    plan = _plan("mrp", stats=stats, allocation="functional")
+    assert plan.compensation is not None
+    assert {f.kind for f in plan.compensation.folds} == {"mean"}
+    g0 = next(g for g in plan.groups if g.id == 0)
+    assert 3 in g0.remove and g0.functional_redundancy == pytest.approx(1 / 8)
+    arrays = decode_sidecar(plan_sidecar(plan))
+    f0 = next(f for f in plan.compensation.folds if f.group == 0)
+    np.testing.assert_allclose(arrays[f0.shift], mean[f0.removed])
