@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import pickle
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from graphs.plan import PruningPlan
 from graphs.report import Report
@@ -317,23 +319,41 @@ def test_a_live_replicas_jobs_are_left_alone_until_its_lease_expires(tmp_path: P
     _, sessions = init_db(settings.db_url())
     request = f'{{"checkpoint_id": "{ckpt}", "methods": ["l1"]}}'
     with sessions.begin() as s:
-        for job_id, lease in (("alive", time.time() + 8.0), ("dead", time.time() - 1.0)):
+        for job_id, lease in (("alive", time.time() + 5.0), ("dead", time.time() - 1.0)):
             s.add(
                 JobRow(
                     id=job_id, owner="alice", checkpoint_id=ckpt, status=RUNNING, progress=0.5,
                     request_json=request, runner="other-replica", lease_until=lease,
                 )
             )  # fmt: skip
-    with TestClient(create_app(settings)) as c:
-        assert _wait(c, "dead")["status"] == "done"
-        with sessions() as s:
-            alive = s.get(JobRow, "alive")
-            assert alive is not None and alive.status == RUNNING
-            assert alive.runner == "other-replica"  # not touched while its lease holds
-        assert _wait(c, "alive")["status"] == "done"  # taken over once it expired
-        with sessions() as s:
-            row = s.get(JobRow, "alive")
-            assert row is not None and row.runner != "other-replica"
+    stop = threading.Event()
+
+    def other_replica() -> None:  # alive: renews its job's lease, as a live replica does
+        while not stop.wait(0.2):
+            with sessions.begin() as s:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == "alive", JobRow.runner == "other-replica")
+                    .values(lease_until=time.time() + 3.0)
+                )
+
+    renewer = threading.Thread(target=other_replica, daemon=True)
+    renewer.start()
+    try:
+        with TestClient(create_app(settings)) as c:
+            assert _wait(c, "dead")["status"] == "done"
+            with sessions() as s:
+                alive = s.get(JobRow, "alive")
+                assert alive is not None and alive.status == RUNNING
+                assert alive.runner == "other-replica"  # not touched while its lease holds
+            stop.set()  # the other replica dies
+            renewer.join()
+            assert _wait(c, "alive")["status"] == "done"  # taken over once it expired
+            with sessions() as s:
+                row = s.get(JobRow, "alive")
+                assert row is not None and row.runner != "other-replica"
+    finally:
+        stop.set()
 
 
 def test_a_database_of_the_first_version_is_upgraded(tmp_path: Path) -> None:
