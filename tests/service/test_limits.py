@@ -305,6 +305,7 @@ def test_rate_limits_per_user_and_failed_logins_per_address(
         r = c.post("/login", data={**login, "token": "c-token"}, follow_redirects=False)
         assert r.status_code == 429 and r.headers["retry-after"] == "20"
     finally:
+        clock.now += 3600  # every bucket full again for the tests after this one
         clock.frozen = False
 
 
