@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow]
 TOKENS = "alice:alice-token\nbob:bob-token\n"
 HEADERS = {u: {"Authorization": f"Bearer {u}-token"} for u in ("alice", "bob")}
 ROUNDS = 100
-JOB_EVERY = 10  # a job in every tenth round (each job is a real analysis)
+JOB_EVERY = 20  # a job in every twentieth round (each job is a real analysis)
 
 
 def _model_bytes(seed: int) -> bytes:
