@@ -523,6 +523,8 @@ def test_jobs_take_an_input_shape(service: TestClient, exported: dict[str, Path]
     code, out, _ = _run("analyze", str(path), "--methods", "mrp", "--json")
     assert code == 0 and report.to_json() == out.strip()  # note included, same bytes
     assert report.summary.flops is None and len(report.notes) == 1
+    graph = service.get(f"/v1/jobs/{job['id']}/layers/conv2/graph", headers=AUTH)
+    assert graph.status_code == 200 and graph.json()["n_filters"] == 16, graph.text
 
     client = PruneGraphClient("http://testserver", token="s1", http=service)
     job_id = client.submit(cid, methods=["mrp"], input_shape=(1, 1, 16, 32))
