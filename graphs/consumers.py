@@ -144,6 +144,18 @@ class Prepared:
     corr: np.ndarray
     metric: np.ndarray
     constant: np.ndarray = field(repr=False)
+    rows: float = 0.0
+    regress: bool = True
+    groups: int = 1
+
+    def inflation(self, kept: int) -> float:
+        """Expected out-of-sample / in-sample residual of a least-squares fit on ``kept``
+        non-constant predictors (per conv group) from ``rows`` rows, with an intercept:
+        n(n−1) / ((n−p−1)(n−p−2)) (Gaussian random design); 1 without regression."""
+        if not self.regress:
+            return 1.0
+        n, q = self.rows, -(-kept // self.groups)
+        return n * (n - 1) / ((n - q - 1) * (n - q - 2)) if n > q + 2 else float("inf")
 
 
 def prepare(consumer: Consumer) -> Prepared:
@@ -169,7 +181,12 @@ def prepare(consumer: Consumer) -> Prepared:
         omega = 1.0 / (var_out.size * np.maximum(var_out, floor))
         rows = (wt * np.sqrt(omega)[:, None, None]).reshape(-1, c)
         metric = rows.T @ rows
-    return Prepared(mu=mu, sd=sd, corr=corr, metric=metric, constant=constant)
+    n = consumer.stats.count
+    regress = n > int((~constant).sum()) // consumer.groups + 2
+    if not regress:  # fewer rows than predictors: no identifiable fit, mean folds only
+        corr = np.eye(c)
+    return Prepared(mu=mu, sd=sd, corr=corr, metric=metric, constant=constant, rows=n,
+                    regress=regress, groups=consumer.groups)  # fmt: skip
 
 
 def spd_solve(A: np.ndarray, B: np.ndarray) -> np.ndarray:

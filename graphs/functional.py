@@ -110,7 +110,7 @@ def least_squares_fold(
     scale_k = np.where(p.sd[k] > 0, 1.0 / np.where(p.sd[k] > 0, p.sd[k], 1.0), 0.0)
     B = Bs * p.sd[r][:, None] * scale_k[None, :]
     b = p.mu[r] - B @ p.mu[k]
-    return B, b, _error(p, k, r, Bs)
+    return B, b, _error(p, k, r, Bs) * p.inflation(int((~p.constant[k]).sum()))
 
 
 def _error(p: Prepared, k: np.ndarray, r: np.ndarray, Bs: np.ndarray) -> float:
@@ -214,7 +214,9 @@ def error_curve(
     ``consumers``: every channel-mixing consumer of the group (same c). The path stops after
     ``max_remove`` channels (default c − 1: at least one channel stays), or after the first
     step whose error exceeds ``stop_above`` (enough for :meth:`ErrorCurve.removable` at any
-    ε ≤ stop_above). Ties go to the lowest index. O(c²) per step per consumer.
+    ε ≤ stop_above). Ties go to the lowest index. O(c²) per step per consumer. Errors are
+    expected out-of-sample errors: each consumer's in-sample error times its
+    :meth:`~graphs.consumers.Prepared.inflation` for the channels still kept.
     """
     if not consumers:
         raise InvalidInputError("a group needs at least one consumer for its error curve")
@@ -233,6 +235,8 @@ def error_curve(
     for s in states:
         s.rebuild(kept, np.zeros(0, dtype=np.int64))
     live = np.ones(c, dtype=bool)  # positions of kept[] still kept
+    inner = [0.0] * len(states)  # in-sample error per consumer
+    predictors = [int((~s.p.constant).sum()) for s in states]  # non-constant kept channels
     for _ in range(steps):
         if live.sum() < 0.5 * size and size > 32:
             kept = kept[live]
@@ -241,13 +245,17 @@ def error_curve(
                 s.rebuild(kept, removed)
             live = np.ones(kept.size, dtype=bool)
             size = kept.size
+        parts = [np.maximum(s.scores(live), 0.0) for s in states]
         score = np.zeros(kept.size)
-        for s in states:
-            score += s.scores(live)
-        score = np.where(live, np.maximum(score, 0.0), np.inf)
-        j = int(np.argmin(score))
+        for s, part, q in zip(states, parts, predictors, strict=True):
+            score += s.p.inflation(q - 1) * part
+        j = int(np.argmin(np.where(live, score, np.inf)))
         order.append(int(kept[j]))
-        errors.append(errors[-1] + float(score[j]))
+        for i, s in enumerate(states):
+            inner[i] += float(parts[i][j])
+            predictors[i] -= int(not s.p.constant[kept[j]])
+        total = sum(s.p.inflation(q) * e for s, q, e in zip(states, predictors, inner, strict=True))
+        errors.append(max(errors[-1], total))  # fewer predictors can overfit less: keep it monotone
         live[j] = False
         if stop_above is not None and errors[-1] > stop_above:
             break

@@ -74,7 +74,8 @@ def test_invariant_to_permutation_rescaling_and_shift() -> None:
 
 
 def _reference_error(X: np.ndarray, W: np.ndarray, kept: list[int], removed: list[int]) -> float:
-    """Explicit least squares on the rows and the output error, taps as independent rows."""
+    """Explicit least squares on the rows and the output error, taps as independent rows,
+    scaled to the expected out-of-sample error n(n−1)/((n−p−1)(n−p−2)) of p predictors."""
     rows = X.shape[0]
     if not removed:
         return 0.0
@@ -84,7 +85,8 @@ def _reference_error(X: np.ndarray, W: np.ndarray, kept: list[int], removed: lis
     Xc = X - X.mean(axis=0)
     err = np.einsum("nr,ort->ont", resid, W[:, removed, :]).var(axis=1).sum(axis=1)
     var = np.einsum("nc,oct->ont", Xc, W).var(axis=1).sum(axis=1)
-    return float(np.mean(err / var))
+    p = len(kept)
+    return float(np.mean(err / var)) * rows * (rows - 1) / ((rows - p - 1) * (rows - p - 2))
 
 
 def test_fast_greedy_path_agrees_with_explicit_lstsq() -> None:
@@ -102,7 +104,7 @@ def test_fast_greedy_path_agrees_with_explicit_lstsq() -> None:
         j = min(trial, key=lambda k: (trial[k], k))
         kept.remove(j)
         removed.append(j)
-        errors.append(trial[j])
+        errors.append(max(errors[-1], trial[j]))
     np.testing.assert_array_equal(curve.order, removed)
     np.testing.assert_allclose(curve.errors, errors, rtol=1e-6, atol=1e-12)
     r = sorted(removed[:4])
@@ -221,3 +223,18 @@ def test_bad_inputs_are_clear_errors() -> None:
     with pytest.raises(InvalidInputError, match="at least one consumer"):
         error_curve([])
     assert DEFAULT_EPSILON > 0
+
+
+def test_fewer_rows_than_channels_is_not_mistaken_for_redundancy() -> None:
+    """With rows ≤ channels + 2 any channel is fitted exactly in sample; the figure must not
+    call that redundancy (mean folds only), and near that limit the out-of-sample factor
+    keeps independent channels at ≈ 0."""
+    rng = np.random.default_rng(8)
+    n = 64
+    W = rng.normal(size=(16, n, 1))
+    for rows in (40, 66, 100):
+        X = rng.normal(size=(rows, n))
+        cons = consumer(X, W)
+        assert functional_redundancy([cons]) <= 0.05
+    B, _, err = least_squares_fold(consumer(rng.normal(size=(40, n)), W), list(range(1, n)), [0])
+    assert not B.any() and err > 0
