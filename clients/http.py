@@ -316,8 +316,15 @@ class PruneGraphClient:
         step: float | None = None,
         activations_id: str | None = None,
         input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        compensation: bool | None = None,
+        allocation: str | None = None,
+        epsilon: float | None = None,
     ) -> str:
         """Submit an analysis job (planned too when ``target`` is set); returns the job id.
+
+        With activations that hold second-moment statistics (and a manifest) plans are
+        compensated unless ``compensation=False``; ``allocation`` and ``epsilon`` are the
+        compensated planner's (see the server's /docs).
 
         ``options`` are the methods' parameters (``alpha``, ``min_explained``, ...; see
         :class:`graphs.AnalysisOptions`), ``constraints`` and ``step`` the planner's
@@ -342,6 +349,8 @@ class PruneGraphClient:
             body["step"] = step
         if activations_id is not None:
             body["activations_id"] = activations_id
+        planning = {"compensation": compensation, "allocation": allocation, "epsilon": epsilon}
+        body.update({k: v for k, v in planning.items() if v is not None})
         if input_shape is not None:
             body["input_shape"] = [
                 [int(d) for d in s] if isinstance(s, Sequence) else int(s) for s in input_shape
@@ -460,7 +469,7 @@ class PruneGraphClient:
         """
         if isinstance(job_or_model, str):
             text = self._request("GET", f"/v1/jobs/{job_or_model}/plan").text
-            return PruningPlan.model_validate_json(text)
+            return self._with_sidecar(job_or_model, PruningPlan.model_validate_json(text))
         if example_inputs is None:
             raise TypeError("plan(model, example_inputs, ...): example inputs are needed")
         if (target_flops is None) == (target_params is None):
@@ -487,6 +496,19 @@ class PruneGraphClient:
             timeout=timeout,
             progress=progress,
         )
+
+    def _with_sidecar(self, job_id: str, plan: PruningPlan) -> PruningPlan:
+        """A compensated plan with its sidecar fetched (sha256 checked): apply_plan folds it."""
+        if plan.compensation is None:
+            return plan
+        from graphs.compensated import attach_sidecar
+        from graphs.errors import InvalidInputError
+
+        data = self._request("GET", f"/v1/jobs/{job_id}/plan/compensation").content
+        try:
+            return attach_sidecar(plan, data)
+        except InvalidInputError as e:
+            raise PruneGraphClientError(f"job {job_id}: {e.message}. {e.hint}") from None
 
     # -- one call each
 
@@ -564,10 +586,13 @@ class PruneGraphClient:
         activations: Activations | str | os.PathLike[str] | None = None,
         timeout: float = 600.0,
         progress: bool = False,
+        compensation: bool | None = None,
+        allocation: str | None = None,
     ) -> PruningPlan:
         """Upload, plan for ``target`` (e.g. ``{"flops": 0.5}``) and return the plan
         (``activations``: feature maps for ``ci``, and compared by the graph methods unless
-        ``options`` set ``vectors``)."""
+        ``options`` set ``vectors``; their second moments make the plan compensated unless
+        ``compensation=False``: the plan then carries its sidecar for apply_plan)."""
         checkpoint_id = self._upload_any(model_or_path)
         job_id = self.submit(
             checkpoint_id,
@@ -582,6 +607,8 @@ class PruneGraphClient:
             activations_id=(
                 self.upload_activations(checkpoint_id, activations) if activations else None
             ),
+            compensation=compensation,
+            allocation=allocation,
         )
         self.wait(job_id, timeout=timeout, progress=progress)
         return self.plan(job_id)

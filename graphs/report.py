@@ -115,6 +115,24 @@ class CheckpointInfo(Frozen):
     n_params: int
 
 
+class FunctionalFigure(Frozen):
+    """Functional redundancy of a group (design §8; :mod:`graphs.functional_report`), from the
+    second moments of its consumers' inputs."""
+
+    redundancy: float = Field(
+        ge=0,
+        le=1,
+        description="largest fraction of the channels removable with relative "
+        "consumer-output error <= epsilon after least-squares folds",
+    )
+    epsilon: float
+    consumers: list[str] = Field(description="the channel-mixing layers reading the group")
+    errors: list[float] = Field(
+        description="relative consumer-output error after removing k channels (greedy, with "
+        "folds), k = 0 .. len - 1: the error-vs-fraction curve at fractions k / n_filters"
+    )
+
+
 class LayerReport(Frozen):
     name: str = Field(description="the group's producer layer")
     kind: str
@@ -127,6 +145,12 @@ class LayerReport(Frozen):
     bn: str | None
     params: int
     methods: dict[str, MethodResult]
+    functional: FunctionalFigure | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="functional redundancy and its error curve (reports made with activation "
+        "statistics; absent otherwise)",
+    )
 
 
 class SkippedLayer(Frozen):

@@ -24,12 +24,14 @@ from rich.table import Table
 from graphs import AnalysisOptions, InvalidInputError, PruneGraphError, Report, analyze
 from graphs.analyze import check_features, check_methods
 from graphs.features import Activations
+from graphs.functional import DEFAULT_EPSILON
 from graphs.manifest import Manifest
 from graphs.plan import PLAN_METHODS, Constraints, PruningPlan, Target
 
 if TYPE_CHECKING:
     from service.ingest import ParsedCheckpoint
 from graphs.report import ALL_METHODS, LayerReport, MethodResult
+from prunegraph import compensation as comp
 
 app = typer.Typer(
     name="prunegraph",
@@ -72,8 +74,13 @@ def render_report(report: Report, console: Console) -> None:
         table.add_column(col, justify="right" if col == "filters" else "left", no_wrap=True)
     for m in report.methods:
         table.add_column(m, justify="right", no_wrap=True)
+    functional = any(layer.functional is not None for layer in report.layers)
+    if functional:
+        table.add_column("functional", justify="right", no_wrap=True)
     for layer in report.layers:
-        table.add_row(*_layer_row(layer, report.methods))
+        f = layer.functional
+        cell = [] if not functional else ["—" if f is None else f"{f.redundancy:.3f}"]
+        table.add_row(*_layer_row(layer, report.methods), *cell)
     console.print(table)
     if report.skipped:
         skip = Table(title="skipped layers")
@@ -116,7 +123,12 @@ def _vectors(vectors: str, activations: Path | None) -> str:
     than weights, benchmarks/RESULTS.md, issue 7), else the weights."""
     if vectors != "auto":
         return vectors
-    return "activations" if activations is not None else "weights"
+    return "activations" if activations is not None and comp.has_maps(activations) else "weights"
+
+
+def _maps_given(activations: Path | None) -> Activations | None:
+    """What ``check_features`` needs to know: whether feature maps were given."""
+    return {} if activations is not None and comp.has_maps(activations) else None
 
 
 def _options(**values: float | str) -> AnalysisOptions:
@@ -228,17 +240,6 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _read_activations(path: Path | None, parsed: ParsedCheckpoint) -> Activations | None:
-    """The feature maps of ``--activations``, checked against the checkpoint's layers."""
-    if path is None:
-        return None
-    from service.activations import check_activations, read_activations
-
-    acts = read_activations(_existing(path))
-    check_activations(acts, parsed.layers)
-    return acts
-
-
 def _parse_methods(methods: str) -> list[str]:
     return [m.strip() for m in methods.split(",") if m.strip()]
 
@@ -269,6 +270,14 @@ VectorsOpt = Annotated[
         "--activations is given, else weights)"
     ),
 ]
+EpsilonOpt = Annotated[
+    float,
+    typer.Option(
+        help="functional redundancy: the relative consumer-output error allowed (with "
+        "second-moment statistics in --activations)",
+        min=0.0,
+    ),
+]
 TokenOpt = Annotated[
     str | None,
     typer.Option(help="bearer token for --server", envvar="PRUNEGRAPH_TOKEN", show_default=False),
@@ -292,11 +301,13 @@ def _analyze_here(
     options: AnalysisOptions,
     err: Console,
     input_shape: str | None = None,
+    epsilon: float = DEFAULT_EPSILON,
 ) -> tuple[Report, float]:
     """Embedded analysis with a progress bar on stderr; returns the report and the read time."""
     t0 = time.perf_counter()
     parsed, man, notes = _read_inputs(checkpoint, manifest, input_shape)
-    acts = _read_activations(activations, parsed)
+    acts, stats = comp.checked(comp.read_capture(activations), parsed)
+    stats = comp.usable_stats(stats, man, "analysed", err)
     t_read = time.perf_counter() - t0
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -323,6 +334,7 @@ def _analyze_here(
             manifest=man,
             activations=acts,
         )
+    report = comp.add_functional(report, parsed, man, stats, epsilon)
     if notes:
         report = report.model_copy(update={"notes": notes})
     return report, t_read
@@ -345,6 +357,7 @@ def analyze_cmd(
     activations: ActivationsOpt = None,
     vectors: VectorsOpt = "auto",
     input_shape: InputShapeOpt = None,
+    epsilon: EpsilonOpt = DEFAULT_EPSILON,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -358,7 +371,7 @@ def analyze_cmd(
             alpha=alpha, min_explained=min_explained, vectors=_vectors(vectors, activations)
         )
         chosen = check_methods(_parse_methods(methods))
-        check_features(chosen, options, {} if activations is not None else None)
+        check_features(chosen, options, _maps_given(activations))
         if server is not None:
             from prunegraph.remote import remote_report
 
@@ -373,13 +386,14 @@ def analyze_cmd(
                 activations=_existing(activations) if activations is not None else None,
                 progress=err.is_terminal,
                 input_shape=_input_shapes(input_shape, manifest),
+                epsilon=epsilon,
             )
             _emit(report.to_json(), output, as_json, lambda: render_report(report, out), out, err)
             _notes(report.notes, err)
             err.print(f"[dim]analysed on {server} in {time.perf_counter() - t0:.2f} s[/]")
             return
         report, t_read = _analyze_here(
-            checkpoint, manifest, activations, chosen, seed, options, err, input_shape
+            checkpoint, manifest, activations, chosen, seed, options, err, input_shape, epsilon
         )
     except PruneGraphError as e:
         raise _fail(err, e) from None
@@ -396,7 +410,8 @@ def render_plan(plan: PruningPlan, console: Console) -> None:
     """Per-group before → after table with the method's rationale, then the totals."""
     table = Table(title=f"prunegraph plan · {plan.method} · target {plan.target.kind} "
                   f"{plan.target.ratio:.0%} · coupling {plan.coupling}")  # fmt: skip
-    for col in ("group", "layers", "channels", "removed", "rationale"):
+    extra_cols = comp.plan_columns(plan)
+    for col in ("group", "layers", "channels", "removed", *extra_cols, "rationale"):
         table.add_column(col, no_wrap=col != "rationale")
     for g in plan.groups:
         extra = f" (+{len(g.producers) - 1})" if len(g.producers) > 1 else ""
@@ -405,6 +420,7 @@ def render_plan(plan: PruningPlan, console: Console) -> None:
             str(len(g.producers)),
             f"{g.channels_before} → {g.channels_after}",
             str(len(g.remove)),
+            *comp.plan_cells(plan, g.id),
             g.rationale,
         )
     console.print(table)
@@ -419,6 +435,13 @@ def render_plan(plan: PruningPlan, console: Console) -> None:
         )
     )
     console.print(f"rule: {plan.rule}", highlight=False)
+    if plan.compensation is not None:
+        total = sum(g.predicted_error or 0.0 for g in plan.groups)
+        console.print(
+            f"compensation: {len(plan.compensation.folds)} least-squares folds; predicted "
+            f"relative consumer-output error summed over groups {total:.3g}",
+            highlight=False,
+        )
 
 
 @app.command("plan")
@@ -461,10 +484,23 @@ def plan_cmd(
         ),
     ] = "uniform",
     input_shape: InputShapeOpt = None,
+    compensation: Annotated[
+        bool,
+        typer.Option(
+            help="with second-moment statistics in --activations (and a manifest): fold the "
+            "removed channels into the kept ones by least squares (the sidecar goes next to "
+            "-o as <stem>.fold.safetensors); --no-compensation: the same channels, no folds"
+        ),
+    ] = True,
+    allocation: Annotated[
+        str | None, typer.Option(help=comp.ALLOCATION_HELP, show_default=False)
+    ] = None,
+    epsilon: EpsilonOpt = DEFAULT_EPSILON,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """A pruning plan that reaches a FLOPs or params target (embedded, or --server)."""
+    from graphs.error_allocation import ALLOCATION_RULES
     from graphs.planner import plan_layers
 
     out = _console()
@@ -489,13 +525,18 @@ def plan_cmd(
             raise InvalidInputError(
                 f"unknown method {method!r}", hint=f"Choose one of {', '.join(PLAN_METHODS)}."
             )
+        if allocation is not None and allocation not in ALLOCATION_RULES:
+            raise InvalidInputError(
+                f"unknown allocation {allocation!r}",
+                hint=f"Choose one of {', '.join(ALLOCATION_RULES)}.",
+            )
         options = _options(
             alpha=alpha,
             min_explained=min_explained,
             vectors=_vectors(vectors, activations),
             fallback=fallback,
         )
-        check_features([method], options, {} if activations is not None else None)
+        check_features([method], options, _maps_given(activations))
         if server is not None:
             from prunegraph.remote import remote_plan
 
@@ -513,12 +554,17 @@ def plan_cmd(
                 activations=_existing(activations) if activations is not None else None,
                 progress=err.is_terminal,
                 input_shape=_input_shapes(input_shape, manifest),
+                compensation=compensation,
+                allocation=allocation,
+                epsilon=epsilon,
             )
             _emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
+            comp.write_sidecar(plan, output, err)
             err.print(f"[dim]planned on {server} in {time.perf_counter() - t0:.2f} s[/]")
             return
         parsed, man, notes = _read_inputs(checkpoint, manifest, input_shape)
         _notes(notes, err)
+        acts, stats = comp.checked(comp.read_capture(activations), parsed)
         plan = plan_layers(
             parsed.layers,
             method=method,
@@ -530,11 +576,16 @@ def plan_cmd(
             step=step,
             seed=seed,
             checkpoint_sha256=parsed.info.sha256,
-            activations=_read_activations(activations, parsed),
+            activations=acts,
+            stats=comp.usable_stats(stats, man, "planned", err),
+            compensation=compensation,
+            allocation=allocation,
+            epsilon=epsilon,
         )
+        _emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
+        comp.write_sidecar(plan, output, err)
     except PruneGraphError as e:
         raise _fail(err, e) from None
-    _emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
     err.print(f"[dim]planned in {time.perf_counter() - t0:.2f} s[/]")
 
 
@@ -658,7 +709,7 @@ def check_cmd(
         if cfg.max_growth is not None and baseline is None:
             raise InvalidInputError("--max-growth needs --baseline", hint="Pass an earlier report.")
         options = _options(vectors=_vectors(vectors, activations))
-        check_features([cfg.method], options, {} if activations is not None else None)
+        check_features([cfg.method], options, _maps_given(activations))
         kw = dict(manifest=manifest, activations=activations, methods=[cfg.method], seed=seed,
                   options=options, server=server, token=token, err=err,
                   input_shape=input_shape)  # fmt: skip

@@ -86,12 +86,14 @@ def remote_report(
     timeout: float = 3600.0,
     progress: bool = False,
     input_shape: list[list[int]] | None = None,
+    epsilon: float | None = None,
 ) -> Report:
     """The report of ``checkpoint`` computed by the service at ``server``."""
     return _run(
         server, token, timeout, progress, checkpoint, activations,
         lambda c, job: c.report(job),
         methods=methods, seed=seed, options=options, manifest=manifest, input_shape=input_shape,
+        epsilon=epsilon,
     )  # fmt: skip
 
 
@@ -111,13 +113,18 @@ def remote_plan(
     timeout: float = 3600.0,
     progress: bool = False,
     input_shape: list[list[int]] | None = None,
+    compensation: bool | None = None,
+    allocation: str | None = None,
+    epsilon: float | None = None,
 ) -> PruningPlan:
-    """The plan of ``checkpoint`` computed by the service at ``server``."""
+    """The plan of ``checkpoint`` computed by the service at ``server`` (a compensated plan
+    with its sidecar, fetched and checked against the sha256 the plan pins)."""
     return _run(
         server, token, timeout, progress, checkpoint, activations,
         lambda c, job: c.plan(job),
         methods=(method,) if method != "random" else ("l1",),
         seed=seed, target=target.model_dump(exclude_none=True), plan_method=method,
         manifest=manifest, constraints=constraints, step=step, options=options,
-        input_shape=input_shape,
+        input_shape=input_shape, compensation=compensation, allocation=allocation,
+        epsilon=epsilon,
     )  # fmt: skip

@@ -29,6 +29,7 @@ from service.checkpoints import (
     upload_activations,
     upload_checkpoint,
 )
+from service.compensation import SIDECAR_MEDIA_TYPE, sidecar_response
 from service.db import init_db
 from service.errors import ApiError
 from service.job_api import JobOut, JobPage, _job_out, job_result, list_jobs, own_job, submit
@@ -50,6 +51,7 @@ class State:
         self.auth_failures = limits.RateLimiter(settings.auth_failure_limit, clock)
         self.store = CheckpointStore(settings.data_dir)
         self.activations = CheckpointStore(settings.data_dir, "activations")
+        self.sidecars = CheckpointStore(settings.data_dir, "sidecars")  # compensated plans' folds
         self.engine, self.sessions = init_db(settings.db_url())
         self.runner = JobRunner(
             settings.db_url(),
@@ -60,6 +62,7 @@ class State:
             self.store.path,
             self.activations.root,
             settings.dask_scheduler,
+            sidecar_dir=self.sidecars.root,
         )
 
 
@@ -232,6 +235,16 @@ def create_app(settings: Settings | None = None, clock: limits.Clock = time.mono
     @app.get("/v1/jobs/{job_id}/plan")
     def get_plan(job_id: str, state: StateDep, user: UserDep) -> Response:
         return job_result(state, job_id, user, "plan")
+
+    @app.get(
+        "/v1/jobs/{job_id}/plan/compensation",
+        response_class=Response,
+        responses={200: {"content": {SIDECAR_MEDIA_TYPE: {}}}},
+    )
+    def get_plan_compensation(job_id: str, state: StateDep, user: UserDep) -> Response:
+        """The compensated plan's sidecar (safetensors fold matrices; the plan pins its
+        sha256): apply_plan folds it."""
+        return sidecar_response(state, job_id, user)
 
     job_api.document_job_body(app)
     from service import dashboard  # the pages (it imports this module, so not at the top)

@@ -169,8 +169,8 @@ def detect_format(path: Path, display: str, size: int) -> Format:
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         check_torch_zip(path, display, size)
         return "pytorch"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pytorch"
+    # safetensors before pickle: a header of 640, 896, 1152 or 1408 bytes starts with the bytes
+    # of a pickle's protocol mark (0x80, 2..5); a pickle never has "{" at byte 8
     if len(head) >= 9 and head[8:9] == b"{":
         n = int.from_bytes(head[:8], "little")
         if 2 <= n <= _ST_MAX_HEADER:
@@ -179,6 +179,8 @@ def detect_format(path: Path, display: str, size: int) -> Format:
                     display, f"its safetensors header needs {8 + n} bytes, file has {size}"
                 )
             return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pytorch"
     if len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 15:
         return "onnx"
     raise not_supported(display, head)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, field_validator, model_validator
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,6 +47,7 @@ from graphs.plan import Constraints, PlanMethod, Target
 from graphs.planner import GRAPH_METHODS, plan_layers
 from graphs.report import ALL_METHODS, CheckpointInfo, MethodResult, Report, SkippedLayer
 from service.cache import FileCache, code_namespace
+from service.compensation import CompensationOptions, read_job_capture, store_sidecar, with_figures
 from service.db import DONE, FAILED, QUEUED, RUNNING, JobRow, make_engine
 from service.executor import Executor, GroupTask, OnDone, analyze_group_task, make_executor
 from service.onnx_shapes import check_input_shapes
@@ -54,7 +55,7 @@ from service.onnx_shapes import check_input_shapes
 log = logging.getLogger(__name__)
 
 
-class JobRequest(BaseModel):
+class JobRequest(CompensationOptions):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint_id: str = Field(description="the id (sha256) returned by POST /v1/checkpoints")
@@ -75,7 +76,7 @@ class JobRequest(BaseModel):
     activations_id: str | None = Field(
         None,
         description="feature maps uploaded with POST /v1/checkpoints/{id}/activations: needed "
-        "by the ci method and by options.vectors = activations",
+        "by the ci method and by options.vectors = activations (second moments: compensation)",
     )
     input_shape: list[list[int]] | None = Field(
         None,
@@ -193,6 +194,7 @@ def run_job(
     lease_s: float,
     activations_dir: str = "",
     dask_scheduler: str | None = None,
+    sidecar_dir: str = "",
 ) -> str:
     """Run one job to done or failed (in a worker process); returns the final status.
 
@@ -225,9 +227,8 @@ def run_job(
                 aid = request.activations_id
                 acts = Path(activations_dir) / aid if aid else None
                 executor = make_executor(dask_scheduler, job_id)
-                result = _compute(
-                    request, Path(checkpoint_path), sessions, job_id, cache_dir, acts, executor
-                )
+                result = _compute(request, Path(checkpoint_path), sessions, job_id, cache_dir,
+                                  acts, executor, sidecar_dir)  # fmt: skip
         except PruneGraphError as e:
             error = f"{e.message} {e.hint}"
             _set(sessions, job_id, status=FAILED, error=_hide_paths(error, checkpoint_path))
@@ -268,6 +269,7 @@ def _compute(
     cache_dir: str | None,
     activations_path: Path | None,
     executor: Executor,
+    sidecar_dir: str = "",
 ) -> _Result:
     """Read the checkpoint, run one task per group on ``executor``, assemble the report, plan."""
     from service.ingest import derived_manifest, read_checkpoint  # torch: in the worker only
@@ -277,12 +279,7 @@ def _compute(
     parsed = read_checkpoint(
         path, groups=groups_of, name=f"checkpoint {request.checkpoint_id[:12]}"
     )
-    acts: Activations | None = None
-    if activations_path is not None:
-        from service.activations import check_activations, read_activations
-
-        acts = read_activations(activations_path, name=f"activations {request.activations_id}")
-        check_activations(acts, parsed.layers)
+    acts, stats = read_job_capture(activations_path, request.activations_id, parsed.layers)
     notes: list[str] = []
     if manifest is None:
         manifest, notes = derived_manifest(path, parsed, input_shapes=request.input_shape)
@@ -308,6 +305,7 @@ def _compute(
         progress=progress,
         job_id=job_id,
     )
+    report = with_figures(report, parsed.layers, manifest, stats, request.epsilon)
     if notes:
         report = report.model_copy(update={"notes": notes})
     plan_json = None
@@ -326,7 +324,12 @@ def _compute(
             checkpoint_sha256=parsed.info.sha256,
             cache=cache,
             activations=acts,
+            stats=stats if manifest is not None else None,  # statistics need the manifest
+            compensation=request.compensation,
+            allocation=request.allocation,
+            epsilon=request.epsilon,
         )
+        store_sidecar(sidecar_dir, plan)
         plan_json = plan.to_json()
         if cache is not None:
             hits, misses = hits + cache.hits, misses + cache.misses

@@ -27,6 +27,7 @@ from service.charts import (
     redundancy_chart,
     redundancy_methods,
 )
+from service.curves import functional_curves
 from service.db import DONE, CheckpointRow, JobRow
 from service.errors import ApiError
 from service.job_api import _job_out, recent_jobs
@@ -93,6 +94,10 @@ def _report_context(row: JobRow, base: str) -> dict[str, Any]:
         chart=redundancy_chart(report, f"{base}/jobs/{row.id}/layer?name=") if methods else None,
         plan=plan,
         plan_chart=plan_chart(plan) if plan is not None and plan.groups else None,
+        curves=functional_curves(report),
+        plan_functional=plan is not None
+        and any(g.functional_redundancy is not None for g in plan.groups),
+        plan_error=plan is not None and any(g.predicted_error is not None for g in plan.groups),
     )
     return ctx
 

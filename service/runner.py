@@ -54,6 +54,7 @@ class JobRunner:
         dask_scheduler: a Dask scheduler's address: each job's per-group tasks run on that
             cluster (the job itself, with its lease, still runs in this pool); None runs them
             in the job's own worker process (:mod:`service.executor`).
+        sidecar_dir: where compensated plans' sidecars are stored (by sha256).
     """
 
     def __init__(
@@ -66,8 +67,11 @@ class JobRunner:
         path_of: Callable[[str], Path],
         activations_dir: Path,
         dask_scheduler: str | None = None,
+        *,
+        sidecar_dir: Path | None = None,
     ) -> None:
         self.activations_dir = str(activations_dir)
+        self.sidecar_dir = str(sidecar_dir) if sidecar_dir is not None else ""
         self.dask_scheduler = dask_scheduler
         self.database_url = database_url
         self.sessions = sessions
@@ -112,7 +116,7 @@ class JobRunner:
         args = (self.database_url, str(self.path_of(checkpoint_id)), job_id, self.cache_dir)
         with self._lock:
             self._pending.add(job_id)
-        rest = (self.lease_s, self.activations_dir, self.dask_scheduler)
+        rest = (self.lease_s, self.activations_dir, self.dask_scheduler, self.sidecar_dir)
         try:
             future = self._pool.submit(run_job, *args, *rest)
         except BrokenProcessPool:  # a worker died earlier: replace the pool, keep serving

@@ -3,6 +3,7 @@ ci plan at 50 % FLOPs through the service, apply, forward; and the same through 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,7 +80,11 @@ def test_ci_cli_embedded_with_activations_file(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     x, _ = digits
-    acts = capture_activations(model, [x[:128]], seed=0).save(tmp_path / "acts.safetensors")
+    # feature maps only: --vectors decides what the graph methods compare (with second moments
+    # they compare correlations at the consumer inputs: tests/test_compensated.py)
+    acts = capture_activations(model, [x[:128]], seed=0, statistics=False).save(
+        tmp_path / "acts.safetensors"
+    )
     manifest = tmp_path / "m.json"
     manifest.write_text(build_manifest(model, torch.zeros(1, 1, 28, 28)).model_dump_json())
     runner = CliRunner()
@@ -130,9 +135,10 @@ def test_graph_plans_compare_feature_maps_when_calibration_is_given(
     example = torch.zeros(1, 1, 28, 28)
     aware = client.plan(model, example, target_flops=0.3, method="mrp", calibration=calibration)
     assert aware.parameters.get("vectors") == "activations"
-    weights = client.plan(model, example, target_flops=0.3, method="mrp",
-                          calibration=calibration, options={"vectors": "weights"})  # fmt: skip
-    assert "vectors" not in weights.parameters
+    # the capture records second moments too: the plan is compensated (its sidecar comes with
+    # it), and the graph methods compare the channels' correlations from the statistics
+    assert aware.compensation is not None
+    apply_plan(copy.deepcopy(model), aware, example)
     assert _data_aware(AnalysisOptions(alpha=0.1), True) == AnalysisOptions(
         alpha=0.1, vectors="activations"
     )

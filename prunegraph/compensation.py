@@ -1,0 +1,157 @@
+"""The CLI's side of compensated plans and functional redundancy (design §8).
+
+An activations file (``clients.capture_activations(...).save``) may hold feature maps, second
+moments of the consumers' inputs (``gram/<module>``), or both. The maps feed ``ci`` and
+``--vectors activations`` as before; the statistics make ``plan`` compensated by default and add
+functional redundancy to ``analyze``'s report. A compensated plan written with ``-o plan.json``
+has its sidecar written next to it (``plan.fold.safetensors``, pinned by sha256 in the plan).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+
+from graphs import InvalidInputError, PruneGraphError, Report
+from graphs.features import Activations
+from graphs.functional import DEFAULT_EPSILON
+from graphs.manifest import Manifest
+from graphs.plan import PruningPlan
+
+if TYPE_CHECKING:
+    from service.activations import Capture
+    from service.ingest import ParsedCheckpoint
+
+ALLOCATION_HELP = (
+    "compensated plans: how many channels each group loses: uniform (the same fraction of each "
+    "group, the best measured), functional (SRP on functional redundancy: one common error), "
+    "marginal (equal error per FLOP) or method (the method's own rule)"
+)
+NO_MANIFEST = (
+    "the activations hold second-moment statistics, but compensation and functional redundancy "
+    "need the model's manifest (--manifest): {what} without them"
+)
+
+
+def read_capture(path: Path | None) -> Capture | None:
+    """The maps and statistics of ``--activations`` (checked on their own), or None."""
+    if path is None:
+        return None
+    from service.activations import read_capture as read
+
+    if not path.is_file():
+        raise InvalidInputError(f"{path} not found or not a file", hint="Check the path.")
+    return read(path)
+
+
+def has_maps(path: Path) -> bool:
+    """Whether an activations file holds feature maps (its ``layers`` metadata names some),
+    read from the header alone; True when that cannot be told (the reader then says why)."""
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100 * 2**20:
+                return True
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        return bool(json.loads(meta.get("layers", "{}")))
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def vectors_for(vectors: str, capture: Capture | None) -> str:
+    """``--vectors auto``: the feature maps when the file has some, else the weights."""
+    if vectors != "auto":
+        return vectors
+    return "activations" if capture is not None and capture.maps else "weights"
+
+
+def maps_of(capture: Capture | None) -> Activations | None:
+    """The file's feature maps, None when it has none (what ``check_features`` needs)."""
+    return capture.maps if capture is not None and capture.maps else None
+
+
+def checked(
+    capture: Capture | None, parsed: ParsedCheckpoint
+) -> tuple[Activations | None, dict[str, np.ndarray] | None]:
+    """Maps and statistics checked against the checkpoint's layers (None for what is absent)."""
+    if capture is None:
+        return None, None
+    from service.activations import check_capture
+
+    check_capture(capture, parsed.layers)
+    return maps_of(capture), (capture.statistics or None)
+
+
+def usable_stats(
+    stats: dict[str, np.ndarray] | None, manifest: Manifest | None, what: str, err: Console
+) -> dict[str, np.ndarray] | None:
+    """The statistics when a manifest lets them be used; else None and a note on stderr."""
+    if stats and manifest is None:
+        err.print(f"[yellow]note:[/] {escape(NO_MANIFEST.format(what=what))}", highlight=False)
+        return None
+    return stats or None
+
+
+def add_functional(
+    report: Report,
+    parsed: ParsedCheckpoint,
+    manifest: Manifest | None,
+    stats: dict[str, np.ndarray] | None,
+    epsilon: float = DEFAULT_EPSILON,
+) -> Report:
+    """``report`` with every group's functional redundancy when there are statistics."""
+    if not stats or manifest is None:
+        return report
+    from graphs.functional_report import functional_figures, with_functional
+
+    return with_functional(
+        report, functional_figures(parsed.layers, manifest, stats, epsilon=epsilon)
+    )
+
+
+def write_sidecar(plan: PruningPlan, output: Path | None, err: Console) -> None:
+    """With ``-o``: the compensated plan's sidecar next to it, said on stderr."""
+    if output is None or plan.compensation is None:
+        return
+    from graphs.compensated import plan_sidecar, sidecar_path
+
+    path = sidecar_path(output)
+    try:
+        path.write_bytes(plan_sidecar(plan))
+    except OSError as e:
+        raise PruneGraphError(
+            f"cannot write the plan's sidecar to {path}: {e.strerror or e}",
+            hint="Pass -o a path in a writable directory.",
+        ) from None
+    comp = plan.compensation
+    err.print(
+        f"compensation: {len(comp.folds)} folds → {escape(str(path))} "
+        f"({comp.sidecar_bytes:,} bytes, sha256 {comp.sidecar_sha256[:12]}…; keep it next to "
+        "the plan: apply_plan reads it)",
+        highlight=False,
+    )
+
+
+def plan_columns(plan: PruningPlan) -> list[str]:
+    """Extra columns of the plan table: functional redundancy, predicted output error."""
+    cols = []
+    if any(g.functional_redundancy is not None for g in plan.groups):
+        cols.append("functional")
+    if any(g.predicted_error is not None for g in plan.groups):
+        cols.append("pred. error")
+    return cols
+
+
+def plan_cells(plan: PruningPlan, gid: int) -> list[str]:
+    """The extra cells of group ``gid`` (see :func:`plan_columns`)."""
+    g = next(g for g in plan.groups if g.id == gid)
+    cells = []
+    for col in plan_columns(plan):
+        v = g.functional_redundancy if col == "functional" else g.predicted_error
+        cells.append("—" if v is None else (f"{v:.3f}" if col == "functional" else f"{v:.2e}"))
+    return cells
