@@ -324,16 +324,15 @@ def plan_layers(
     allocation: AllocationRule | None = None,
     epsilon: float = DEFAULT_EPSILON,
     ridge: float = DEFAULT_RIDGE,
+    group_weights: Mapping[int, float] | None = None,
 ) -> PruningPlan:
     """Plan for a checkpoint's layers: groups from the manifest (exact params and MACs, its
     stem/classifier/ignored groups kept whole) or, without one, from the layers alone (params
     estimated, coupling ``unknown``, FLOPs targets refused; the first layer in checkpoint order
     and every layer no other layer reads are kept whole as stem and outputs).
 
-    With ``stats`` (consumer module name → input second moment, needs a manifest) the plan is
-    made as :mod:`graphs.compensated_plan` describes: counts by ``allocation``, the graph
-    methods on correlations, and least-squares folds unless ``compensation`` is False (the
-    sidecar: :func:`graphs.compensated.plan_sidecar`)."""
+    With ``stats`` (consumer module name → input second moment; needs a manifest) see
+    :mod:`graphs.compensated_plan` (``group_weights``: the ``marginal`` allocation's currency)."""
     if manifest is not None:
         manifest = adapt_manifest(layers, manifest)  # transformer blocks: one group of vertices
     groups, _ = build_groups(layers, manifest)
@@ -370,7 +369,7 @@ def plan_layers(
                 make_plan, layers, groups, manifest, stats, method=method, target=target,
                 cost=cost, constraints=c, prunable=prunable, options=options,
                 activations=activations, compensation=compensation, allocation=allocation,
-                epsilon=epsilon, ridge=ridge, step=step, seed=seed,
+                epsilon=epsilon, ridge=ridge, weights=group_weights, step=step, seed=seed,
                 checkpoint_sha256=checkpoint_sha256, param_shapes=shapes, cache=cache,
             )  # fmt: skip
         return make_plan(
