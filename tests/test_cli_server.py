@@ -154,3 +154,30 @@ def test_serve_with_a_demo_checkpoint(files: tuple[Path, Path], tmp_path: Path) 
         assert f"{demo.url}/v1/jobs/{jobs[0]['id']}/report" in text
     finally:
         demo.kill()
+
+
+def test_compensated_plan_and_sidecar_are_identical(
+    server: Server, files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Second moments in the activations: both modes plan compensated, print the same table
+    and write the same plan and sidecar with -o."""
+    from clients.activations import capture_activations
+
+    ckpt, manifest = files
+    model = models.digit_cnn()
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    acts = capture_activations(model, [x], maps=False).save(tmp_path / "stats.safetensors")
+    base = ["plan", str(ckpt), "--target-flops", "0.4", "--manifest", str(manifest),
+            "--activations", str(acts)]  # fmt: skip
+    outs = {}
+    for mode in ("local", "remote"):
+        (tmp_path / mode).mkdir()
+        extra = ["--server", server.url, "--token", TOKEN] if mode == "remote" else []
+        res = runner.invoke(app, [*base, "-o", str(tmp_path / mode / "plan.json"), *extra])
+        assert res.exit_code == 0, res.stderr
+        assert "plan.fold.safetensors" in res.stderr.replace("\n", "")
+        outs[mode] = res.stdout
+    assert outs["local"] == outs["remote"] and "pred. error" in outs["local"]
+    for name in ("plan.json", "plan.fold.safetensors"):
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "remote" / name).read_bytes()
