@@ -7,7 +7,11 @@ does when it is given ``stats``.
    inputs (:func:`graphs.compensated.stat_features`), not their weights; a group without
    consumer statistics looks like independent channels (no evidence of redundancy).
 3. How many channels each group loses: the method's own rule (``allocation="method"``) or one of
-   :mod:`graphs.error_allocation` (default ``uniform``, the best measured so far).
+   :mod:`graphs.error_allocation` (default ``uniform`` until the fidelity benchmark picks one).
+   First measurement on MobileNetV2 at −10 % FLOPs without fine-tuning (196
+   calibration crops, 292 evaluation inputs from other images, mrp's choice): top-1 agreement
+   52 % (KL 0.69) with ``functional``, 54 % (KL 0.75) with ``marginal``, 34 % (KL 1.21) with
+   ``uniform`` — ``functional`` and ``marginal`` are within noise, ``uniform`` far behind.
 4. Which channels: the method's choice, as without statistics, except mrp, which removes the
    channels the rest of the group predicts best at its consumers: the first ones of the
    least-squares greedy path (:func:`graphs.functional.error_curve`), the measured better
