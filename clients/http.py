@@ -563,7 +563,7 @@ class PruneGraphClient:
             checkpoint_id,
             methods=methods,
             seed=seed,
-            options=_data_aware(options, activations is not None),
+            options=_data_aware(options, _has_maps(activations)),
             manifest=manifest,
             activations_id=(
                 self.upload_activations(checkpoint_id, activations) if activations else None
@@ -601,7 +601,7 @@ class PruneGraphClient:
             target=target,
             plan_method=method,
             manifest=manifest,
-            options=_data_aware(options, activations is not None),
+            options=_data_aware(options, _has_maps(activations)),
             constraints=constraints,
             step=step,
             activations_id=(
@@ -645,6 +645,24 @@ def _data_aware(options: Options | None, has_maps: bool) -> Options | None:
             return options
         return options.model_copy(update={"vectors": "activations"})
     return options if "vectors" in options else {**options, "vectors": "activations"}
+
+
+def _has_maps(activations: Activations | str | os.PathLike[str] | None) -> bool:
+    """Whether activations (captured, or a saved file) hold feature maps, not only second
+    moments (``capture_activations(..., maps=False)``); a file's header says (its ``layers``)."""
+    if activations is None:
+        return False
+    if not isinstance(activations, (str, os.PathLike)):
+        return bool(activations.layers)
+    try:
+        with open(activations, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 1 << 27:
+                return True
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        return bool(json.loads(meta.get("layers", "{}")))
+    except (OSError, ValueError, AttributeError):
+        return True  # the server says what is wrong with the file
 
 
 def _batches(calibration: Any) -> Iterable[Any]:

@@ -200,3 +200,24 @@ def test_service_job_plan_sidecar_and_apply(
         json={"checkpoint_id": ckpt_id, "allocation": "greedy", "target": {"flops": 0.5}},
     )
     assert bad.status_code == 422
+
+
+def test_client_plan_for_with_statistics_only(setup: Setup, client: PruneGraphClient) -> None:
+    """A statistics-only file (maps=False) makes plan_for's plan compensated; the graph
+    methods are not asked to compare feature maps the file does not have."""
+    from clients.http import _has_maps
+
+    assert not _has_maps(setup.stats) and not _has_maps(None)
+    plan = client.plan_for(
+        setup.ckpt, target={"flops": 0.3}, method="mrp",
+        manifest=json.loads(setup.manifest.read_text()), activations=setup.stats,
+    )  # fmt: skip
+    assert plan.compensation is not None and plan.parameters.get("allocation") == "uniform"
+    net = copy.deepcopy(setup.model)
+    apply_plan(net, plan, EXAMPLE)  # the sidecar came with the plan
+    plain = client.plan_for(
+        setup.ckpt, target={"flops": 0.3}, method="mrp", compensation=False,
+        manifest=json.loads(setup.manifest.read_text()), activations=setup.stats,
+    )  # fmt: skip
+    assert plain.compensation is None
+    assert [g.remove for g in plain.groups] == [g.remove for g in plan.groups]
