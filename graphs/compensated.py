@@ -292,6 +292,21 @@ def save_plan(plan: PruningPlan, path: str | Path) -> Path | None:
     return side
 
 
+def _factor(cov: np.ndarray) -> np.ndarray:
+    """V (c, c) with V Vᵀ = cov: Cholesky of the varying channels (constant ones: zero rows,
+    as activation_vectors expects of dead channels), eigh when that fails."""
+    var = np.diag(cov)
+    live = np.flatnonzero(var > 1e-12 * max(float(var.max()), 1e-300))
+    V = np.zeros_like(cov)
+    sub = cov[np.ix_(live, live)]
+    try:
+        V[np.ix_(live, live)] = np.linalg.cholesky(sub)
+    except np.linalg.LinAlgError:
+        lam, Q = np.linalg.eigh(sub)
+        V[np.ix_(live, live)] = Q * np.sqrt(np.clip(lam, 0.0, None))[None, :]
+    return V
+
+
 def stat_features(specs: list[ConsumerSpec]) -> np.ndarray:
     """Pseudo feature maps (1, c, 2c·m) of a group whose centred Gram is the sum of its m
     consumers' input covariances (each scaled to unit mean variance): what
@@ -300,8 +315,7 @@ def stat_features(specs: list[ConsumerSpec]) -> np.ndarray:
     parts = []
     for s in specs:
         _, cov = s.data.stats.moments()
-        lam, Q = np.linalg.eigh(cov)
-        V = Q * np.sqrt(np.clip(lam, 0.0, None))[None, :]
+        V = _factor(cov)
         mean_var = float(np.trace(cov)) / cov.shape[0]
         V = V / np.sqrt(mean_var) if mean_var > 0 else V
         parts.extend([V, -V])  # zero mean per channel: the centring leaves the Gram as it is

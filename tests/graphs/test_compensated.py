@@ -176,3 +176,21 @@ def test_data_free_statistics_give_mean_folds() -> None:
     arrays = decode_sidecar(plan_sidecar(plan))
     f0 = next(f for f in plan.compensation.folds if f.group == 0)
     np.testing.assert_allclose(arrays[f0.shift], mean[f0.removed])
+
+
+def test_stat_features_give_the_graph_methods_pearson_correlations() -> None:
+    from graphs.compensated import group_consumers, stat_features
+    from graphs.features import activation_vectors
+    from graphs.similarity import unit_rows
+
+    man, layers = _tiny_manifest()
+    stats = _stats()
+    x = _maps().transpose(0, 2, 3, 1).reshape(-1, 8)
+    x[:, 2] = 1.5  # a constant channel at b's input is a dead vector
+    stats["b"] = gram(x)
+    spec = group_consumers(layers, man, stats).consumers[0]
+    U, norms = unit_rows(activation_vectors(stat_features(spec)))
+    live = [i for i in range(8) if i != 2]
+    assert norms[2] == 0 and np.all(norms[live] > 0)
+    pearson = np.corrcoef(x[:, live].T)
+    np.testing.assert_allclose(U[live] @ U[live].T, pearson, atol=1e-8)
