@@ -16,7 +16,8 @@
   cross-correlation loss that decorrelates channels during pre-training.
 - :func:`sensitivity`: prune one group at a time, with and without compensation, and measure a
   metric (:class:`SensitivityTable`, CSV/JSON); :func:`recalibrate_batchnorm` re-estimates BN
-  statistics of a pruned model.
+  statistics of a pruned model; :func:`refit` refits a pruned model's conv/linear layers in
+  forward order against the unpruned model on calibration data (no compounding of fold errors).
 """
 
 from clients.activations import Activations, capture_activations
@@ -40,6 +41,7 @@ from clients.http import (
 )
 from clients.manifest import build_manifest, manifest_from_factory
 from clients.pcc import PCCLoss, pixel_correlation
+from clients.refit import LayerRefit, RefitReport, refit
 from clients.sensitivity import SensitivityTable, sensitivity
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "JobFailedError",
     "JobStatus",
     "JobTimeoutError",
+    "LayerRefit",
     "ManifestError",
     "NotFoundError",
     "PCCLoss",
@@ -59,6 +62,7 @@ __all__ = [
     "PruneGraphClient",
     "PruneGraphClientError",
     "PruneGraphHTTPError",
+    "RefitReport",
     "SensitivityTable",
     "ServerError",
     "TooManyRequestsError",
@@ -68,5 +72,6 @@ __all__ = [
     "manifest_from_factory",
     "pixel_correlation",
     "recalibrate_batchnorm",
+    "refit",
     "sensitivity",
 ]
