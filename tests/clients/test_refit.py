@@ -135,3 +135,45 @@ def test_bad_inputs_are_refused_before_any_weight_changes() -> None:
     _unchanged(pruned, lambda: refit(pruned, strided, batches, plan=plan))
     with pytest.raises(ValueError, match="batches"):
         refit(pruned, net, [], plan=plan)
+
+
+def _patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Rows (N·positions, C·kh·kw) by explicit slicing (the slow reference of F.unfold)."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    assert not isinstance(conv.padding, str)
+    ph, pw = conv.padding
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = [
+        xp[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+        for i in range(ho)
+        for j in range(wo)
+    ]
+    return torch.stack(rows, 1).reshape(x.shape[0] * ho * wo, -1).double()
+
+
+def test_a_strided_3x3_refit_agrees_with_least_squares_on_explicit_patches() -> None:
+    net = chain(False)
+    x = torch.zeros(1, 3, 12, 12)
+    plan, _ = make_plan(net, build_manifest(net, x), {"a": [0, 3], "b": [2]}, None)
+    pruned = apply_plan(copy.deepcopy(net), plan, x)
+    calibration = data(96, 0, 12)
+    modules = dict(pruned.named_modules())
+    b_new, b_old = modules["b"], dict(net.named_modules())["b"]
+    assert isinstance(b_new, nn.Conv2d) and isinstance(b_old, nn.Conv2d)
+    seen: list[torch.Tensor] = []
+    handle = b_new.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        pruned(calibration)
+        target = b_old(torch.relu(net.a(torch.relu(net.stem(calibration)))))
+    handle.remove()
+    rows = _patches(seen[0], b_new)
+    rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+    kept = [i for i in range(8) if i != 2]
+    y = target[:, kept].movedim(1, -1).reshape(rows.shape[0], -1).double()
+    expected = torch.linalg.lstsq(rows, y).solution.T  # (out, C·9 + 1)
+    report = refit(pruned, net, [calibration], plan=plan, ridge=0.0, layers=["b"])
+    assert [r.name for r in report.layers] == ["b"]
+    got = torch.cat([b_new.weight.reshape(len(kept), -1), b_new.bias.reshape(-1, 1)], 1)  # type: ignore[union-attr]
+    assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-3)
