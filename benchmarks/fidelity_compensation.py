@@ -14,6 +14,8 @@ Variants per method (``mrp srr hsc ci l1 fpgm random``), at each FLOPs target:
   consumer inputs, counts by the default allocation (uniform) — applied **without** the folds
   (the same removed channels as ``comp``: the fold is the only difference);
 * ``comp``: the same plan applied with its least-squares folds (allocation (a), uniform);
+* ``refit`` (opt-in): ``comp`` followed by ``clients.refit`` on the calibration inputs (each
+  consumer refitted in forward order against the unpruned model's output);
 * ``comp/functional``, ``comp/marginal``: allocation (b) SRP on functional redundancy and
   (c) equal marginal relative consumer error per MAC (``--allocation-methods``, default mrp, l1).
 
@@ -57,7 +59,8 @@ from fidelity_compensation_report import line, markdown  # noqa: E402
 
 TARGETS = (0.05, 0.1, 0.2, 0.3)
 METHODS = ("mrp", "srr", "hsc", "ci", "l1", "fpgm", "random")
-VARIANTS = ("weights", "stats", "comp")
+VARIANTS = ("weights", "stats", "comp", "refit")
+DEFAULT_VARIANTS = ("weights", "stats", "comp")
 ALLOCATIONS = ("functional", "marginal")
 ALLOCATION_METHODS = ("mrp", "l1")
 QUICK_METHODS = ("l1",)
@@ -187,8 +190,9 @@ def jobs(
     for m in methods:
         for seed in seeds if m == "random" else seeds[:1]:
             out += [(m, v, "uniform", seed) for v in variants]
+    folded = [v for v in variants if v in ("comp", "refit")] or ["comp"]
     for m in allocation_methods:
-        out += [(m, "comp", a, seeds[0]) for a in allocations]
+        out += [(m, v, a, seeds[0]) for a in allocations for v in folded]
     return out
 
 
@@ -198,7 +202,7 @@ def run(
     out_dir: Path,
     targets: Sequence[float] | None = None,
     methods: Sequence[str] | None = None,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
     allocation_methods: Sequence[str] | None = None,
     allocations: Sequence[str] = ALLOCATIONS,
     bn_variants: Sequence[str] | None = None,
@@ -312,6 +316,20 @@ class Context:
         )
 
 
+def refit(c: Context, pruned: nn.Module, plan: Any) -> dict[str, Any]:
+    """``clients.refit`` of the folded model against the unpruned one on the calibration
+    inputs (forward order, second moments, ridge default)."""
+    from clients import refit as refit_model
+
+    t = time.perf_counter()
+    report = refit_model(pruned, c.s.model, fid.batches(c.images.calib_u8), plan=plan)
+    return {
+        "refit_s": round(time.perf_counter() - t, 2),
+        "refit_layers": len(report.layers),
+        "refit_skipped": dict(report.skipped),
+    }
+
+
 def _target_rows(
     c: Context, target: float, todo: list[tuple[str, str, str, int]]
 ) -> list[dict[str, Any]]:
@@ -329,7 +347,8 @@ def _target_rows(
                     c.s, method, target, seed, stats=c.stats, allocation=allocation, **kw
                 )
             plan, plan_s = plans[key]
-        pruned = apply(c.s, plan, folds=variant == "comp")
+        pruned = apply(c.s, plan, folds=variant in ("comp", "refit"))
+        extra = refit(c, pruned, plan) if variant == "refit" else {}
         row: dict[str, Any] = {
             "target": target,
             "method": method,
@@ -339,6 +358,7 @@ def _target_rows(
             "seed": seed,
             "plan_s": round(plan_s, 3),
             **plan_info(plan),
+            **extra,
         }
         row.update(measure(c.s, pruned, c.images, c.ref, bn=c.bn(method, variant)))
         row["total_s"] = round(time.perf_counter() - t, 2)
@@ -378,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="0.1, l1, 16 inputs, no TP/BN/allocations")
     p.add_argument("--targets", type=float, nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     p.add_argument("--allocation-methods", nargs="*", default=None, choices=METHODS)
     p.add_argument("--allocations", nargs="*", default=list(ALLOCATIONS), choices=ALLOCATIONS)
     p.add_argument("--bn-variants", nargs="*", default=None, choices=VARIANTS)

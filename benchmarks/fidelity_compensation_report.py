@@ -18,7 +18,7 @@ GOALS = {0.1: 0.75, 0.2: 0.55}  # issue 14: top-1 agreement at -10 % / -20 % FLO
 TP_FACTOR = 3.0  # ... and at -10 % at least 3x Torch-Pruning's
 HEADLINE = "mrp · comp"  # the default configuration (default method, default allocation)
 METHOD_ORDER = ("mrp", "srr", "hsc", "ci", "l1", "fpgm", "random", "tp_magnitude")
-VARIANT_ORDER = ("weights", "stats", "comp")
+VARIANT_ORDER = ("weights", "stats", "comp", "refit")
 
 
 def _key(row: dict[str, Any]) -> tuple[int, int, str]:
@@ -151,7 +151,7 @@ def goals(at: dict[tuple[str, float], dict[str, Any]], targets: Sequence[float])
             (
                 (e["agreement"], lab)
                 for (lab, t), e in at.items()
-                if t == target and "comp" in lab and "agreement" in e
+                if t == target and ("comp" in lab or "refit" in lab) and "agreement" in e
             ),
             reverse=True,
         )

@@ -1,0 +1,181 @@
+"""MNIST models before fine-tuning with compensated plans (issue 14; goal: ResNet-20 at −50 %
+FLOPs ≥ 95 % test accuracy without fine-tuning).
+
+The plan-quality harness's base models and splits (``quality_data``: MNIST fit/val/test
+3500/500/1000, base models trained once with seed 0 and cached under ``--cache-dir``, the same
+cache as ``benchmarks/quality.py``), pruned to 50 / 70 % fewer FLOPs and measured on the test
+digits **before any fine-tuning** (and after BN re-estimation on 512 fit digits, as the harness
+does). Second moments of every consumer input come from the harness's 256 calibration digits
+(fit split, seed 0); the test digits are used for the numbers only.
+
+Rows per (model, target): ``mrp``/``l1`` planned with the statistics, applied without (``stats``)
+and with (``comp``) the least-squares folds — the same channels —, plus Torch-Pruning's global
+magnitude pruner (``tp``, as in the harness: L2, max ratio 0.9, FLOPs target by bisection).
+
+Usage:  python benchmarks/quality_compensation.py [--models resnet20 vgg_bn digit_cnn]
+            [--targets 0.5 0.7] [--methods mrp l1] [--threads 1] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import quality_data as qd  # noqa: E402
+import quality_run as qr  # noqa: E402
+from common import machine_busy, run_meta  # noqa: E402
+
+GOAL = ("resnet20", 0.5, 0.95)
+
+
+def prune(
+    net: torch.nn.Module, path: Path, method: str, target: float, stats: Any
+) -> tuple[Any, Any]:
+    from clients import build_manifest
+    from graphs.plan import Constraints, Target
+    from graphs.planner import plan_layers
+    from service.ingest import read_checkpoint
+
+    parsed = read_checkpoint(path)
+    plan = plan_layers(
+        parsed.layers,
+        method=method,  # type: ignore[arg-type]
+        target=Target(flops=target),
+        params_total=parsed.info.n_params,
+        manifest=build_manifest(net, torch.zeros(qd.EXAMPLE)),
+        constraints=Constraints(max_ratio=0.9),
+        seed=0,
+        checkpoint_sha256=parsed.info.sha256,
+        stats=stats,
+    )
+    return plan, parsed
+
+
+def apply(net: torch.nn.Module, plan: Any, folds: bool) -> torch.nn.Module:
+    from clients import apply_plan
+    from graphs.compensated import plan_sidecar
+    from graphs.plan import PruningPlan
+
+    x = torch.zeros(qd.EXAMPLE)
+    if folds:
+        return apply_plan(copy.deepcopy(net), plan, x, compensation=plan_sidecar(plan))
+    bare = PruningPlan.model_validate({**plan.model_dump(), "compensation": None})
+    return apply_plan(copy.deepcopy(net), bare, x)
+
+
+def measure(pruned: torch.nn.Module, net: torch.nn.Module, split: qd.Split) -> dict[str, Any]:
+    macs0, params0 = qr.macs_params(net)
+    bare = copy.deepcopy(pruned)  # MACs without the bias adds the folds create
+    had = {n for n, _ in net.named_parameters()}
+    for name, m in bare.named_modules():
+        created = getattr(m, "bias", None) is not None and f"{name}.bias" not in had
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear) and created:
+            m.bias = None
+    macs, _ = qr.macs_params(bare)
+    _, params = qr.macs_params(pruned)
+    recal = qd.recalibrate_bn(copy.deepcopy(pruned), qr.calibration(split, 512, 0))
+    return {
+        "flops_reduction": round(1 - macs / macs0, 4),
+        "params_reduction": round(1 - params / params0, 4),
+        "acc_before_ft": round(qd.accuracy(pruned, split.x_test, split.y_test), 4),
+        "acc_bn_recal": round(qd.accuracy(recal, split.x_test, split.y_test), 4),
+    }
+
+
+def run(
+    models: Sequence[str], targets: Sequence[float], methods: Sequence[str], cache: Path
+) -> list[dict[str, Any]]:
+    from clients import capture_activations
+
+    split = qd.load_split("mnist", None)
+    rows: list[dict[str, Any]] = []
+    for model in models:
+        t = time.perf_counter()
+        meta = qd.ensure_base(cache, "mnist", model, qd.TrainConfig(6, lr=2e-3), None)
+        path = Path(meta["path"])
+        net = qd.load_cached(model, path)
+        calib = qr.calibration(split, 256, 0)
+        stats = capture_activations(
+            net, torch.split(calib, 64), max_samples=256, maps=False
+        ).stats()
+        print(f"{model}: base test {meta['test_acc']:.4f} ({time.perf_counter() - t:.0f} s)")
+        for target in targets:
+            for method in methods:
+                t = time.perf_counter()
+                plan, _ = prune(net, path, method, target, stats)
+                plan_s = time.perf_counter() - t
+                for variant in ("stats", "comp"):
+                    row = {"model": model, "target": target, "method": method,
+                           "variant": variant, "plan_s": round(plan_s, 2),
+                           "acc_unpruned": meta["test_acc"], "rule": plan.rule,
+                           **measure(apply(net, plan, variant == "comp"), net, split)}  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != "rule"}))
+            t = time.perf_counter()
+            pruned, info = qr.tp_prune(net, target, p=2, max_ratio=0.9, tolerance=0.01)
+            row = {"model": model, "target": target, "method": "tp", "variant": "weights",
+                   "plan_s": round(time.perf_counter() - t, 2), "acc_unpruned": meta["test_acc"],
+                   **info, **measure(pruned, net, split)}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | target | plan | FLOPs / params −% | test acc before FT % | after BN re-est. % |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        plan = r["method"] if r["method"] == "tp" else f"{r['method']} · {r['variant']}"
+        lines.append(
+            f"| {r['model']} (unpruned {100 * r['acc_unpruned']:.1f}) | {100 * r['target']:.0f} % "
+            f"| {plan} | {100 * r['flops_reduction']:.1f} / {100 * r['params_reduction']:.1f} | "
+            f"{100 * r['acc_before_ft']:.1f} | {100 * r['acc_bn_recal']:.1f} |"
+        )
+    model, target, goal = GOAL
+    hits = [r for r in rows if (r["model"], r["target"], r["variant"]) == (model, target, "comp")]
+    for r in hits:
+        verdict = "met" if r["acc_before_ft"] >= goal else "NOT met"
+        lines.append(
+            f"\nGoal: {model} at −{100 * target:.0f} % ≥ {100 * goal:.0f} % before fine-tuning: "
+            f"`{r['method']} · comp` {100 * r['acc_before_ft']:.1f} % ({verdict})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet20", "vgg_bn", "digit_cnn"])
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7])
+    p.add_argument("--methods", nargs="+", default=["mrp", "l1"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / ".cache" / "quality")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "fidelity" / "mnist")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    busy = machine_busy(1.0)
+    t = time.perf_counter()
+    rows = run(a.models, a.targets, a.methods, a.cache_dir)
+    md = markdown(rows)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {**run_meta(), "machine_busy": busy, "total_s": round(time.perf_counter() - t, 1)}
+    (a.out_dir / "mnist.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (a.out_dir / "mnist.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
