@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--holdout-ridges", nargs="*", type=float, default=None,
         help="only: refit on half the calibration crops with each ridge, measure on the rest",
     )  # fmt: skip
+    p.add_argument("--bias-only", action="store_true", help="refit(weights=False)")
     p.add_argument("--bare", action="store_true", help="also: no folds, refit only")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
@@ -110,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows.append(_row(name, target, s, pruned, images, ref))
             t = time.perf_counter()
             report = refit(
-                pruned, s.model, calib, plan=plan, ridge=a.ridge, min_rows_per_input=a.min_rows
-            )
+                pruned, s.model, calib, plan=plan, ridge=a.ridge, min_rows_per_input=a.min_rows,
+                weights=not a.bias_only,
+            )  # fmt: skip
             row = _row(f"{name}+refit", target, s, pruned, images, ref)
             row.update(
                 refit_s=round(time.perf_counter() - t, 1),

@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clients.errors import PlanMismatchError
+from clients.refit_checks import CONVS, out_width, validate
 from graphs.plan import PruningPlan
 
 __all__ = ["LayerRefit", "RefitReport", "refit"]
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,6 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted tensor is captured."""
 
 
-def _is_consumer(m: nn.Module) -> bool:
-    if isinstance(m, _CONVS):
-        return int(m.groups) < int(m.in_channels)
-    return isinstance(m, nn.Linear)
-
-
 def _input(batch: object) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         return batch
@@ -78,7 +71,7 @@ def _input(batch: object) -> torch.Tensor:
 
 def _skip_reason(m: nn.Module, max_inputs: int) -> str | None:
     """Why a consumer cannot be refitted, or None."""
-    if isinstance(m, _CONVS):
+    if isinstance(m, CONVS):
         if m.padding_mode != "zeros":
             return f"padding_mode {m.padding_mode!r} (only zero padding is unfolded)"
         if m.groups != 1:
@@ -116,89 +109,6 @@ def _rows_out(m: nn.Module, y: torch.Tensor, kept: list[int] | None) -> torch.Te
     y = y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.movedim(1, -1)
     y = y.reshape(-1, y.shape[-1])
     return y if kept is None else y[:, kept]
-
-
-def _kept_outputs(plan: PruningPlan | None) -> dict[str, list[int]]:
-    """Producer module name → ORIGINAL indices of its kept output channels."""
-    out: dict[str, list[int]] = {}
-    for g in plan.groups if plan is not None else []:
-        if g.unit != "channels":
-            continue
-        gone = set(g.remove)
-        for p in g.producers:
-            out[p] = [i for i in range(g.channels_before) if i not in gone]
-    return out
-
-
-def _out_width(m: nn.Module) -> int:
-    return int(m.out_channels if isinstance(m, _CONVS) else m.out_features)  # type: ignore[arg-type]
-
-
-def _in_width(m: nn.Module) -> int:
-    return int(m.in_channels if isinstance(m, _CONVS) else m.in_features)  # type: ignore[arg-type]
-
-
-def _check_pair(name: str, p: nn.Module, o: nn.Module, kept: dict[str, list[int]]) -> None:
-    if type(p) is not type(o):
-        raise PlanMismatchError(
-            f"refit: module {name!r} is a {type(p).__name__} in the pruned model but a "
-            f"{type(o).__name__} in the original; pass the unpruned model the plan was applied to"
-        )
-    if isinstance(p, _CONVS):
-        for attr in ("kernel_size", "stride", "padding", "dilation", "padding_mode"):
-            if getattr(p, attr) != getattr(o, attr):
-                raise PlanMismatchError(
-                    f"refit: conv {name!r} has {attr}={getattr(p, attr)} in the pruned model but "
-                    f"{getattr(o, attr)} in the original; pass the unpruned model it came from"
-                )
-    if _in_width(p) > _in_width(o):
-        raise PlanMismatchError(
-            f"refit: {name!r} reads {_in_width(p)} inputs in the pruned model but only "
-            f"{_in_width(o)} in the original; pass (pruned, original) in that order"
-        )
-    if _out_width(p) != _out_width(o):
-        k = kept.get(name)
-        if k is None:
-            raise PlanMismatchError(
-                f"refit: {name!r} has {_out_width(p)} outputs in the pruned model but "
-                f"{_out_width(o)} in the original; pass plan= (the applied plan) so that its "
-                "kept output channels are known"
-            )
-        if len(k) != _out_width(p) or (k and k[-1] >= _out_width(o)):
-            raise PlanMismatchError(
-                f"refit: the plan keeps {len(k)} of {name!r}'s outputs but the pruned model has "
-                f"{_out_width(p)} (original {_out_width(o)}); pass the plan that was applied"
-            )
-
-
-def _validate(
-    pruned: nn.Module,
-    original: nn.Module,
-    plan: PruningPlan | None,
-    layers: Iterable[str] | None,
-) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, list[int]], set[str]]:
-    if pruned is original:
-        raise PlanMismatchError("refit: pruned and original are the same object; prune a copy")
-    pm = {n: m for n, m in pruned.named_modules() if _is_consumer(m)}
-    om = {n: m for n, m in original.named_modules() if _is_consumer(m)}
-    if set(pm) != set(om):
-        only_p, only_o = sorted(set(pm) - set(om)), sorted(set(om) - set(pm))
-        raise PlanMismatchError(
-            f"refit: the models' conv/linear consumers differ (only in pruned: {only_p[:5]}, "
-            f"only in original: {only_o[:5]}); pass the unpruned model the pruned one was made "
-            "from (module names must match)"
-        )
-    kept = _kept_outputs(plan)
-    for name in pm:
-        _check_pair(name, pm[name], om[name], kept)
-    wanted = set(pm) if layers is None else set(layers)
-    unknown = sorted(wanted - set(pm))
-    if unknown:
-        raise PlanMismatchError(
-            f"refit: layers {unknown[:5]} are not conv/linear consumers of the model; give names "
-            "from model.named_modules()"
-        )
-    return pm, om, kept, wanted
 
 
 def _order(model: nn.Module, mods: Mapping[str, nn.Module], x: torch.Tensor) -> dict[str, int]:
@@ -248,7 +158,7 @@ def _params(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _weights(m: nn.Module) -> torch.Tensor:
     """[W.view(o, -1), b] in float64, shape (o, d+1)."""
     weight, b = _params(m)
-    w = weight.detach().double().reshape(_out_width(m), -1)
+    w = weight.detach().double().reshape(out_width(m), -1)
     bias = (
         torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         if b is None
@@ -272,6 +182,7 @@ def _refit_one(
     kept: list[int] | None,
     ridge: float,
     min_rows_per_input: float,
+    weights: bool,
 ) -> LayerRefit | str:
     """Accumulate the moments over the batches and rewrite ``p`` in place; a reason if not."""
     c_nn: torch.Tensor | None = None
@@ -290,17 +201,33 @@ def _refit_one(
         rows += xin.shape[0]
     assert c_nn is not None and c_yn is not None
     d = c_nn.shape[0] - 1
+    w0 = _weights(p)
+    if not weights:  # bias correction: b' = mean(y_orig) − W mean(x_new)
+        w = w0.clone()
+        w[:, d] = (c_yn[:, d] - w0[:, :d] @ c_nn[:d, d]) / rows
+        return _write(p, name, rows, d, w0, w, (c_nn, c_yn, yy))
     if rows < min_rows_per_input * (d + 1):
         return f"{rows} calibration rows for {d + 1} unknowns per output (< {min_rows_per_input}×)"
-    w0 = _weights(p)
     scale = float(torch.diagonal(c_nn)[:d].mean()) if d else 1.0
     lam = ridge * (scale if scale > 0 else 1.0)
     a = c_nn + lam * torch.eye(d + 1, dtype=c_nn.dtype, device=c_nn.device)
     # W = W0 + Δ with Δ (C_nn + λI) = C_yn − W0 C_nn; minimum-norm Δ where C_nn is singular
     # (dead or duplicate inputs): those directions keep the current weights.
     delta = torch.linalg.lstsq(a, (c_yn - w0 @ c_nn).T, driver="gelsd").solution.T
-    w = w0 + delta
-    before, after = _error(w0, c_nn, c_yn, yy), _error(w, c_nn, c_yn, yy)
+    return _write(p, name, rows, d, w0, w0 + delta, (c_nn, c_yn, yy))
+
+
+def _write(
+    p: nn.Module,
+    name: str,
+    rows: int,
+    d: int,
+    w0: torch.Tensor,
+    w: torch.Tensor,
+    moments: tuple[torch.Tensor, torch.Tensor, float],
+) -> LayerRefit:
+    """Write [W' b'] into ``p`` (a bias is created when it has none)."""
+    before, after = _error(w0, *moments), _error(w, *moments)
     weight, old = _params(p)
     weight.copy_(w[:, :d].reshape(weight.shape).to(weight.dtype))
     bias = w[:, d].to(device=weight.device, dtype=weight.dtype)
@@ -322,6 +249,7 @@ def refit(
     layers: Iterable[str] | None = None,
     max_inputs: int = 4096,
     min_rows_per_input: float = 2.0,
+    weights: bool = True,
 ) -> RefitReport:
     """Refit ``pruned``'s conv/linear consumers in place, in forward order, so that each
     reproduces the same-named module of ``original`` on the calibration ``batches``.
@@ -339,6 +267,8 @@ def refit(
             current weights (≥ 0).
         layers: names of the consumers to refit (default all); the others are left as they are.
         max_inputs: consumers with more inputs per row (patch size, linear width) are skipped.
+        weights: False refits only the biases (bias correction: each output's calibration
+            mean is restored, b' = mean(y_orig) − W mean(x_new)); few unknowns, little data.
         min_rows_per_input: consumers with fewer calibration rows than this × (inputs + 1) are
             skipped (their fit would interpolate the calibration data).
 
@@ -359,7 +289,7 @@ def refit(
     if not xs:
         raise ValueError("refit: no calibration batches given; pass at least one")
     parsed = load_plan(plan) if plan is not None else None
-    pm, om, kept, wanted = _validate(pruned, original, parsed, layers)
+    pm, om, kept, wanted = validate(pruned, original, parsed, layers)
     modes = {m: m.training for m in (*pruned.modules(), *original.modules())}
     pruned.eval()
     original.eval()
@@ -376,8 +306,8 @@ def refit(
             if reason is None:
                 out = _refit_one(
                     name, pm[name], om[name], pruned, original, xs, kept.get(name)
-                    if _out_width(pm[name]) != _out_width(om[name]) else None,
-                    ridge, min_rows_per_input,
+                    if out_width(pm[name]) != out_width(om[name]) else None,
+                    ridge, min_rows_per_input, weights,
                 )  # fmt: skip
                 if isinstance(out, LayerRefit):
                     report.layers.append(out)

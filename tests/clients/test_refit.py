@@ -177,3 +177,20 @@ def test_a_strided_3x3_refit_agrees_with_least_squares_on_explicit_patches() -> 
     assert [r.name for r in report.layers] == ["b"]
     got = torch.cat([b_new.weight.reshape(len(kept), -1), b_new.bias.reshape(-1, 1)], 1)  # type: ignore[union-attr]
     assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_bias_only_restores_the_calibration_mean_and_keeps_the_weights() -> None:
+    net = chain(False)
+    x = torch.zeros(1, 3, 12, 12)
+    plan, _ = make_plan(net, build_manifest(net, x), {"a": [0, 3], "b": [2]}, None)
+    pruned = apply_plan(copy.deepcopy(net), plan, x)
+    calibration = data(48, 0, 12)
+    weights = {k: v.clone() for k, v in pruned.state_dict().items() if k.endswith("weight")}
+    with torch.no_grad():
+        want, before = net(calibration).mean(0), pruned(calibration).mean(0)
+    assert not torch.allclose(before, want, atol=1e-3)
+    report = refit(pruned, net, calibration.split(16), plan=plan, weights=False)
+    assert not report.skipped  # bias correction needs no rows per input
+    assert all(torch.equal(weights[k], v) for k, v in pruned.state_dict().items() if k in weights)
+    with torch.no_grad():
+        assert torch.allclose(pruned(calibration).mean(0), want, atol=1e-5)
