@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--n-eval", type=int, default=None)
     p.add_argument("--n-calib", type=int, default=None)
     p.add_argument("--min-rows", type=float, default=2.0)
-    p.add_argument("--ridge", type=float, default=1e-5)
+    p.add_argument("--ridge", type=float, default=1.0)
     p.add_argument(
         "--holdout-ridges", nargs="*", type=float, default=None,
         help="only: refit on half the calibration crops with each ridge, measure on the rest",

@@ -245,7 +245,7 @@ def refit(
     batches: Iterable[object],
     *,
     plan: PruningPlan | Mapping[str, Any] | str | Path | None = None,
-    ridge: float = 1e-5,
+    ridge: float = 1.0,
     layers: Iterable[str] | None = None,
     max_inputs: int = 4096,
     min_rows_per_input: float = 2.0,
@@ -264,7 +264,9 @@ def refit(
         plan: the applied plan (object, JSON dict or path); needed when consumers lost output
             channels (it says which original outputs they kept).
         ridge: λ relative to the mean diagonal of the input moments, shrinking towards the
-            current weights (≥ 0).
+            current weights (≥ 0). Default 1: chosen on a calibration-only split of
+            MobileNetV2's crops (benchmarks/refit_probe.py --holdout-ridges; 1e-3 and 0.1
+            overfitted ~100 calibration crops); use ~1e-5 with plenty of calibration data.
         layers: names of the consumers to refit (default all); the others are left as they are.
         max_inputs: consumers with more inputs per row (patch size, linear width) are skipped.
         weights: False refits only the biases (bias correction: each output's calibration
