@@ -9,7 +9,7 @@ Per target: the compensated mrp plan with functional allocation, applied with it
 (``refit``, ``--bare``).
 
 Usage:  python benchmarks/refit_probe.py [--targets 0.1 0.2] [--n-eval N] [--n-calib N]
-            [--min-rows 2.0] [--ridge 1e-5] [--bare] [--threads 1] [--out FILE.json]
+            [--min-rows 2.0] [--ridge 1] [--bias-only] [--bare] [--threads 1] [--out FILE.json]
 Prints one line per row and writes the JSON when ``--out`` is given.
 """
 
