@@ -101,8 +101,11 @@ def render_report(report: Report, console: Console) -> None:
             continue
         worst = ", ".join(ms.most_redundant[:3]) or "none"
         rm = ms.removable
-        gone = "" if rm is None else f"removable {rm.params:.3f} of params" + (
-            f", {rm.flops:.3f} of FLOPs; " if rm.flops is not None else "; "
+        gone = (
+            ""
+            if rm is None
+            else f"removable {rm.params:.3f} of params"
+            + (f", {rm.flops:.3f} of FLOPs; " if rm.flops is not None else "; ")
         )
         console.print(
             f"  {m}: {gone}params-weighted redundancy {ms.redundancy_params_weighted:.3f}; "

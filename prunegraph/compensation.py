@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 ALLOCATION_HELP = (
     "compensated plans: how many channels each group loses: uniform (the same fraction of each "
-    "group, the best measured), functional (SRP on functional redundancy: one common error), "
-    "marginal (equal error per FLOP) or method (the method's own rule)"
+    "group; the default), functional (SRP on functional redundancy: one common error), "
+    "marginal (equal error per FLOP) or method (the method's own rule); on MobileNetV2 "
+    "functional and marginal kept more (benchmarks/RESULTS.md)"
 )
 NO_MANIFEST = (
     "the activations hold second-moment statistics, but compensation and functional redundancy "
