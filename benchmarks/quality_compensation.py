@@ -12,8 +12,17 @@ Rows per (model, target): ``mrp``/``l1`` planned with the statistics, applied wi
 and with (``comp``) the least-squares folds — the same channels —, plus Torch-Pruning's global
 magnitude pruner (``tp``, as in the harness: L2, max ratio 0.9, FLOPs target by bisection).
 
+Allocation study (``--allocations uniform functional marginal``): the same plans with each
+allocation rule of ``graphs.error_allocation`` passed explicitly, measured on the split of
+``--eval-split`` (``val``: the harness's 500 validation digits, disjoint from the fit digits that
+give the statistics and from the test digits); written to ``allocation.{md,json}`` with the
+verdict of ``DECISION_RULE``, fixed before the first run. Without ``--allocations`` the plans use
+the library's default allocation and the output (``mnist.{md,json}``) is what it always was.
+
 Usage:  python benchmarks/quality_compensation.py [--models resnet20 vgg_bn digit_cnn]
             [--targets 0.5 0.7] [--methods mrp l1] [--threads 1] [--out-dir DIR]
+            [--allocations uniform functional marginal] [--eval-split test|val]
+            [--variants stats comp] [--no-tp]
 """
 
 from __future__ import annotations
@@ -38,10 +47,24 @@ import quality_run as qr  # noqa: E402
 from common import machine_busy, run_meta  # noqa: E402
 
 GOAL = ("resnet20", 0.5, 0.95)
+DECISION_RULE = (
+    "Metric: accuracy before fine-tuning of the compensated plan (`comp`: planned with the "
+    "statistics, applied with its folds) on the validation digits, one cell per (model, target, "
+    "method): 3 models x 2 targets x 2 methods = 12 cells. Switch the default allocation to X "
+    "(functional or marginal) if X's mean over the 12 cells beats uniform's AND X is not worse "
+    "than uniform by more than 1 point in any cell; if both qualify, the one with the higher mean "
+    "(a tie: keep uniform). Otherwise keep uniform. Accuracy after BN re-estimation and the "
+    "`stats` rows are reported, not used by the rule."
+)
 
 
 def prune(
-    net: torch.nn.Module, path: Path, method: str, target: float, stats: Any
+    net: torch.nn.Module,
+    path: Path,
+    method: str,
+    target: float,
+    stats: Any,
+    allocation: str | None = None,
 ) -> tuple[Any, Any]:
     from clients import build_manifest
     from graphs.plan import Constraints, Target
@@ -59,6 +82,7 @@ def prune(
         seed=0,
         checkpoint_sha256=parsed.info.sha256,
         stats=stats,
+        allocation=allocation,  # type: ignore[arg-type]
     )
     return plan, parsed
 
@@ -75,7 +99,10 @@ def apply(net: torch.nn.Module, plan: Any, folds: bool) -> torch.nn.Module:
     return apply_plan(copy.deepcopy(net), bare, x)
 
 
-def measure(pruned: torch.nn.Module, net: torch.nn.Module, split: qd.Split) -> dict[str, Any]:
+def measure(
+    pruned: torch.nn.Module, net: torch.nn.Module, split: qd.Split, eval_split: str = "test"
+) -> dict[str, Any]:
+    x, y = (split.x_val, split.y_val) if eval_split == "val" else (split.x_test, split.y_test)
     macs0, params0 = qr.macs_params(net)
     bare = copy.deepcopy(pruned)  # MACs without the bias adds the folds create
     had = {n for n, _ in net.named_parameters()}
@@ -89,13 +116,20 @@ def measure(pruned: torch.nn.Module, net: torch.nn.Module, split: qd.Split) -> d
     return {
         "flops_reduction": round(1 - macs / macs0, 4),
         "params_reduction": round(1 - params / params0, 4),
-        "acc_before_ft": round(qd.accuracy(pruned, split.x_test, split.y_test), 4),
-        "acc_bn_recal": round(qd.accuracy(recal, split.x_test, split.y_test), 4),
+        "acc_before_ft": round(qd.accuracy(pruned, x, y), 4),
+        "acc_bn_recal": round(qd.accuracy(recal, x, y), 4),
     }
 
 
 def run(
-    models: Sequence[str], targets: Sequence[float], methods: Sequence[str], cache: Path
+    models: Sequence[str],
+    targets: Sequence[float],
+    methods: Sequence[str],
+    cache: Path,
+    allocations: Sequence[str] | None = None,
+    eval_split: str = "test",
+    variants: Sequence[str] = ("stats", "comp"),
+    tp: bool = True,
 ) -> list[dict[str, Any]]:
     from clients import capture_activations
 
@@ -111,18 +145,26 @@ def run(
             net, torch.split(calib, 64), max_samples=256, maps=False
         ).stats()
         print(f"{model}: base test {meta['test_acc']:.4f} ({time.perf_counter() - t:.0f} s)")
+        allocs: list[str | None] = [*allocations] if allocations else [None]
         for target in targets:
-            for method in methods:
+            for method, alloc in [(m, a) for m in methods for a in allocs]:
                 t = time.perf_counter()
-                plan, _ = prune(net, path, method, target, stats)
+                plan, _ = prune(net, path, method, target, stats, alloc)
                 plan_s = time.perf_counter() - t
-                for variant in ("stats", "comp"):
+                extra: dict[str, Any] = {}
+                if alloc is not None:
+                    extra = {"allocation": alloc, "eval_split": eval_split,
+                             "acc_unpruned_eval": meta[f"{eval_split}_acc"]}  # fmt: skip
+                for variant in variants:
                     row = {"model": model, "target": target, "method": method,
                            "variant": variant, "plan_s": round(plan_s, 2),
-                           "acc_unpruned": meta["test_acc"], "rule": plan.rule,
-                           **measure(apply(net, plan, variant == "comp"), net, split)}  # fmt: skip
+                           "acc_unpruned": meta["test_acc"], "rule": plan.rule, **extra,
+                           **measure(apply(net, plan, variant == "comp"), net, split,
+                                     eval_split)}  # fmt: skip
                     rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "rule"}))
+                    print(json.dumps({k: v for k, v in row.items() if k != "rule"}), flush=True)
+            if not tp:
+                continue
             t = time.perf_counter()
             pruned, info = qr.tp_prune(net, target, p=2, max_ratio=0.9, tolerance=0.01)
             row = {"model": model, "target": target, "method": "tp", "variant": "weights",
@@ -164,16 +206,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / ".cache" / "quality")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "fidelity" / "mnist")
+    p.add_argument("--allocations", nargs="+", default=None,
+                   choices=["method", "uniform", "functional", "marginal"])  # fmt: skip
+    p.add_argument("--eval-split", choices=["test", "val"], default="test")
+    p.add_argument("--variants", nargs="+", choices=["stats", "comp"], default=["stats", "comp"])
+    p.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning rows")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     busy = machine_busy(1.0)
     t = time.perf_counter()
-    rows = run(a.models, a.targets, a.methods, a.cache_dir)
-    md = markdown(rows)
+    rows = run(a.models, a.targets, a.methods, a.cache_dir, a.allocations, a.eval_split,
+               a.variants, not a.no_tp)  # fmt: skip
     a.out_dir.mkdir(parents=True, exist_ok=True)
     meta = {**run_meta(), "machine_busy": busy, "total_s": round(time.perf_counter() - t, 1)}
-    (a.out_dir / "mnist.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (a.out_dir / "mnist.md").write_text(md + "\n")
+    if a.allocations is None:
+        md = markdown(rows)
+        (a.out_dir / "mnist.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (a.out_dir / "mnist.md").write_text(md + "\n")
+    else:
+        from quality_allocation import allocation_markdown, decide
+
+        verdict = decide([r for r in rows if r["variant"] == "comp"])
+        md = allocation_markdown(rows, meta, DECISION_RULE, verdict)
+        doc = {"meta": meta, "decision_rule": DECISION_RULE, "verdict": verdict, "rows": rows}
+        (a.out_dir / "allocation.json").write_text(json.dumps(doc, indent=2))
+        (a.out_dir / "allocation.md").write_text(md + "\n")
     print(md)
 
 
