@@ -22,6 +22,7 @@
 
 from clients.activations import Activations, capture_activations
 from clients.apply import apply_plan
+from clients.datafree import datafree_activations, datafree_statistics
 from clients.errors import ManifestError, PlanError, PlanMismatchError
 from clients.fold import recalibrate_batchnorm
 from clients.http import (
@@ -69,6 +70,8 @@ __all__ = [
     "apply_plan",
     "build_manifest",
     "capture_activations",
+    "datafree_activations",
+    "datafree_statistics",
     "manifest_from_factory",
     "pixel_correlation",
     "recalibrate_batchnorm",
