@@ -14,6 +14,8 @@
   data-aware methods (``ci``, ``vectors="activations"``), and the second moments of every
   consumer's input that compensated plans fold with; :class:`PCCLoss`: the pixel-level
   cross-correlation loss that decorrelates channels during pre-training.
+- :func:`datafree_statistics` / :func:`datafree_activations`: the same consumer statistics
+  without data, from BatchNorm statistics (mean folds; γ ≈ 0 channels exactly redundant).
 - :func:`sensitivity`: prune one group at a time, with and without compensation, and measure a
   metric (:class:`SensitivityTable`, CSV/JSON); :func:`recalibrate_batchnorm` re-estimates BN
   statistics of a pruned model; :func:`refit` refits a pruned model's conv/linear layers in
