@@ -82,6 +82,21 @@ def _with(layer: LayerWeights, heads: Heads) -> LayerWeights:
     return LayerWeights(layer.name, "linear", layer.weight, heads=heads)
 
 
+def check_removal(gp: GroupPlan, where: str, keep: str) -> None:
+    """A plan group's indices lie in range and leave ``channels_after`` units, at least one.
+
+    ``keep`` ends the message when a group would lose every unit (what must stay).
+    """
+    remove = gp.remove
+    if remove and (remove[0] < 0 or remove[-1] >= gp.channels_before):
+        raise PlanMismatchError(f"{where}: indices out of range [0, {gp.channels_before})")
+    if len(remove) >= gp.channels_before or gp.channels_after != gp.channels_before - len(remove):
+        raise PlanMismatchError(
+            f"{where} removes {len(remove)} of {gp.channels_before} and says "
+            f"{gp.channels_after} remain; {keep}"
+        )
+
+
 def check_unit_group(gp: GroupPlan, model: nn.Module) -> None:
     """A neuron/head plan group against the model, before anything changes."""
     params = dict(model.named_parameters())
@@ -103,14 +118,7 @@ def check_unit_group(gp: GroupPlan, model: nn.Module) -> None:
                 f"{gp.channels_before} × {pa.per_channel} entries on axis {pa.axis}: the plan "
                 "was made for another model (or this one is pruned already)"
             )
-    remove = gp.remove
-    if remove and (remove[0] < 0 or remove[-1] >= gp.channels_before):
-        raise PlanMismatchError(f"{where}: indices out of range [0, {gp.channels_before})")
-    if len(remove) >= gp.channels_before or gp.channels_after != gp.channels_before - len(remove):
-        raise PlanMismatchError(
-            f"{where} removes {len(remove)} of {gp.channels_before} and says "
-            f"{gp.channels_after} remain; a block must keep at least one"
-        )
+    check_removal(gp, where, "a block must keep at least one")
     if gp.unit == "heads":
         if gp.heads is None or gp.heads.num_kv_heads != gp.channels_before:
             raise PlanMismatchError(f"{where}: its heads do not match its {gp.channels_before}")

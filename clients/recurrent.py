@@ -30,6 +30,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from clients.attention import check_removal
 from clients.errors import PlanMismatchError
 from graphs.manifest import ChannelGroup, ModuleCost, ParamAxis
 from graphs.plan import GroupPlan
@@ -323,14 +324,7 @@ def check_hidden_group(gp: GroupPlan, model: nn.Module) -> None:
                 f"{where}: {pa.param} has no axis {pa.axis} of {want} entries here: the plan was "
                 "made for another model"
             )
-    remove = gp.remove
-    if remove and (remove[0] < 0 or remove[-1] >= gp.channels_before):
-        raise PlanMismatchError(f"{where}: indices out of range [0, {gp.channels_before})")
-    if len(remove) >= gp.channels_before or gp.channels_after != gp.channels_before - len(remove):
-        raise PlanMismatchError(
-            f"{where} removes {len(remove)} of {gp.channels_before} and says "
-            f"{gp.channels_after} remain; a layer must keep at least one unit"
-        )
+    check_removal(gp, where, "a layer must keep at least one unit")
 
 
 def _module_of(gp: GroupPlan) -> str | None:

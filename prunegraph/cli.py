@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 from graphs.report import ALL_METHODS, LayerReport, MethodResult
 from prunegraph import compensation as comp
 
+FOLD_WORDS = (("least_squares", "least-squares"), ("mean", "mean"), ("merge", "merge"))
+"""How the plan table names each kind of fold (graphs.fold.ConsumerFold.kind)."""
+
 app = typer.Typer(
     name="prunegraph",
     help="Find and remove redundancy in trained neural networks.",
@@ -440,8 +443,10 @@ def render_plan(plan: PruningPlan, console: Console) -> None:
     console.print(f"rule: {plan.rule}", highlight=False)
     if plan.compensation is not None:
         total = sum(g.predicted_error or 0.0 for g in plan.groups)
+        kinds = [f.kind for f in plan.compensation.folds]
+        folds = ", ".join(f"{kinds.count(k)} {word} folds" for k, word in FOLD_WORDS if k in kinds)
         console.print(
-            f"compensation: {len(plan.compensation.folds)} least-squares folds; predicted "
+            f"compensation: {folds}; predicted "
             f"relative consumer-output error summed over groups {total:.3g}",
             highlight=False,
         )

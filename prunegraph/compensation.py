@@ -28,10 +28,9 @@ if TYPE_CHECKING:
     from service.ingest import ParsedCheckpoint
 
 ALLOCATION_HELP = (
-    "compensated plans: how many channels each group loses: uniform (the same fraction of each "
-    "group; the default), functional (SRP on functional redundancy: one common error), "
-    "marginal (equal error per FLOP) or method (the method's own rule); on MobileNetV2 "
-    "functional and marginal kept more (benchmarks/RESULTS.md)"
+    "compensated plans: how many channels each group loses: functional (SRP on functional "
+    "redundancy: one common error; the default, the best measured), uniform (the same fraction "
+    "of each group), marginal (equal error per FLOP) or method (the method's own rule)"
 )
 NO_MANIFEST = (
     "the activations hold second-moment statistics, but compensation and functional redundancy "

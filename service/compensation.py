@@ -53,8 +53,8 @@ class CompensationOptions(BaseModel):
     allocation: AllocationRule | None = Field(
         None,
         exclude_if=lambda v: v is None,
-        description="with statistics: how many channels each group loses (uniform, the "
-        "default; functional; marginal; method)",
+        description="with statistics: how many channels each group loses (functional, the "
+        "default; uniform; marginal; method)",
     )
     epsilon: float = Field(
         DEFAULT_EPSILON,

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from clients import PruneGraphClient, apply_plan, build_manifest
 from clients.activations import capture_activations
 from graphs import Report
+from graphs.compensated_plan import DEFAULT_ALLOCATION
 from graphs.plan import PruningPlan
 from prunegraph.cli import app as cli
 from service.app import create_app
@@ -176,7 +177,7 @@ def test_service_job_plan_sidecar_and_apply(
     client.wait(job_id, timeout=300)
     plan = client.plan(job_id)
     assert plan.compensation is not None
-    # the same plan as the embedded CLI (same defaults: compensated, uniform allocation)
+    # the same plan as the embedded CLI (same defaults: compensated, the default allocation)
     assert plan.to_json() + "\n" == cli_plans["comp"][0].read_text()
     raw = client._http.get(f"/v1/jobs/{job_id}/plan/compensation")
     assert raw.status_code == 200 and raw.headers["content-type"] == "application/octet-stream"
@@ -212,7 +213,7 @@ def test_client_plan_for_with_statistics_only(setup: Setup, client: PruneGraphCl
         setup.ckpt, target={"flops": 0.3}, method="mrp",
         manifest=json.loads(setup.manifest.read_text()), activations=setup.stats,
     )  # fmt: skip
-    assert plan.compensation is not None and plan.parameters.get("allocation") == "uniform"
+    assert plan.compensation is not None and plan.parameters.get("allocation") == DEFAULT_ALLOCATION
     net = copy.deepcopy(setup.model)
     apply_plan(net, plan, EXAMPLE)  # the sidecar came with the plan
     plain = client.plan_for(

@@ -34,6 +34,7 @@ def _compensated(
     plan = plan_layers(
         parsed.layers, method="l1", target=Target(flops=0.2), manifest=build_manifest(net, x),
         params_total=parsed.info.n_params, stats=stats, compensation=True,
+        allocation="uniform",  # the same fraction everywhere: folds with errors to refit
     )  # fmt: skip
     assert plan.compensation is not None and plan.groups
     return apply_plan(copy.deepcopy(net), plan, x), plan

@@ -6,6 +6,6 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CKPT="${PRUNEGRAPH_REALDATA:-$HOME/.cache/prunegraph-realdata}/mobilenet_v2_imagenet.pth"
 echo '$ python capture.py'; python "$HERE/capture.py"
-echo '$ prunegraph plan mobilenet_v2_imagenet.pth --manifest manifest.json --activations calib.safetensors --target-flops 0.1 -o plan.json'
-prunegraph plan "$CKPT" --manifest manifest.json --activations calib.safetensors --target-flops 0.1 -o plan.json
+echo '$ prunegraph plan mobilenet_v2_imagenet.pth --manifest manifest.json --activations calib.safetensors --target-flops 0.1 --allocation uniform -o plan.json'
+prunegraph plan "$CKPT" --manifest manifest.json --activations calib.safetensors --target-flops 0.1 --allocation uniform -o plan.json
 echo '$ python apply.py'; python "$HERE/apply.py"
