@@ -197,7 +197,8 @@ def compensate(
     for g in plan.groups:
         specs = consumers.consumers.get(g.id, [])
         removed = list(g.remove)
-        kept = [i for i in range(g.channels_before) if i not in set(removed)]
+        gone = set(removed)
+        kept = [i for i in range(g.channels_before) if i not in gone]
         total = 0.0
         for s in specs if removed else []:
             B, b, err = least_squares_fold(s.data, kept, removed, ridge=ridge)

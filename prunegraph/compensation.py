@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 ALLOCATION_HELP = (
     "compensated plans: how many channels each group loses: functional (SRP on functional "
-    "redundancy: one common error; the default, the best measured), uniform (the same fraction "
-    "of each group), marginal (equal error per FLOP) or method (the method's own rule)"
+    "redundancy: one common error; the default, chosen on MNIST validation digits), uniform (the "
+    "same fraction of each group), marginal (equal error per FLOP) or method (the method's own "
+    "rule)"
 )
 NO_MANIFEST = (
     "the activations hold second-moment statistics, but compensation and functional redundancy "

@@ -59,6 +59,7 @@ class CompensationOptions(BaseModel):
     epsilon: float = Field(
         DEFAULT_EPSILON,
         ge=0,
+        allow_inf_nan=False,
         exclude_if=lambda v: v == DEFAULT_EPSILON,
         description="functional redundancy: the relative consumer-output error allowed",
     )

@@ -33,8 +33,10 @@ def decode(cursor: str) -> tuple[float, str]:
         created_at, ident = json.loads(raw)
         if not isinstance(created_at, (int, float)) or not isinstance(ident, str):
             raise ValueError(cursor)
+        if not ident.isascii() or not ident.isprintable():
+            raise ValueError(cursor)
         return float(created_at), ident
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ApiError(
             400,
             "the cursor is not one this server gave",

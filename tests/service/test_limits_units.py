@@ -53,3 +53,24 @@ def test_the_limiter_refills_per_key_and_forgets_idle_keys(monkeypatch: pytest.M
     now[0] += 60.0  # every bucket full again: idle keys are forgotten when a new key comes
     limiter.take("d")
     assert set(limiter._buckets) == {"d"}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" + b"9" * 400 + b', "a"]',  # a float() overflow
+        b'[1.5, "a\\u0000b"]',  # a NUL in the id (PostgreSQL refuses it)
+        b'["x", "a"]',
+        b"not json",
+    ],
+)
+def test_forged_cursors_are_a_400_not_a_500(payload: bytes) -> None:
+    import base64
+
+    from service.errors import ApiError
+    from service.pagination import decode, encode
+
+    assert decode(encode(1.5, "abc")) == (1.5, "abc")
+    with pytest.raises(ApiError) as err:
+        decode(base64.urlsafe_b64encode(payload).decode().rstrip("="))
+    assert err.value.status == 400
