@@ -13,8 +13,6 @@ A compensated plan's sidecar (the fold matrices, :mod:`graphs.fold`) is stored b
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +29,7 @@ from graphs.layers import LayerWeights
 from graphs.manifest import Manifest
 from graphs.plan import PruningPlan
 from graphs.report import Report
+from service.cache import write_atomically
 from service.errors import ApiError
 
 if TYPE_CHECKING:
@@ -108,14 +107,7 @@ def store_sidecar(directory: str, plan: PruningPlan) -> None:
     target = root / sidecar_sha256(data)
     if target.is_file() and target.stat().st_size == len(data):
         return
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(target, data)
 
 
 def sidecar_response(state: State, job_id: str, user: str) -> FileResponse:
