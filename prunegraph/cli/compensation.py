@@ -24,8 +24,8 @@ from graphs.manifest import Manifest
 from graphs.plan import PruningPlan
 
 if TYPE_CHECKING:
-    from service.activations import Capture
-    from service.ingest import ParsedCheckpoint
+    from service.ingest.activations import Capture
+    from service.ingest.checkpoint import ParsedCheckpoint
 
 ALLOCATION_HELP = (
     "compensated plans: how many channels each group loses: functional (SRP on functional "
@@ -43,7 +43,7 @@ def read_capture(path: Path | None) -> Capture | None:
     """The maps and statistics of ``--activations`` (checked on their own), or None."""
     if path is None:
         return None
-    from service.activations import read_capture as read
+    from service.ingest.activations import read_capture as read
 
     if not path.is_file():
         raise InvalidInputError(f"{path} not found or not a file", hint="Check the path.")
@@ -82,7 +82,7 @@ def checked(
     """Maps and statistics checked against the checkpoint's layers (None for what is absent)."""
     if capture is None:
         return None, None
-    from service.activations import check_capture
+    from service.ingest.activations import check_capture
 
     check_capture(capture, parsed.layers)
     return maps_of(capture), (capture.statistics or None)
