@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU build, so nothing later resolves a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# the service's extra too: make run serves, make test tests the service
+	$(BIN)/python -m pip install -q -e '.[server,dev]'
 	touch $(STAMP)
 
 realdata: $(STAMP)
