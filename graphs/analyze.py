@@ -8,18 +8,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphs.cache import Cache
-from graphs.errors import InvalidInputError, NoPrunableLayersError
+from graphs.errors import NoPrunableLayersError
 from graphs.features import Activations, group_features
 from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
-from graphs.options import AnalysisOptions, layer_seed
+from graphs.options import AnalysisOptions, check_inputs, layer_seed
 from graphs.recurrent import without_hidden
 from graphs.removable import removable
 from graphs.report import (
     ALL_METHODS,
-    DATA_METHODS,
-    METHODS,
     CheckpointInfo,
     LayerReport,
     MethodResult,
@@ -49,53 +47,6 @@ def analyze_group(
     and data-aware graphs, its feature maps (samples, n_filters, pixels)."""
     work = GroupWork(group, seed=seed, options=options, cache=cache, features=features)
     return {method: work.result(method) for method in methods}
-
-
-def check_methods(methods: Sequence[str]) -> list[str]:
-    """Validate and de-duplicate method names, keeping the canonical order."""
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        raise InvalidInputError(
-            f"unknown or missing methods: {', '.join(unknown) or '(none given)'}",
-            hint=f"Choose one or more of {', '.join(METHODS)}.",
-        )
-    return [m for m in METHODS if m in set(methods)]
-
-
-def check_features(
-    methods: Sequence[str], options: AnalysisOptions, activations: Activations | None
-) -> None:
-    """Refuse, before any work, what needs feature maps when there are none."""
-    needs: list[str] = [m for m in methods if m in DATA_METHODS]
-    if options.vectors == "activations":
-        needs.append("vectors=activations")
-    if needs and activations is None:
-        raise InvalidInputError(
-            f"{', '.join(needs)} need feature maps, and no activations were given",
-            hint="Capture them with clients.capture_activations on calibration data and pass "
-            "the file (--activations acts.safetensors, or an activations_id in a job).",
-        )
-
-
-def check_inputs(
-    methods: Sequence[str],
-    seed: int,
-    options: AnalysisOptions | None,
-    activations: Activations | None,
-) -> tuple[list[str], AnalysisOptions]:
-    """What :func:`analyze` checks before any work: the chosen methods (canonical order) and
-    the options (defaults when None).
-
-    Raises:
-        InvalidInputError: unknown methods, a seed outside [0, 2**32), or methods that need
-            feature maps without any.
-    """
-    chosen = check_methods(methods)
-    if not 0 <= seed < 2**32:
-        raise InvalidInputError(f"seed must be in [0, 2**32), got {seed}")
-    opts = options or AnalysisOptions()
-    check_features(chosen, opts, activations)
-    return chosen, opts
 
 
 @dataclass(frozen=True)
@@ -329,8 +280,6 @@ __all__ = [
     "analyze",
     "analyze_group",
     "assemble_report",
-    "check_inputs",
-    "check_methods",
     "group_layers",
     "layer_seed",
     "summarize",

@@ -34,9 +34,10 @@ from graphs.fold import (
     fold_keys,
     sidecar_sha256,
 )
-from graphs.functional import DEFAULT_RIDGE, ErrorCurve, error_curve, least_squares_fold
+from graphs.functional import ErrorCurve, error_curve, least_squares_fold
 from graphs.layers import LayerWeights
 from graphs.manifest import Manifest
+from graphs.options import DEFAULT_RIDGE
 from graphs.plan import PruningPlan
 
 _HINT = (

@@ -34,13 +34,20 @@ from threadpoolctl import threadpool_limits
 from graphs.allocation import group_limit
 from graphs.compensated import GroupConsumers, compensate, group_consumers, stat_features
 from graphs.cost import CostModel
-from graphs.error_allocation import ALLOCATION_RULES, AllocationRule, allocate
+from graphs.error_allocation import allocate
 from graphs.errors import InvalidInputError
-from graphs.functional import DEFAULT_EPSILON, DEFAULT_RIDGE, ErrorCurve, error_curve
+from graphs.functional import ErrorCurve, error_curve
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
-from graphs.options import AnalysisOptions
-from graphs.plan import Constraints, PlanMethod, PruningPlan, Target
+from graphs.options import DEFAULT_EPSILON, DEFAULT_RIDGE, AnalysisOptions
+from graphs.plan import (
+    ALLOCATION_RULES,
+    AllocationRule,
+    Constraints,
+    PlanMethod,
+    PruningPlan,
+    Target,
+)
 
 DEFAULT_ALLOCATION: AllocationRule = "functional"
 GRAPH_METHODS = ("mrp", "srr", "hsc")

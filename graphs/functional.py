@@ -30,7 +30,7 @@ second moment with a constant column, ``S = [X 1]ᵀ[X 1]`` of shape (c+1, c+1),
   by half (keeps rounding from accumulating).
 * **Functional redundancy** (:func:`functional_redundancy`) = the largest fraction of the group
   removable with relative error ≤ ε along that curve. Default ε = 0.01 (see
-  :data:`DEFAULT_EPSILON`).
+  :data:`graphs.options.DEFAULT_EPSILON`).
 """
 
 from __future__ import annotations
@@ -52,10 +52,9 @@ from graphs.consumers import (
     spd_solve,
 )
 from graphs.errors import InvalidInputError
+from graphs.options import DEFAULT_EPSILON, DEFAULT_RIDGE
 
 __all__ = [
-    "DEFAULT_EPSILON",
-    "DEFAULT_RIDGE",
     "Consumer",
     "ConsumerStats",
     "ErrorCurve",
@@ -67,17 +66,6 @@ __all__ = [
     "predicted_error",
 ]
 
-DEFAULT_EPSILON = 0.01
-"""Relative consumer-output error allowed by functional redundancy. Calibration: removing a
-fraction f of *independent* channels costs a relative error ≈ f, so the figure of a group with
-no redundancy is ≈ ε (plus one channel) — ε must be small for "independent → ≈ 0". 1 % of the
-output variance (SNR 20 dB per layer) is about the per-layer error of int8 post-training
-quantization, which networks tolerate; larger ε would count channels as redundant whose removal
-is visible in the output."""
-DEFAULT_RIDGE = 1e-6
-"""Ridge of the fold, relative to each kept channel's variance: numerical safety only (exact
-linear combinations stay exact to ~1e-6); raise it when the calibration rows are few compared
-with the channels."""
 _syr = scipy.linalg.blas.dsyr
 _syr2 = scipy.linalg.blas.dsyr2
 

@@ -19,10 +19,10 @@ from threadpoolctl import threadpool_limits
 
 from graphs.compensated import group_consumers
 from graphs.errors import InvalidInputError
-from graphs.functional import DEFAULT_EPSILON, DEFAULT_RIDGE
 from graphs.grouping import build_groups
 from graphs.layers import LayerWeights
 from graphs.manifest import Manifest
+from graphs.options import DEFAULT_EPSILON, DEFAULT_RIDGE
 from graphs.report import FunctionalFigure, Report
 from graphs.transformer import adapt_manifest
 

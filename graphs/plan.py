@@ -18,6 +18,10 @@ from graphs.manifest import Heads, ParamAxis, Unit
 PLAN_VERSION = "1.0"
 PlanMethod = Literal["mrp", "srr", "hsc", "l1", "fpgm", "random", "ci"]
 PLAN_METHODS: tuple[PlanMethod, ...] = ("mrp", "srr", "hsc", "l1", "fpgm", "random", "ci")
+AllocationRule = Literal["method", "uniform", "functional", "marginal"]
+"""How a plan with activation statistics counts each group's removals
+(:mod:`graphs.error_allocation`)."""
+ALLOCATION_RULES: tuple[AllocationRule, ...] = ("method", "uniform", "functional", "marginal")
 
 
 class Target(Frozen):

@@ -36,20 +36,24 @@ from graphs.allocation import (
     group_limit,
     redundancy_allocation,
 )
-from graphs.analyze import check_features
 from graphs.baselines import fpgm
 from graphs.cache import Cache
 from graphs.compensated_plan import plan_with_stats
 from graphs.cost import CostModel, infer_consumers
-from graphs.error_allocation import AllocationRule, Counts
+from graphs.error_allocation import Counts
 from graphs.errors import InvalidInputError, NoPrunableLayersError
 from graphs.features import Activations, group_features
-from graphs.functional import DEFAULT_EPSILON, DEFAULT_RIDGE
 from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
-from graphs.options import AnalysisOptions, layer_seed
-from graphs.plan import Constraints, GroupPlan, PlanMethod, PruningPlan, Target
+from graphs.options import (
+    DEFAULT_EPSILON,
+    DEFAULT_RIDGE,
+    AnalysisOptions,
+    check_features,
+    layer_seed,
+)
+from graphs.plan import AllocationRule, Constraints, GroupPlan, PlanMethod, PruningPlan, Target
 from graphs.recurrent import hidden_kept
 from graphs.selection import GroupState, HscState
 from graphs.transformer import adapt_manifest, plan_fields

@@ -21,12 +21,10 @@ from scipy.sparse.csgraph import connected_components
 from scipy.special import betaincinv
 
 from graphs.errors import InvalidInputError
+from graphs.options import DEFAULT_ALPHA, DEFAULT_MIN_EXPLAINED
 
-DEFAULT_ALPHA = 0.05
 BLOCK_BYTES = 2**27
 """Memory for one block of similarities (128 MiB): wide layers are processed in row blocks."""
-DEFAULT_MIN_EXPLAINED = 0.5
-"""Least share of a filter's energy that another must explain (cos²) for the two to be joined."""
 NULL_QUANTILE = 0.25
 """Quantile of squared pairwise cosines that the layer's null is fitted to (robust to up to 75 %
 of pairs being near-duplicates)."""
