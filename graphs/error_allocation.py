@@ -16,6 +16,12 @@ bisection so that the FLOPs/params target is met with the fewest removals:
 
 Groups without an error curve (no consumer statistics) lose nothing under ``functional`` and
 ``marginal``.
+
+:func:`sensitivity_weights` turns a measured sensitivity table (``clients.sensitivity`` as JSON,
+one group pruned alone at a few fractions with compensation, measured on *calibration* data)
+into the ``marginal`` currency: ``w_g`` = measured output change / predicted relative consumer
+error at the same removal, so ``w_g · error_g(k)`` estimates the model-level damage of removing
+``k`` channels of ``g`` (a relative error is not worth the same at every depth).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
@@ -31,10 +37,7 @@ from graphs.allocation import Budget
 from graphs.cost import CostModel
 from graphs.errors import InvalidInputError
 from graphs.functional import ErrorCurve
-from graphs.plan import Target
-
-AllocationRule = Literal["method", "uniform", "functional", "marginal"]
-ALLOCATION_RULES: tuple[AllocationRule, ...] = ("method", "uniform", "functional", "marginal")
+from graphs.plan import ALLOCATION_RULES, AllocationRule, Target
 
 
 @dataclass(frozen=True)
@@ -143,3 +146,110 @@ def allocate(
         f"unknown allocation {rule!r}",
         hint=f"Use one of {', '.join(ALLOCATION_RULES)}.",
     )
+
+
+MIN_PREDICTED_ERROR = 1e-9  # rows whose predicted error is below this say nothing about w_g
+
+
+@dataclass(frozen=True)
+class SensitivityWeights:
+    """Per-group currency of the ``marginal`` allocation from a sensitivity table.
+
+    ``weights``: group id → w_g for every group with an error curve; ``measured``: the groups
+    whose w_g came from the table; ``filled``: the others (no usable row), given the median of
+    the measured weights.
+    """
+
+    weights: dict[int, float]
+    measured: tuple[int, ...]
+    filled: tuple[int, ...]
+
+
+def _table_rows(table: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    if not isinstance(table, Mapping) or not isinstance(table.get("rows"), list):
+        raise InvalidInputError(
+            "a sensitivity table is a JSON object with a 'rows' list",
+            hint="Write it with clients.sensitivity(...).to_json().",
+        )
+    order = table.get("order", "functional")
+    if order != "functional":
+        raise InvalidInputError(
+            f"the sensitivity table removed channels in {order!r} order; the error curves "
+            "predict the greedy least-error path",
+            hint="Measure it with clients.sensitivity(..., order='functional', stats=...).",
+        )
+    rows = [r for r in table["rows"] if isinstance(r, Mapping) and r.get("compensated") is True]
+    return sorted(rows, key=lambda r: (str(r.get("group")), str(r.get("removed"))))
+
+
+def sensitivity_weights(
+    table: Mapping[str, Any],
+    curves: Mapping[int, ErrorCurve],
+    *,
+    channels: Mapping[int, int],
+) -> SensitivityWeights:
+    """``marginal`` weights from a sensitivity table (``clients.sensitivity(...).to_json()``).
+
+    For each group with an error curve, ``w_g = Σ |delta| / Σ error_g(removed)`` over the
+    table's compensated rows of that group (rows whose predicted error is below
+    :data:`MIN_PREDICTED_ERROR` are skipped): the measured change of the metric per unit of
+    predicted relative consumer error. Use a metric that is 0 for the unpruned model and
+    grows with the damage (e.g. mean KL(unpruned ‖ pruned) on calibration inputs); with an
+    accuracy, ``|delta|`` is its drop.
+
+    Args:
+        table: the parsed JSON (keys ``order``, ``rows``; each row ``group``, ``channels``,
+            ``removed``, ``compensated``, ``delta``).
+        curves: group id → error curve (:func:`graphs.functional.error_curve`), as the planner
+            computes them (up to the most channels a group may lose).
+        channels: group id → channel count of the model's manifest (every group).
+
+    Raises:
+        InvalidInputError: not a table, not ``order="functional"``, no compensated row, a row
+            naming an unknown group or a different channel count, a non-finite delta, or a
+            removal beyond the channel count.
+    """
+    rows = _table_rows(table)
+    if not rows:
+        raise InvalidInputError(
+            "the sensitivity table has no compensated rows",
+            hint="Measure it with clients.sensitivity(..., compensation=(True,), stats=...).",
+        )
+    num: dict[int, float] = {}
+    den: dict[int, float] = {}
+    for r in rows:
+        try:
+            gid, n, k, delta = int(r["group"]), int(r["channels"]), int(r["removed"]), r["delta"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInputError(
+                f"a sensitivity row lacks group/channels/removed/delta: {dict(r)}",
+                hint="Write the table with clients.sensitivity(...).to_json().",
+            ) from exc
+        if channels.get(gid) != n:
+            raise InvalidInputError(
+                f"sensitivity row for group {gid} ({n} channels) does not match the manifest "
+                f"({channels.get(gid, 'no such group')})",
+                hint="Measure the table on the same model the plan is for.",
+            )
+        if not (isinstance(delta, int | float) and math.isfinite(delta)) or not 0 < k < n:
+            raise InvalidInputError(
+                f"sensitivity row for group {gid}: delta {delta!r}, removed {k} of {n}",
+                hint="Deltas are finite numbers and 0 < removed < channels.",
+            )
+        curve = curves.get(gid)
+        if curve is None or k >= curve.errors.size:
+            continue
+        e = float(curve.errors[k])
+        if e >= MIN_PREDICTED_ERROR:
+            num[gid] = num.get(gid, 0.0) + abs(float(delta))
+            den[gid] = den.get(gid, 0.0) + e
+    measured = {g: num[g] / den[g] for g in sorted(den)}
+    if not measured:
+        raise InvalidInputError(
+            "no row of the sensitivity table matches a group with an error curve",
+            hint="Measure the groups the plan prunes (the manifest's prunable groups).",
+        )
+    fill = float(np.median(list(measured.values())))
+    filled = tuple(g for g in sorted(curves) if g not in measured)
+    weights = {g: measured.get(g, fill) for g in sorted(curves)}
+    return SensitivityWeights(weights, tuple(measured), filled)

@@ -1,0 +1,267 @@
+"""A better currency for allocation (c), measured on the zero-shot MobileNetV2 (issue 14 point 4).
+
+Allocation (c) (``graphs.error_allocation``, ``marginal``) removes channels where the predicted
+relative consumer-output error per MAC saved is lowest. A relative error is not worth the same
+at every depth, so each group's error curve is weighted by a measured **sensitivity weight**
+(:func:`graphs.error_allocation.sensitivity_weights`): ``w_g`` = output change when group ``g``
+alone is pruned at the probe fractions (compensated, channels in the greedy least-error order,
+``clients.sensitivity``) ÷ the predicted relative error at the same removal. The output change
+is measured on the **calibration inputs only** (the ones the statistics come from), as
+
+* ``marginal-kl``: mean KL(unpruned ‖ pruned) of the softmax outputs;
+* ``marginal-top1``: top-1 disagreement with the unpruned model.
+
+Every row is ``mrp`` with compensation (least-squares folds) at the same FLOPs target, in one
+run: ``uniform`` (a), ``functional`` (b, the default), ``marginal`` (c, w = 1) and the weighted
+currencies. Metrics on the evaluation inputs of ``benchmarks/fidelity.py`` (12 other source
+images): top-1 agreement with the unpruned model [95 % bootstrap interval over source images]
+and mean KL. Nothing is tuned on them: the probe fractions are fixed before the run.
+
+Usage:  python benchmarks/fidelity_currency.py [--targets 0.1 0.2] [--probe 0.1 0.25]
+            [--threads 2] [--out-dir DIR] [--golden-stats FILE]
+Writes DIR/currency.json, DIR/currency.md and the two sensitivity tables (reused when present
+and made with the same probe fractions) (default DIR: benchmarks/fidelity/currency/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import fidelity as fid  # noqa: E402
+from common import machine_busy, run_meta  # noqa: E402
+from fidelity_compensation import apply, capture_stats, measure  # noqa: E402
+
+TARGETS = (0.1, 0.2)
+PROBE = (0.1, 0.25)
+RULES = ("uniform", "functional", "marginal", "marginal-kl", "marginal-top1")
+
+
+def compare_golden(stats: dict[str, np.ndarray], path: Path | None) -> dict[str, Any] | None:
+    """Largest relative difference between our calibration statistics and a cached file."""
+    if path is None or not path.exists():
+        return None
+    from safetensors.numpy import load_file
+
+    cached = load_file(str(path))
+    common = [k for k in stats if f"gram/{k}" in cached or k in cached]
+    worst = 0.0
+    for k in common:
+        other = cached.get(f"gram/{k}", cached.get(k))
+        assert other is not None
+        d = np.abs(other.astype(np.float64) - stats[k]).max() / max(np.abs(stats[k]).max(), 1e-30)
+        worst = max(worst, float(d))
+    return {
+        "file": str(path),
+        "consumers_compared": len(common),
+        "of": len(stats),
+        "max_rel": worst,
+    }
+
+
+def sensitivity_tables(
+    s: fid.Setup, images: fid.ImageSet, stats: dict[str, np.ndarray], probe: Sequence[float]
+) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """Two tables from one ``clients.sensitivity`` pass on the calibration inputs: delta =
+    mean KL and delta = top-1 disagreement (same rows, same pruned models)."""
+    from clients import sensitivity
+
+    t = time.perf_counter()
+    ref = fid.log_probs(copy.deepcopy(s.model), images.calib_u8)
+    top1: dict[float, float] = {}
+
+    def evaluate(model: torch.nn.Module) -> float:
+        lp = fid.log_probs(model, images.calib_u8)
+        kl = float((ref.exp() * (ref - lp)).sum(1).clamp_min(0).mean())
+        top1[kl] = float((ref.argmax(1) != lp.argmax(1)).double().mean())
+        return kl
+
+    table = sensitivity(
+        copy.deepcopy(s.model),
+        torch.zeros(1, 3, fid.SIZE, fid.SIZE),
+        evaluate,
+        manifest=s.manifest,
+        fractions=tuple(probe),
+        compensation=(True,),
+        stats=stats,
+        order="functional",
+    )
+    kl_table = json.loads(table.to_json())
+    top_table = copy.deepcopy(kl_table)
+    top_table["baseline"] = 0.0
+    for r in top_table["rows"]:
+        r["delta"] = r["metric"] = top1[r["metric"]]
+    return kl_table, top_table, time.perf_counter() - t
+
+
+def curves_of(s: fid.Setup, stats: dict[str, np.ndarray]) -> dict[int, Any]:
+    """The error curves ``plan_with_stats`` computes for ``marginal`` (default constraints)."""
+    from graphs.allocation import group_limit
+    from graphs.compensated import group_consumers
+    from graphs.plan import Constraints
+
+    c = Constraints()
+    found = group_consumers(s.parsed.layers, s.manifest, stats)
+    ids = [
+        g.id
+        for g in s.manifest.groups
+        if g.prunable
+        and g.id in found.consumers
+        and group_limit(g.channels, c)
+        and not any(p in s.manifest.ignored for p in g.producers)
+    ]
+    return found.curves(ids, max_ratio=c.max_ratio)
+
+
+def plan_for(s: fid.Setup, stats: dict[str, np.ndarray], target: float, rule: str, w: Any) -> Any:
+    from graphs.plan import Target
+    from graphs.planner import plan_layers
+
+    return plan_layers(
+        s.parsed.layers,
+        method="mrp",
+        target=Target(flops=target),
+        params_total=s.parsed.info.n_params,
+        manifest=s.manifest,
+        checkpoint_sha256=s.parsed.info.sha256,
+        stats=stats,
+        allocation="marginal" if rule.startswith("marginal") else rule,  # type: ignore[arg-type]
+        group_weights=w,
+    )
+
+
+def cell(r: dict[str, Any]) -> str:
+    lo, hi = r["agreement_ci95"]
+    return f"{100 * r['agreement']:.1f} % [{100 * lo:.0f}–{100 * hi:.0f}] / {r['kl']:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]], targets: Sequence[float]) -> str:
+    head = "| mrp · comp / allocation | " + " | ".join(f"−{100 * t:.0f} % FLOPs" for t in targets)
+    out = [head + " |", "|---|" + "---:|" * len(targets)]
+    for rule in RULES:
+        got = {r["target"]: r for r in rows if r["rule"] == rule}
+        if got:
+            cells = [cell(got[t]) if t in got else "–" for t in targets]
+            out.append(f"| {rule} | " + " | ".join(cells) + " |")
+    out += ["", "Achieved FLOPs / params reduction (%), planning time:", ""]
+    out += [head + " |", "|---|" + "---:|" * len(targets)]
+    for rule in RULES:
+        got = {r["target"]: r for r in rows if r["rule"] == rule}
+        if got:
+            cells = [
+                f"{100 * got[t]['flops_reduction']:.1f} / {100 * got[t]['params_reduction']:.1f}"
+                f" · {got[t]['plan_s']:.0f} s"
+                if t in got
+                else "–"
+                for t in targets
+            ]
+            out.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def load_or_measure(
+    out_dir: Path, s: fid.Setup, images: fid.ImageSet, stats: dict[str, np.ndarray], probe: Any
+) -> tuple[dict[str, Any], dict[str, Any], float | None]:
+    paths = out_dir / "sensitivity_kl.json", out_dir / "sensitivity_top1.json"
+    meta = out_dir / "sensitivity_probe.json"
+    if all(p.exists() for p in (*paths, meta)) and json.loads(meta.read_text()) == list(probe):
+        return json.loads(paths[0].read_text()), json.loads(paths[1].read_text()), None
+    kl, top, sec = sensitivity_tables(s, images, stats, probe)
+    paths[0].write_text(json.dumps(kl, indent=1) + "\n")
+    paths[1].write_text(json.dumps(top, indent=1) + "\n")
+    meta.write_text(json.dumps(list(probe)) + "\n")
+    return kl, top, sec
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    from graphs.error_allocation import sensitivity_weights
+
+    t0 = time.perf_counter()
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    busy = machine_busy(1.0)
+    torch.set_num_threads(a.threads)
+    images = fid.image_set(None, None)
+    s = fid.setup(a.realdata or fid.realdata_dir())
+    ref = fid.log_probs(copy.deepcopy(s.model), images.eval_u8)
+    stats, capture_s = capture_stats(s, images.calib_u8)
+    golden = compare_golden(stats, a.golden_stats)
+    print(f"statistics of {len(stats)} consumers in {capture_s:.1f} s; golden: {golden}")
+    kl_table, top_table, sens_s = load_or_measure(a.out_dir, s, images, stats, a.probe)
+    print(f"sensitivity tables ({len(kl_table['rows'])} rows) in {sens_s} s")
+    curves = curves_of(s, stats)
+    channels = {g.id: g.channels for g in s.manifest.groups}
+    weights = {
+        "marginal": None,
+        "marginal-kl": sensitivity_weights(kl_table, curves, channels=channels),
+        "marginal-top1": sensitivity_weights(top_table, curves, channels=channels),
+    }
+    rows = []
+    for target in a.targets:
+        for rule in a.rules:
+            t = time.perf_counter()
+            sw = weights.get(rule)
+            plan = plan_for(s, stats, target, rule, sw.weights if sw is not None else None)
+            plan_s = time.perf_counter() - t
+            pruned = apply(s, plan, folds=True)
+            row = {"target": target, "rule": rule, "plan_s": round(plan_s, 2)}
+            row["removed"] = {g.name: len(g.remove) for g in plan.groups if g.remove}
+            row.update(measure(s, pruned, images, ref, bn=False))
+            rows.append(row)
+            print(f"{target} {rule:14s} FLOPs -{100 * row['flops_reduction']:.1f} % {cell(row)}")
+    return {
+        "meta": {**run_meta(), "machine_busy": busy, "torch_threads": a.threads},
+        "config": {
+            "targets": list(a.targets),
+            "probe_fractions": list(a.probe),
+            "rules": list(a.rules),
+            "method": "mrp, compensated (least-squares folds), default constraints",
+            "sensitivity": "clients.sensitivity(order='functional', compensation=(True,)) on "
+            f"the {images.info['n_calib']} calibration inputs only",
+        },
+        "images": images.info,
+        "golden_stats": golden,
+        "weights": {
+            k: {"weights": {str(g): v for g, v in w.weights.items()}, "filled": list(w.filled)}
+            for k, w in weights.items()
+            if w is not None
+        },
+        "timings": {"capture_s": capture_s, "sensitivity_s": sens_s},
+        "rows": rows,
+        "total_s": round(time.perf_counter() - t0, 1),
+        "markdown": markdown(rows, a.targets),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    p.add_argument("--probe", type=float, nargs="+", default=list(PROBE))
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--realdata", type=Path, default=None)
+    p.add_argument("--golden-stats", type=Path, default=None)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "fidelity" / "currency")
+    a = p.parse_args(argv)
+    result = run(a)
+    (a.out_dir / "currency.json").write_text(json.dumps(result, indent=2) + "\n")
+    (a.out_dir / "currency.md").write_text(result["markdown"] + "\n")
+    print()
+    print(result["markdown"])
+    print(f"\nwrote {a.out_dir / 'currency.json'}; total {result['total_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
