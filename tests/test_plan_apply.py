@@ -22,7 +22,7 @@ from clients import apply_plan, build_manifest, capture_activations
 from graphs.manifest import Manifest
 from graphs.plan import PLAN_METHODS, Target
 from graphs.planner import plan_layers
-from service.ingest import ParsedCheckpoint, read_checkpoint
+from service.ingest.checkpoint import ParsedCheckpoint, read_checkpoint
 from tests.clients import models
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from graphs import analyze, hsc, mrp, srr
 from prunegraph.cli import app
-from service.ingest import read_checkpoint
+from service.ingest.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.real
 

@@ -17,7 +17,7 @@ from clients import PlanMismatchError, apply_plan, build_manifest
 from graphs import analyze
 from graphs.plan import PruningPlan, Target
 from graphs.planner import plan_layers
-from service.ingest import read_checkpoint
+from service.ingest.checkpoint import read_checkpoint
 from tests.clients.bert import BertConfig, BertModel
 from tests.clients.llama import LlamaConfig, LlamaModel
 

@@ -28,7 +28,7 @@ from clients import ManifestError, apply_plan, build_manifest, capture_activatio
 from graphs.manifest import Manifest
 from graphs.plan import PLAN_METHODS, PruningPlan, Target
 from graphs.planner import plan_layers
-from service.ingest import ParsedCheckpoint, read_checkpoint
+from service.ingest.checkpoint import ParsedCheckpoint, read_checkpoint
 from tests.clients import models
 
 X = torch.zeros(1, 3, 64, 64)

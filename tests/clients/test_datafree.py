@@ -18,7 +18,7 @@ from graphs.compensated import save_plan
 from graphs.plan import PruningPlan, Target
 from graphs.planner import plan_layers
 from prunegraph.cli import app
-from service.ingest import read_checkpoint
+from service.ingest.checkpoint import read_checkpoint
 from tests.clients import models
 
 DEAD = (2, 5)  # channels of b2 with γ = 0 (b1 feeds the stem group, never pruned)

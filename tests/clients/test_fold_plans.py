@@ -14,7 +14,7 @@ from clients import apply_plan, build_manifest, capture_activations
 from graphs.compensated import save_plan
 from graphs.plan import Target
 from graphs.planner import plan_layers
-from service.ingest import read_checkpoint
+from service.ingest.checkpoint import read_checkpoint
 from tests.clients import models
 from tests.clients.fold_models import chain, data, error, residual
 from tests.mnist import load_mnist, split

@@ -29,9 +29,9 @@ from clients import (
 )
 from graphs.plan import PruningPlan
 from graphs.report import Report
-from service.app import create_app
-from service.db import CheckpointRow
+from service.main import create_app
 from service.settings import Settings
+from service.store.db import CheckpointRow
 from tests.clients import models
 
 BASE = "http://testserver"

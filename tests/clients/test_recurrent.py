@@ -18,7 +18,7 @@ from graphs import analyze
 from graphs.plan import Target
 from graphs.planner import plan_layers
 from graphs.recurrent import PROJ_REASON
-from service.ingest import read_checkpoint
+from service.ingest.checkpoint import read_checkpoint
 from tests.graphs.planted import same_partition
 
 METHODS = ["mrp", "srr", "hsc", "l1", "fpgm"]

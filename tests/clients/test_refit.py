@@ -12,7 +12,7 @@ from torch import nn
 from clients import PlanMismatchError, apply_plan, build_manifest, capture_activations, refit
 from graphs.plan import PruningPlan, Target
 from graphs.planner import plan_layers
-from service.ingest import read_checkpoint
+from service.ingest.checkpoint import read_checkpoint
 from tests.clients.fold_models import Chain, chain, data, error, make_plan, residual
 
 SIZE = {"Residual": 4, "Chain": 12}

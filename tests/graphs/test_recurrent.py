@@ -286,7 +286,7 @@ def test_without_a_manifest_units_are_analysed_but_kept_in_plans() -> None:
 
 
 def test_a_group_rebuilt_from_copies_counts_weight_hh_once() -> None:
-    """Tasks (service.executor) rebuild a group's members as new objects: weight_hh's two parts
+    """Tasks (service.jobs.executors.local) rebuild a group's members as new objects: weight_hh's two parts
     are then two objects of one name, still one parameter."""
     ih, hh, _ = recurrent_weights("gru", 8, 5, seed=0)
     (group,), _ = build_groups(_layers("rnn", "_l0", ih, hh))

@@ -19,7 +19,7 @@ from clients.activations import capture_activations
 from clients.manifest import build_manifest
 from graphs.plan import PruningPlan
 from graphs.report import Report
-from service.app import create_app
+from service.main import create_app
 from service.settings import Settings
 from tests.clients import models
 

@@ -19,9 +19,9 @@ from sqlalchemy import update
 
 from graphs.plan import PruningPlan
 from graphs.report import Report
-from service.app import create_app
-from service.db import RUNNING, CheckpointRow, JobRow, init_db
+from service.main import create_app
 from service.settings import Settings
+from service.store.db import RUNNING, CheckpointRow, JobRow, init_db
 
 ALICE = {"Authorization": "Bearer secret1"}
 BOB = {"Authorization": "Bearer secret2"}
@@ -81,7 +81,7 @@ def client(data_dir: Path) -> Iterator[TestClient]:
 
 
 def test_healthz_needs_no_token_docs_do(client: TestClient) -> None:
-    """With tokens set, the API description is for callers with a token (service.apidocs)."""
+    """With tokens set, the API description is for callers with a token (service.api.apidocs)."""
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/openapi.json").status_code == 401
     assert client.get("/docs", follow_redirects=False).status_code == 303  # to /login
@@ -262,7 +262,7 @@ def test_replanning_reuses_the_cached_analysis(client: TestClient, data_dir: Pat
     nothing again (every per-group artifact is a cache hit), and its plan is the one computed
     from scratch without any cache."""
     from graphs.planner import plan_layers
-    from service.ingest import read_checkpoint
+    from service.ingest.checkpoint import read_checkpoint
 
     data = _model_bytes(seed=7)
     ckpt = _upload(client, data).json()["id"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from graphs.cache import cache_key
-from service.cache import FileCache, code_namespace
+from service.store.cache import FileCache, code_namespace
 
 
 def test_file_cache_round_trip_and_counts(tmp_path: Path) -> None:

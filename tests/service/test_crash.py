@@ -16,7 +16,7 @@ import httpx
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from service.lifeline import exit_with_parent
+from service.jobs.lifeline import exit_with_parent
 from tests.server_process import Server, wait_job
 from tests.service.test_app import _model_bytes
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from graphs.layout import spring_layout
-from service.charts import community_colours
+from service.dashboard.charts import community_colours
 from tests.server_process import Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -498,7 +498,7 @@ def test_pages_without_auth(tmp_path: Path) -> None:
     """With auth off every page is the anonymous user's; /login and /logout just go home."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.main import create_app
     from service.settings import Settings
 
     with TestClient(create_app(Settings(data_dir=tmp_path, workers=1))) as c:

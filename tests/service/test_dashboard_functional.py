@@ -19,11 +19,11 @@ from graphs.functional_report import functional_figures, with_functional
 from graphs.plan import PruningPlan, Target
 from graphs.planner import plan_layers
 from graphs.report import Report
-from service.curves import CEILING, FLOOR, error_of
-from service.dashboard import _env
-from service.db import DONE, JobRow
-from service.ingest import read_checkpoint
-from service.pages import _report_context
+from service.dashboard.curves import CEILING, FLOOR, error_of
+from service.dashboard.pages import _report_context
+from service.dashboard.routes import _env
+from service.ingest.checkpoint import read_checkpoint
+from service.store.db import DONE, JobRow
 from tests.clients import models
 from tests.mnist import load_mnist, split
 

@@ -1,7 +1,7 @@
 """The dashboard's model summary shows the report's own model figures (no browser needed): the
 report page and the compare page are rendered from the real digit CNN and the same network with
-every conv widened 2× by duplicated filters (tests/test_check_bloat.py), with a manifest, and
-every number shown is the report's."""
+every conv widened 2× by duplicated filters (tests/prunegraph/test_check_bloat.py), with a
+manifest, and every number shown is the report's."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import torch
 
 from graphs import Report
 from graphs.analyze import analyze
-from service.dashboard import _env
-from service.db import DONE, JobRow
-from service.ingest import read_checkpoint
-from service.pages import _report_context, compare
-from tests.test_check_bloat import model_of, widen
+from service.dashboard.pages import _report_context, compare
+from service.dashboard.routes import _env
+from service.ingest.checkpoint import read_checkpoint
+from service.store.db import DONE, JobRow
+from tests.prunegraph.test_check_bloat import model_of, widen
 
 
 class Cells(HTMLParser):

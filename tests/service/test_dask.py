@@ -1,4 +1,4 @@
-"""Per-group analysis as Dask tasks (service.executor, service.dask_executor).
+"""Per-group analysis as Dask tasks (service.jobs.executors.local, service.jobs.executors.dask).
 
 The slow tests run real processes on 127.0.0.1: a ``dask scheduler``, two ``dask worker``s
 (w1, w2; no nanny, so that a killed worker stays dead) and a ``prunegraph serve`` pointed at the
@@ -28,8 +28,7 @@ from graphs.grouping import build_groups
 from graphs.layers import LayerWeights
 from graphs.options import AnalysisOptions
 from graphs.report import CheckpointInfo
-from service.cache import code_namespace
-from service.executor import (
+from service.jobs.executors.local import (
     GroupOutcome,
     GroupTask,
     LocalExecutor,
@@ -37,8 +36,9 @@ from service.executor import (
     analyze_group_task,
     make_executor,
 )
-from service.jobs import analyze_on
+from service.jobs.tasks import analyze_on
 from service.settings import Settings
+from service.store.cache import code_namespace
 from tests.server_process import Server, _free_port, wait_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,8 +107,8 @@ def test_local_tasks_with_a_manifest_and_feature_maps_give_the_library_report(
 
     from clients import build_manifest
     from clients.activations import capture_activations
-    from service.activations import read_activations
-    from service.ingest import read_checkpoint
+    from service.ingest.activations import read_activations
+    from service.ingest.checkpoint import read_checkpoint
     from tests.clients import models
     from tests.mnist import load_mnist
 
@@ -136,7 +136,7 @@ def test_a_task_error_fails_the_map_with_its_own_message(monkeypatch: pytest.Mon
     assert isinstance(outcome.error, InvalidInputError) and not outcome.results
     with pytest.raises(InvalidInputError):
         LocalExecutor().map_groups(analyze_group_task, tasks, lambda d, n: None)
-    import service.executor as ex
+    import service.jobs.executors.local as ex
 
     monkeypatch.setattr(ex, "_worker_name", lambda: "w9")  # as if on a Dask worker
     other = analyze_group_task(_tasks(_layers(1), ("l1",), namespace="0" * 16)[0])
@@ -163,7 +163,7 @@ def test_killed_workers_and_lost_schedulers_are_named() -> None:
 
     from distributed import KilledWorker
 
-    from service.dask_executor import DaskExecutor
+    from service.jobs.executors.dask import DaskExecutor
 
     class Dead:
         def __init__(self, exc: Exception) -> None:
@@ -183,7 +183,7 @@ def test_killed_workers_and_lost_schedulers_are_named() -> None:
 
 
 def test_no_scheduler_at_the_address_fails_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.dask_executor as dx
+    import service.jobs.executors.dask as dx
 
     monkeypatch.setattr(dx, "CONNECT_S", 1.0)
     tasks = _tasks(_layers(0)[:1], ("l1",))
@@ -221,7 +221,7 @@ def _llama(folder: Path, hidden: int, inter: int, blocks: int = 2) -> Path:
 
 
 def _job_tasks(folder: Path, **kw: Any) -> tuple[Any, list[GroupTask]]:
-    from service.ingest import read_checkpoint
+    from service.ingest.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(folder)
     groups, _ = build_groups(ckpt.layers)
@@ -236,7 +236,7 @@ def test_safetensors_tasks_carry_references_of_a_size_independent_of_the_layers(
 ) -> None:
     import pickle
 
-    from service.safetensors_file import TensorRef
+    from service.ingest.safetensors_file import TensorRef
 
     _, small = _job_tasks(_llama(tmp_path / "small", 16, 32))
     ckpt, large = _job_tasks(_llama(tmp_path / "large", 128, 512))
@@ -271,9 +271,9 @@ def test_feature_maps_travel_as_references_and_give_the_library_report(tmp_path:
 
     from safetensors.numpy import save_file
 
-    from service.activations import read_activations
-    from service.ingest import read_checkpoint
-    from service.safetensors_file import TensorRef
+    from service.ingest.activations import read_activations
+    from service.ingest.checkpoint import read_checkpoint
+    from service.ingest.safetensors_file import TensorRef
 
     rng = np.random.default_rng(5)
     layers = _layers(0)[:3]  # conv1 (with its depthwise dw: one group), conv2
@@ -305,7 +305,7 @@ def test_a_task_whose_file_is_not_there_says_the_workers_must_share_the_data_dir
     here = analyze_group_task(tasks[0])  # in the job's own process: the file went away
     assert isinstance(here.error, TaskFailedError) and "cannot read" in here.error.message
     assert str(tmp_path / "ckpt" / "model-00001-of-00002.safetensors") in here.error.message
-    import service.executor as ex
+    import service.jobs.executors.local as ex
 
     monkeypatch.setattr(ex, "_worker_name", lambda: "w9")  # as if on a Dask worker
     there = analyze_group_task(tasks[0])
@@ -323,7 +323,7 @@ def test_the_dask_executor_submits_the_largest_first_and_a_bounded_window(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A stand-in client: each submitted task completes when the executor asks for it."""
-    import service.dask_executor as dx
+    import service.jobs.executors.dask as dx
 
     class FakeFuture:
         def __init__(self, key: str, run: Any) -> None:
@@ -465,7 +465,7 @@ def test_a_job_runs_on_both_workers_with_the_embedded_report_and_plan(
 ) -> None:
     from graphs.plan import Target
     from graphs.planner import plan_layers
-    from service.ingest import read_checkpoint
+    from service.ingest.checkpoint import read_checkpoint
 
     req = {"checkpoint_id": mobilenet, "seed": 0, "target": {"params": 0.3}}
     job = httpx.post(f"{server.url}/v1/jobs", json=req, timeout=30).json()["id"]
@@ -493,7 +493,7 @@ def test_a_job_runs_on_both_workers_with_the_embedded_report_and_plan(
 @pytest.mark.real
 @pytest.mark.slow
 def test_tasks_that_keep_failing_fail_the_map_with_the_reason(cluster: Cluster) -> None:
-    from service.dask_executor import DaskExecutor
+    from service.jobs.executors.dask import DaskExecutor
 
     tasks = _tasks(_layers(0)[:1], ("l1",))
     with pytest.raises(TaskFailedError, match="failed on the Dask workers 3 times: RuntimeError"):
@@ -520,8 +520,8 @@ def test_a_sharded_safetensors_job_on_dask_reads_the_shared_files(
     import pickle
     from dataclasses import replace
 
-    from service.dask_executor import DaskExecutor
-    from service.ingest import read_checkpoint
+    from service.ingest.checkpoint import read_checkpoint
+    from service.jobs.executors.dask import DaskExecutor
 
     folder = _llama(tmp_path / "ckpt", 128, 512, blocks=3)
     ckpt = read_checkpoint(folder)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.formats import detect_format
+from service.ingest.detect import detect_format
 
 
 def _safetensors(path: Path, header_len: int) -> Path:

@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save as save_safetensors
 from schemathesis.checks import not_a_server_error
 
-from service.app import create_app
+from service.main import create_app
 from service.settings import Settings
 from tests.service.test_app import _model_bytes
 

@@ -33,7 +33,7 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save as save_safetensors
 
-from service.app import create_app
+from service.main import create_app
 from service.settings import Settings
 from tests.service.test_app import _model_bytes
 

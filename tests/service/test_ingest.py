@@ -28,7 +28,7 @@ from graphs.errors import (
     UnsupportedFormatError,
 )
 from graphs.layers import LayerWeights
-from service.ingest import (
+from service.ingest.checkpoint import (
     DEAD_REASON,
     NAN_REASON,
     ONE_FILTER_REASON,
@@ -222,7 +222,7 @@ def test_reading_safetensors_and_onnx_never_imports_torch(tmp_path: Path) -> Non
     save_numpy({"fc.weight": np.ones((3, 4), np.float32) * np.arange(3)[:, None]}, str(path))
     onnx_path, _ = _onnx_model(tmp_path)
     code = (
-        "import sys; from service.ingest import read_checkpoint; "
+        "import sys; from service.ingest.checkpoint import read_checkpoint; "
         f"assert read_checkpoint({str(path)!r}).layers; "
         f"assert read_checkpoint({str(onnx_path)!r}).layers; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
@@ -644,7 +644,8 @@ def test_onnx_manifest_groups_win(tmp_path: Path) -> None:
 
 def test_onnx_recurrent_nodes_are_recurrent_layers(tmp_path: Path) -> None:
     """An ONNX LSTM's W/R become torch's weight_ih_l0/weight_hh_l0, gates i,o,f,c -> i,f,g,o
-    (service.onnx_recurrent; tests/service/test_onnx_dynamic.py checks exported torch models)."""
+    (service.ingest.onnx_recurrent; tests/service/test_onnx_dynamic.py checks exported torch
+    models)."""
     rng = np.random.default_rng(0)
     inits = [
         _init("lstm.W", rng.standard_normal((1, 20, 3))),

@@ -18,9 +18,9 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
-from service.app import create_app
-from service.db import DONE, RUNNING, JobRow, init_db
+from service.main import create_app
 from service.settings import Settings
+from service.store.db import DONE, RUNNING, JobRow, init_db
 
 ALICE = {"Authorization": "Bearer a-token"}
 BOB = {"Authorization": "Bearer b-token"}
@@ -316,7 +316,7 @@ def test_the_client_waits_out_a_rate_limit_and_raises_on_a_quota(
 ) -> None:
     import types
 
-    import clients.http
+    import clients.transport
     from clients import NotFoundError, PruneGraphClient, TooManyRequestsError
 
     slept: list[float] = []
@@ -326,7 +326,7 @@ def test_the_client_waits_out_a_rate_limit_and_raises_on_a_quota(
         clock.now += s
 
     monkeypatch.setattr(
-        clients.http, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic)
+        clients.transport, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic)
     )
     pg = PruneGraphClient("http://testserver", token="a-token", http=client)
     clock.frozen = True
@@ -347,10 +347,10 @@ def test_the_client_waits_out_a_rate_limit_and_raises_on_a_quota(
 def test_the_client_sends_a_large_manifest_as_a_file(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clients.http
+    import clients.job_request
     from clients import PruneGraphClient, build_manifest
 
-    monkeypatch.setattr(clients.http, "_MANIFEST_AS_FILE", 100)  # this small one is "large"
+    monkeypatch.setattr(clients.job_request, "MANIFEST_AS_FILE", 100)  # this small one is "large"
     pg = PruneGraphClient("http://testserver", token="b-token", http=client)
     ckpt = client.get("/v1/checkpoints", headers=BOB).json()["items"][0]["id"]
     sent: list[str] = []

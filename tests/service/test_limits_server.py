@@ -17,8 +17,8 @@ import httpx
 import pytest
 import torch
 
-from service.db import RUNNING, JobRow, init_db
 from service.settings import Settings
+from service.store.db import RUNNING, JobRow, init_db
 from tests.server_process import Server
 
 pytestmark = [pytest.mark.slow]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from service.limits import RateLimiter
+from service.api.limits import RateLimiter
 from service.settings import Settings
-from service.storage import STALE_GRACE_S, clean_stale
+from service.store.files import STALE_GRACE_S, clean_stale
 
 
 def test_limits_off_and_defaults(tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_stale_temp_files_go_and_uploads_in_progress_stay(tmp_path: Path) -> Non
 
 
 def test_the_limiter_refills_per_key_and_forgets_idle_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.limits
+    import service.api.limits
 
     now = [0.0]
     limiter = RateLimiter(7, lambda: now[0])
@@ -48,7 +48,7 @@ def test_the_limiter_refills_per_key_and_forgets_idle_keys(monkeypatch: pytest.M
     assert limiter.blocked("a") == 9 and limiter.take("b") is None  # keys apart
     now[0] += 60 / 7
     assert limiter.take("a") is None and limiter.take("a") is not None
-    monkeypatch.setattr(service.limits, "MAX_KEYS", 3)
+    monkeypatch.setattr(service.api.limits, "MAX_KEYS", 3)
     limiter.take("c")
     now[0] += 60.0  # every bucket full again: idle keys are forgotten when a new key comes
     limiter.take("d")
@@ -67,8 +67,8 @@ def test_the_limiter_refills_per_key_and_forgets_idle_keys(monkeypatch: pytest.M
 def test_forged_cursors_are_a_400_not_a_500(payload: bytes) -> None:
     import base64
 
-    from service.errors import ApiError
-    from service.pagination import decode, encode
+    from service.api.errors import ApiError
+    from service.api.pagination import decode, encode
 
     assert decode(encode(1.5, "abc")) == (1.5, "abc")
     with pytest.raises(ApiError) as err:

@@ -1,5 +1,6 @@
 """ONNX models exported with symbolic (dynamic) dims: analysed from their weights, FLOPs and a
-manifest once the input shape is given (service.onnx_shapes, service.ingest.derived_manifest).
+manifest once the input shape is given (service.ingest.onnx_shapes,
+service.ingest.checkpoint.derived_manifest).
 
 The models are plain torch, exported here with the TorchScript exporter (``dynamo=False``: the
 default exporter of torch 2.9+ needs onnxscript, which the project does not install) with
@@ -27,16 +28,16 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from clients.http import PruneGraphClient
+from clients import PruneGraphClient
 from graphs import analyze
 from graphs.errors import InvalidInputError
 from graphs.recurrent import parse
 from graphs.report import Report
 from prunegraph.cli import app
-from service.app import create_app
-from service.ingest import ParsedCheckpoint, derived_manifest, read_checkpoint
-from service.onnx_manifest import manifest_from_onnx
-from service.onnx_shapes import parse_input_shapes
+from service.ingest.checkpoint import ParsedCheckpoint, derived_manifest, read_checkpoint
+from service.ingest.onnx_manifest import manifest_from_onnx
+from service.ingest.onnx_shapes import parse_input_shapes
+from service.main import create_app
 from service.settings import Settings
 
 runner = CliRunner()

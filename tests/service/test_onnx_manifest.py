@@ -1,4 +1,4 @@
-"""Manifests derived from ONNX graphs (service.onnx_manifest)."""
+"""Manifests derived from ONNX graphs (service.ingest.onnx_manifest)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from graphs.grouping import build_groups
 from graphs.manifest import Manifest, ParamAxis
 from graphs.plan import Target
 from graphs.planner import plan_layers
-from service.ingest import read_checkpoint
-from service.onnx_manifest import manifest_from_onnx
+from service.ingest.checkpoint import read_checkpoint
+from service.ingest.onnx_manifest import manifest_from_onnx
 
 
 class _Net:

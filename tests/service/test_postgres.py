@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from graphs.report import Report
-from service.app import create_app
+from service.main import create_app
 from tests.postgres import ENV, Cluster, fresh_database
 from tests.server_process import Server, wait_job
 from tests.service import test_app as api

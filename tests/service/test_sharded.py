@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from graphs import analyze
 from graphs.errors import CheckpointError
-from service.ingest import read_checkpoint
+from service.ingest.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -161,7 +161,7 @@ def test_weights_are_read_only_views_of_the_file(tmp_path: Path) -> None:
 _MEASURE = """
 import resource, sys
 from graphs import analyze
-from service.ingest import read_checkpoint
+from service.ingest.checkpoint import read_checkpoint
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ckpt = read_checkpoint(sys.argv[1])
 analyze(ckpt.layers, checkpoint=ckpt.info, skipped=ckpt.skipped, methods=["l1"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.main import create_app
 from service.settings import Settings
 from tests.service.test_app import _model_bytes, _wait
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service import logins
-from service.app import create_app
-from service.db import LoginRow, init_db
-from service.logins import SESSION_COOKIE
-from service.redact import redact, server_roots
+from service.jobs.redact import redact, server_roots
+from service.main import create_app
 from service.settings import Settings
+from service.store import logins
+from service.store.db import LoginRow, init_db
+from service.store.logins import SESSION_COOKIE
 from tests.service.test_app import _model_bytes
 
 TOKENS = "alice:secret1,bob:secret2"

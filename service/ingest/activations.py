@@ -1,0 +1,179 @@
+"""Captured feature maps: reading an activations file and checking it against its checkpoint.
+
+The file is what ``clients.capture_activations(...).save(path)`` writes: safetensors with one
+float tensor (samples, channels, pixels) per capture point and metadata ``format =
+prunegraph-activations``, ``version`` (1 or 2) and ``layers`` (layer name -> tensor name). Version
+2 adds second-moment statistics per consumer (``gram/<module>``, :mod:`service.ingest.statistics`)
+and may hold only those (no maps). It is parsed by the same validating safetensors reader as
+checkpoints: no pickle, bounded, every offset checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from graphs.errors import CheckpointError, InvalidInputError
+from graphs.features import Activations
+from graphs.layers import LayerWeights
+from service.ingest import detect
+from service.ingest.statistics import check_statistics, read_statistics, skipped_statistics
+
+FORMAT = "prunegraph-activations"
+VERSIONS = ("1", "2")
+_WRITE = "Write it with clients.capture_activations(model, batches).save('acts.safetensors')."
+
+
+def _metadata(path: Path, display: str) -> dict[str, str]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if n <= 0 or n > 100 * 2**20:
+            raise CheckpointError(f"{display} is not a safetensors file", hint=_WRITE)
+        header = detect._st_header(display, f.read(n))
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{display} is not a prunegraph activations file (no format={FORMAT} metadata)",
+            hint=_WRITE,
+        )
+    version = str(meta.get("version", "1"))
+    if version not in VERSIONS:
+        raise CheckpointError(
+            f"{display} is an activations file of version {version}; this service reads "
+            f"versions {', '.join(VERSIONS)}",
+            hint="Upgrade the service, or capture with the client that matches it.",
+        )
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+@dataclass
+class Capture:
+    """Everything an activations file holds, checked on its own.
+
+    Attributes:
+        maps: layer name -> feature maps (samples, channels, pixels); may be empty (version 2
+            files captured with ``maps=False``).
+        statistics: consumer module name -> S, float64 (c + 1, c + 1), constant last.
+        skipped: consumer module name -> why it has no statistics.
+        samples: samples the capture read (0 when the file does not say).
+    """
+
+    maps: Activations
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
+
+    @property
+    def n_samples(self) -> int:
+        return max([int(m.shape[0]) for m in self.maps.values()] + [self.samples])
+
+
+def read_capture(path: str | os.PathLike[str], *, name: str | None = None) -> Capture:
+    """Maps and statistics of an activations file.
+
+    Raises:
+        CheckpointError: not a (valid) activations file, maps that are not 3-D finite arrays,
+            statistics that are not second-moment matrices, or neither maps nor statistics.
+    """
+    p = Path(path)
+    display = name or os.fspath(path)
+    try:
+        if detect.detect_format(p, display, p.stat().st_size) != "safetensors":
+            raise CheckpointError(f"{display} is not a safetensors file", hint=_WRITE)
+        meta = _metadata(p, display)
+        raw = detect.read_safetensors(p, display)
+    except OSError as e:
+        raise CheckpointError(f"{display} cannot be read: {e.strerror or e}.") from e
+    maps = _maps(raw.tensors, meta, display)
+    stats = read_statistics(raw.tensors, display)
+    if not maps and not stats:
+        raise CheckpointError(f"{display} holds no feature maps and no statistics", hint=_WRITE)
+    try:
+        samples = max(0, int(meta.get("samples", "0")))
+    except ValueError:
+        samples = 0
+    return Capture(maps, stats, skipped_statistics(meta, display), samples)
+
+
+def read_activations(path: str | os.PathLike[str], *, name: str | None = None) -> Activations:
+    """Layer name -> feature maps (samples, channels, pixels), float32 or float64.
+
+    Raises:
+        CheckpointError: not a (valid) activations file, tensors that are not 3-D finite maps,
+            or a file with statistics only (no maps).
+    """
+    display = name or os.fspath(path)
+    capture = read_capture(path, name=name)
+    if not capture.maps:
+        raise CheckpointError(
+            f"{display} holds only second-moment statistics, no feature maps (captured with "
+            "maps=False); ci and vectors='activations' compare feature maps",
+            hint="Capture with clients.capture_activations(model, batches, maps=True).",
+        )
+    return capture.maps
+
+
+def _maps(tensors: dict[str, np.ndarray], meta: dict[str, str], display: str) -> Activations:
+    try:
+        layers = json.loads(meta.get("layers", ""))
+        if not isinstance(layers, dict):
+            raise ValueError
+    except ValueError:
+        raise CheckpointError(f"{display}: its 'layers' metadata is not a JSON object") from None
+    out: dict[str, np.ndarray] = {}
+    for layer, key in sorted(layers.items()):
+        maps = tensors.get(str(key))
+        if maps is None:
+            raise CheckpointError(f"{display}: layer {layer!r} names a missing tensor {key!r}")
+        if maps.ndim != 3 or 0 in maps.shape:
+            raise CheckpointError(
+                f"{display}: maps of {layer!r} have shape {list(maps.shape)}, not "
+                "(samples, channels, pixels)",
+                hint=_WRITE,
+            )
+        if not np.isfinite(maps).all():
+            raise CheckpointError(
+                f"{display}: maps of {layer!r} contain NaN or Inf",
+                hint="Capture them from a model whose forward pass is finite on the batches.",
+            )
+        out[str(layer)] = maps
+    return out
+
+
+def check_capture(capture: Capture, layers: Sequence[LayerWeights]) -> None:
+    """:func:`check_activations` on the maps and :func:`service.ingest.statistics.check_statistics`
+    on the statistics."""
+    check_activations(capture.maps, layers)
+    check_statistics(capture.statistics, layers)
+
+
+def check_activations(activations: Activations, layers: Sequence[LayerWeights]) -> None:
+    """Refuse maps that do not belong to the checkpoint: unknown layers or other widths.
+
+    Raises:
+        InvalidInputError: naming the first mismatches and what to do.
+    """
+    width = {layer.name: layer.n_filters for layer in layers}
+    unknown = sorted(set(activations) - set(width))
+    if unknown:
+        raise InvalidInputError(
+            f"the activations name layers the checkpoint does not have: {', '.join(unknown[:5])}"
+            + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""),
+            hint="Capture the activations from the model this checkpoint was saved from.",
+        )
+    wrong = [
+        f"{n} has {m.shape[1]} channels, the checkpoint {width[n]}"
+        for n, m in sorted(activations.items())
+        if m.shape[1] != width[n]
+    ]
+    if wrong:
+        raise InvalidInputError(
+            f"the activations do not fit the checkpoint: {'; '.join(wrong[:3])}",
+            hint="Capture the activations from the model this checkpoint was saved from.",
+        )
