@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -83,7 +84,7 @@ def report_of(
 
 def gate_config(
     config: Path | None,
-    flags: dict[str, object],
+    flags: Mapping[str, object],
     layer_max: list[str] | None,
 ) -> CheckConfig:
     """The thresholds: ``--config`` (or the nearest pyproject.toml) overridden by the flags."""

@@ -9,7 +9,6 @@ has its sidecar written next to it (``plan.fold.safetensors``, pinned by sha256 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,8 +18,8 @@ from rich.markup import escape
 
 from graphs import InvalidInputError, PruneGraphError, Report
 from graphs.features import Activations
-from graphs.functional import DEFAULT_EPSILON
 from graphs.manifest import Manifest
+from graphs.options import DEFAULT_EPSILON
 from graphs.plan import PruningPlan
 
 if TYPE_CHECKING:
@@ -48,27 +47,6 @@ def read_capture(path: Path | None) -> Capture | None:
     if not path.is_file():
         raise InvalidInputError(f"{path} not found or not a file", hint="Check the path.")
     return read(path)
-
-
-def has_maps(path: Path) -> bool:
-    """Whether an activations file holds feature maps (its ``layers`` metadata names some),
-    read from the header alone; True when that cannot be told (the reader then says why)."""
-    try:
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= 100 * 2**20:
-                return True
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-        return bool(json.loads(meta.get("layers", "{}")))
-    except (OSError, ValueError, AttributeError):
-        return True
-
-
-def vectors_for(vectors: str, capture: Capture | None) -> str:
-    """``--vectors auto``: the feature maps when the file has some, else the weights."""
-    if vectors != "auto":
-        return vectors
-    return "activations" if capture is not None and capture.maps else "weights"
 
 
 def maps_of(capture: Capture | None) -> Activations | None:

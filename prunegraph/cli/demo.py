@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from clients.http import PruneGraphClient, PruneGraphClientError
+from clients import PruneGraphClient, PruneGraphClientError
 
 
 def _wait_healthy(url: str, timeout: float) -> bool:

@@ -12,9 +12,9 @@ import typer
 from pydantic import ValidationError
 
 from graphs import AnalysisOptions, InvalidInputError
+from graphs.contracts.activations import has_maps
 from graphs.features import Activations
 from graphs.manifest import Manifest
-from prunegraph.cli import compensation as comp
 
 ServerOpt = Annotated[
     str | None,
@@ -86,12 +86,12 @@ def choose_vectors(vectors: str, activations: Path | None) -> str:
     than weights, benchmarks/RESULTS.md, issue 7), else the weights."""
     if vectors != "auto":
         return vectors
-    return "activations" if activations is not None and comp.has_maps(activations) else "weights"
+    return "activations" if activations is not None and has_maps(activations) else "weights"
 
 
 def maps_given(activations: Path | None) -> Activations | None:
     """What ``check_features`` needs to know: whether feature maps were given."""
-    return {} if activations is not None and comp.has_maps(activations) else None
+    return {} if activations is not None and has_maps(activations) else None
 
 
 def existing(path: Path) -> Path:

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from graphs import InvalidInputError, PruneGraphError
 from graphs.options import DEFAULT_EPSILON, check_features
-from graphs.plan import PLAN_METHODS, Constraints, PruningPlan, Target
+from graphs.plan import ALLOCATION_RULES, PLAN_METHODS, Constraints, PruningPlan, Target
 from prunegraph.cli import compensation as comp
 from prunegraph.cli.console import check_output, emit, fail, make_console, print_notes
 from prunegraph.cli.inputs import read_inputs
@@ -74,8 +74,6 @@ def target_and_constraints(
 
 def check_choices(method: str, allocation: str | None) -> None:
     """``--method`` and ``--allocation`` name ones the planner knows."""
-    from graphs.error_allocation import ALLOCATION_RULES
-
     if method not in PLAN_METHODS:
         raise InvalidInputError(
             f"unknown method {method!r}", hint=f"Choose one of {', '.join(PLAN_METHODS)}."

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from clients.http import (
+from clients import (
     AuthenticationError,
     ConnectionFailedError,
     JobFailedError,
