@@ -19,10 +19,11 @@ layer), the second moment S = Σ [x, 1]ᵀ[x, 1] of its input over every positio
 read (:mod:`clients.gram`): what compensated pruning folds with. ``maps=False`` records only
 those statistics (the maps are the large part of the file).
 
-The result saves to safetensors (format version 2): one float32 tensor (samples, channels,
-pixels) per capture point, one float64 tensor ``gram/<module>`` per consumer and, in the
-metadata, which layer reads which tensor, its original shape, the consumers without statistics
-(``gram_skipped``) and the number of samples read::
+The result saves to the activations file the service reads, defined once in
+:mod:`graphs.contracts.activations` (safetensors, format version 2): one float32 tensor (samples,
+channels, pixels) per capture point, one float64 tensor ``gram/<module>`` per consumer and, in
+the metadata, which layer reads which tensor, its original shape, the consumers without
+statistics (``gram_skipped``) and the number of samples read::
 
     acts = capture_activations(model, loader, max_samples=256, seed=0)
     acts.save("acts.safetensors")                 # upload with PruneGraphClient.upload_activations
@@ -30,7 +31,6 @@ metadata, which layer reads which tensor, its original shape, the consumers with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +40,11 @@ import torch
 from torch import nn
 
 from clients.capture_points import capture_points, trace
-from clients.gram import (
-    GRAM_PREFIX,
-    MAX_BYTES,
-    MAX_LINEAR_INPUTS,
-    GramAccumulator,
-    safetensors_bytes,
-)
+from clients.gram import MAX_BYTES, MAX_LINEAR_INPUTS, GramAccumulator, safetensors_bytes
+from graphs.contracts import activations as activations_file
 
-__all__ = ["FORMAT", "Activations", "capture_activations"]
+__all__ = ["Activations", "capture_activations"]
 
-FORMAT = "prunegraph-activations"
-VERSION = "2"  # 2: second moments (gram/<module>, gram_skipped, samples)
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -81,16 +74,15 @@ class Activations:
     samples: int = 0
 
     def metadata(self) -> dict[str, str]:
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "layers": json.dumps(self.layers, sort_keys=True),
-            "sources": json.dumps(self.sources, sort_keys=True),
-            "shapes": json.dumps(self.shapes, sort_keys=True),
-            "seed": str(self.seed),
-            "gram_skipped": json.dumps(self.statistics_skipped, sort_keys=True),
-            "samples": str(self.samples),
-        }
+        """The file's header metadata (:func:`graphs.contracts.activations.metadata`)."""
+        return activations_file.metadata(
+            layers=self.layers,
+            sources=self.sources,
+            shapes=self.shapes,
+            seed=self.seed,
+            skipped=self.statistics_skipped,
+            samples=self.samples,
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file (tensors + metadata); returns the path.
@@ -99,7 +91,9 @@ class Activations:
         library orders metadata at random), so the same capture is the same upload id.
         """
         out = Path(path)
-        grams = {GRAM_PREFIX + n: s.to(torch.float64) for n, s in self.statistics.items()}
+        grams = {
+            activations_file.gram_key(n): s.to(torch.float64) for n, s in self.statistics.items()
+        }
         out.write_bytes(safetensors_bytes({**self.tensors, **grams}, self.metadata()))
         return out
 

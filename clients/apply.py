@@ -42,21 +42,20 @@ import torch_pruning as tp
 from torch import nn
 
 from clients.attention import check_unit_group, prune_unit_group
+from clients.channel_groups import GroupStructure, group_structure
 from clients.errors import PlanError, PlanMismatchError
 from clients.fold import SidecarSource, apply_folds, check_compensation, recalibrate_batchnorm
-from clients.manifest import (
+from clients.recurrent import check_hidden_group, prune_hidden_group
+from clients.tracing import (
     ROOT_TYPES,
     ExampleInputs,
-    GroupStructure,
     TracedModel,
     as_input_tuple,
     find_roles,
-    group_structure,
     keep_training_flags,
     out_channels,
     trace_model,
 )
-from clients.recurrent import check_hidden_group, prune_hidden_group
 from graphs.plan import GroupPlan, PruningPlan
 
 __all__ = ["apply_plan", "load_plan"]

@@ -18,7 +18,8 @@ take the total beyond ``max_bytes`` (a transformer's many wide linear layers wou
 take tens of GB); each is reported in ``skipped`` with the reason, like consumers that did not
 run.
 
-This module also holds the byte encoder of the activations file (float32 maps, float64 Grams).
+This module also holds the byte encoder of the activations file (float32 maps, float64 Grams;
+the file's names and metadata are :mod:`graphs.contracts.activations`').
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "GRAM_PREFIX",
     "MAX_BYTES",
     "MAX_LINEAR_INPUTS",
     "GramAccumulator",
@@ -39,8 +39,6 @@ __all__ = [
     "safetensors_bytes",
 ]
 
-GRAM_PREFIX = "gram/"
-"""Tensor names of the Grams in the activations file: ``gram/<module name>``."""
 MAX_LINEAR_INPUTS = 4096
 MAX_BYTES = 256 * 2**20
 """Default budget of all Grams of one capture (ResNet-50's 54 consumers take 184 MiB)."""

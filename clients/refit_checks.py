@@ -1,4 +1,4 @@
-"""Validation for :func:`clients.refit.refit`: do the pruned and the original model correspond
+"""Validation for :func:`clients.layer_refit.refit`: do the pruned and the original model correspond
 (module names, kinds, conv geometry, widths, kept outputs from the plan)? Nothing is changed."""
 
 from __future__ import annotations

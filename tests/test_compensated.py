@@ -27,7 +27,7 @@ from graphs import Report
 from graphs.compensated_plan import DEFAULT_ALLOCATION
 from graphs.plan import PruningPlan
 from prunegraph.cli import app as cli
-from service.app import create_app
+from service.main import create_app
 from service.settings import Settings
 from tests.clients import models
 from tests.mnist import load_mnist, split
@@ -179,7 +179,7 @@ def test_service_job_plan_sidecar_and_apply(
     assert plan.compensation is not None
     # the same plan as the embedded CLI (same defaults: compensated, the default allocation)
     assert plan.to_json() + "\n" == cli_plans["comp"][0].read_text()
-    raw = client._http.get(f"/v1/jobs/{job_id}/plan/compensation")
+    raw = client.transport.http.get(f"/v1/jobs/{job_id}/plan/compensation")
     assert raw.status_code == 200 and raw.headers["content-type"] == "application/octet-stream"
     assert hashlib.sha256(raw.content).hexdigest() == plan.compensation.sidecar_sha256
     assert raw.content == cli_plans["comp"][0].with_name("plan.fold.safetensors").read_bytes()
@@ -194,9 +194,9 @@ def test_service_job_plan_sidecar_and_apply(
     plain = client.plan(plain_id)
     assert plain.compensation is None
     assert plain.to_json() + "\n" == cli_plans["plain"][0].read_text()
-    gone = client._http.get(f"/v1/jobs/{plain_id}/plan/compensation")
+    gone = client.transport.http.get(f"/v1/jobs/{plain_id}/plan/compensation")
     assert gone.status_code == 404 and "no compensation" in gone.json()["error"]
-    bad = client._http.post(
+    bad = client.transport.http.post(
         "/v1/jobs",
         json={"checkpoint_id": ckpt_id, "allocation": "greedy", "target": {"flops": 0.5}},
     )
@@ -206,9 +206,9 @@ def test_service_job_plan_sidecar_and_apply(
 def test_client_plan_for_with_statistics_only(setup: Setup, client: PruneGraphClient) -> None:
     """A statistics-only file (maps=False) makes plan_for's plan compensated; the graph
     methods are not asked to compare feature maps the file does not have."""
-    from clients.http import _has_maps
+    from clients.job_request import has_feature_maps
 
-    assert not _has_maps(setup.stats) and not _has_maps(None)
+    assert not has_feature_maps(setup.stats) and not has_feature_maps(None)
     plan = client.plan_for(
         setup.ckpt, target={"flops": 0.3}, method="mrp",
         manifest=json.loads(setup.manifest.read_text()), activations=setup.stats,

@@ -16,7 +16,7 @@ from clients import PruneGraphClient, apply_plan, build_manifest
 from clients.activations import capture_activations
 from graphs.plan import PruningPlan
 from prunegraph.cli import app as cli
-from service.app import create_app
+from service.main import create_app
 from service.settings import Settings
 from tests.clients import models
 from tests.mnist import load_mnist, split
@@ -127,7 +127,7 @@ def test_graph_plans_compare_feature_maps_when_calibration_is_given(
 ) -> None:
     """Calibration batches cost a capture: the graph methods then compare the maps, unless the
     options chose the vectors themselves."""
-    from clients.http import _data_aware
+    from clients.job_request import data_aware_options
     from graphs.options import AnalysisOptions
 
     x, _ = digits
@@ -139,9 +139,10 @@ def test_graph_plans_compare_feature_maps_when_calibration_is_given(
     # it), and the graph methods compare the channels' correlations from the statistics
     assert aware.compensation is not None
     apply_plan(copy.deepcopy(model), aware, example)
-    assert _data_aware(AnalysisOptions(alpha=0.1), True) == AnalysisOptions(
+    assert data_aware_options(AnalysisOptions(alpha=0.1), True) == AnalysisOptions(
         alpha=0.1, vectors="activations"
     )
     explicit = AnalysisOptions(vectors="weights")
-    assert _data_aware(explicit, True) is explicit and _data_aware(None, False) is None
-    assert _data_aware({"k": 3}, True) == {"k": 3, "vectors": "activations"}
+    assert data_aware_options(explicit, True) is explicit
+    assert data_aware_options(None, False) is None
+    assert data_aware_options({"k": 3}, True) == {"k": 3, "vectors": "activations"}

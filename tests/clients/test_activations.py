@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from clients.activations import FORMAT, capture_activations
+from clients.activations import capture_activations
+from graphs.contracts.activations import FORMAT
 from tests.clients import models
 
 

@@ -15,12 +15,13 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
-from clients.activations import VERSION, Activations, capture_activations
-from clients.gram import GRAM_PREFIX, is_mixing_consumer, safetensors_bytes
+from clients.activations import Activations, capture_activations
+from clients.gram import is_mixing_consumer, safetensors_bytes
+from graphs.contracts.activations import GRAM_PREFIX, VERSION
 from graphs.errors import CheckpointError, InvalidInputError
-from service.activations import check_capture, read_activations, read_capture
-from service.app import create_app
-from service.ingest import read_checkpoint
+from service.ingest.activations import check_capture, read_activations, read_capture
+from service.ingest.checkpoint import read_checkpoint
+from service.main import create_app
 from service.settings import Settings
 
 

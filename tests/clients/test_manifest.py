@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from clients import build_manifest, manifest_from_factory
-from clients.manifest import ROOT_TYPES
+from clients.tracing import ROOT_TYPES
 from graphs.manifest import ChannelGroup, Manifest
 from tests.clients import models
 

@@ -1,31 +1,23 @@
-"""clients.PruneGraphClient against the real app in-process (TestClient), and transport mocks."""
+"""clients.PruneGraphClient against the real app in-process (TestClient)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import clients.http
 from clients import (
     AuthenticationError,
-    ConnectionFailedError,
     InvalidRequestError,
     JobFailedError,
-    JobStatus,
-    JobTimeoutError,
     NotFoundError,
     PayloadTooLargeError,
     PruneGraphClient,
-    PruneGraphHTTPError,
-    ServerError,
 )
 from graphs.plan import PruningPlan
 from graphs.report import Report
@@ -99,7 +91,11 @@ def test_plan_model_sends_the_manifest(alice: PruneGraphClient) -> None:
 def test_job_status_and_missing_plan(alice: PruneGraphClient, checkpoint: Path) -> None:
     job_id = alice.submit(alice.upload(checkpoint), methods=["l1"])
     status = alice.wait(job_id, poll=0.05)
-    assert status == JobStatus(id=job_id, status="done", progress=1.0, error=None)
+    assert (status.id, status.status, status.progress, status.error) == (job_id, "done", 1.0, None)
+    assert (
+        status.finished and not status.has_plan and status.checkpoint_id == alice.upload(checkpoint)
+    )
+    assert alice.job(job_id) == status  # a finished job does not change
     with pytest.raises(NotFoundError, match="without a target") as info:
         alice.plan(job_id)
     assert info.value.hint
@@ -168,75 +164,6 @@ def test_failed_job_raises_with_the_reason(
     assert info.value.job_id == job_id and "NaN" in info.value.reason
     with pytest.raises(InvalidRequestError, match="failed"):
         alice.report(job_id)
-
-
-# ---- transport mocks ----------------------------------------------------------------------------
-
-
-def _mock(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.Client:
-    return httpx.Client(transport=httpx.MockTransport(handler))
-
-
-def _job(status: str = "done", progress: float = 1.0) -> dict[str, Any]:
-    return {"id": "j1", "status": status, "progress": progress, "error": None, "extra": 1}
-
-
-@pytest.fixture(autouse=True)
-def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(clients.http, "_BACKOFF_S", 0.0)
-
-
-def test_connection_errors_are_retried() -> None:
-    calls: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        if len(calls) <= 2:
-            raise httpx.ConnectError("connection refused", request=request)
-        return httpx.Response(200, json=_job())
-
-    client = PruneGraphClient("http://svc:1/", token="t", http=_mock(handler), retries=3)
-    assert client.job("j1") == JobStatus(id="j1", status="done", progress=1.0)
-    assert len(calls) == 3
-    assert str(calls[-1].url) == "http://svc:1/v1/jobs/j1"
-    assert calls[-1].headers["authorization"] == "Bearer t"
-
-
-def test_connection_failure_after_all_attempts() -> None:
-    calls: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        raise httpx.ConnectTimeout("timed out", request=request)
-
-    client = PruneGraphClient("http://svc:1", http=_mock(handler), retries=4)
-    with client, pytest.raises(ConnectionFailedError, match="after 4 attempts"):
-        client.upload(b"weights")
-    assert len(calls) == 4
-
-
-def test_server_errors_and_timeouts_are_not_retried() -> None:
-    calls: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        if request.url.path.endswith("/boom"):
-            return httpx.Response(503, text="upstream down")
-        return httpx.Response(200, json=_job("running", 0.25))
-
-    client = PruneGraphClient("http://svc:1", http=_mock(handler))
-    with pytest.raises(ServerError, match="upstream down") as info:
-        client.job("boom")
-    assert isinstance(info.value, PruneGraphHTTPError) and info.value.status_code == 503
-    assert len(calls) == 1
-    with pytest.raises(JobTimeoutError, match="running") as timeout:
-        client.wait("j1", timeout=0.05, poll=0.01)
-    assert isinstance(timeout.value, TimeoutError) and timeout.value.last.progress == 0.25
-
-
-def test_retries_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="retries"):
-        PruneGraphClient(retries=0)
 
 
 def test_analyze_a_live_model_with_its_manifest(alice: PruneGraphClient) -> None:

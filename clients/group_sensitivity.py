@@ -34,7 +34,8 @@ from torch import nn
 
 from clients.fold import apply_folds, consumer_models, least_squares_folds
 from clients.gram import is_mixing_consumer
-from clients.manifest import ExampleInputs, build_manifest, trace_model
+from clients.manifest import build_manifest
+from clients.tracing import ExampleInputs, trace_model
 from graphs.manifest import ChannelGroup, Manifest
 
 __all__ = ["SensitivityRow", "SensitivityTable", "sensitivity"]

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from clients.activations import capture_activations
+from clients.group_sensitivity import Order, SensitivityTable, sensitivity
 from clients.manifest import build_manifest
-from clients.sensitivity import Order, SensitivityTable, sensitivity
 from graphs.manifest import Manifest
 
 
