@@ -86,14 +86,11 @@ class PruneGraphClient:
     def upload(self, path_or_bytes: Checkpoint, *, filename: str | None = None) -> str:
         """Upload a checkpoint (.pt/.pth, .safetensors, .onnx); returns its id (sha256)."""
         if isinstance(path_or_bytes, bytes):
-            sent = self.transport.post_file(
-                "/v1/checkpoints", filename or "checkpoint", path_or_bytes
-            )
+            content: bytes | Path = path_or_bytes
         else:
-            sent = self.transport.post_path(
-                "/v1/checkpoints", Path(path_or_bytes), filename=filename
-            )
-        return str(sent.json()["id"])
+            content = Path(path_or_bytes)
+        name = filename or (content.name if isinstance(content, Path) else "checkpoint")
+        return str(self.transport.post_file("/v1/checkpoints", name, content).json()["id"])
 
     def upload_activations(
         self, checkpoint_id: str, activations: Activations | str | os.PathLike[str]
@@ -105,8 +102,8 @@ class PruneGraphClient:
                 return self.upload_activations(
                     checkpoint_id, activations.save(Path(tmp) / "activations.safetensors")
                 )
-        path = f"/v1/checkpoints/{checkpoint_id}/activations"
-        return str(self.transport.post_path(path, Path(activations)).json()["id"])
+        path, file = f"/v1/checkpoints/{checkpoint_id}/activations", Path(activations)
+        return str(self.transport.post_file(path, file.name, file).json()["id"])
 
     def submit(
         self,
@@ -298,6 +295,7 @@ class PruneGraphClient:
         timeout: float = 600.0,
         progress: bool = False,
         input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        epsilon: float | None = None,
     ) -> Report:
         """Upload, analyse and return the report.
 
@@ -306,7 +304,7 @@ class PruneGraphClient:
         the job: coupled layers are scored together and the report gains FLOPs.
         ``calibration`` batches (a live model only) or saved ``activations`` add feature maps:
         needed by ``ci``, and compared by the graph methods instead of the weights unless
-        ``options`` set ``vectors``. ``input_shape``: as in :meth:`submit` (ONNX models).
+        ``options`` set ``vectors``. ``input_shape`` and ``epsilon``: as in :meth:`submit`.
         """
         if calibration is not None:
             if isinstance(model_or_path, (str, os.PathLike, bytes)):
@@ -323,6 +321,7 @@ class PruneGraphClient:
         job_id = self._run(
             model_or_path, activations, options, timeout, progress,
             methods=methods, seed=seed, manifest=manifest, input_shape=input_shape,
+            epsilon=epsilon,
         )  # fmt: skip
         return self.report(job_id)
 

@@ -127,9 +127,15 @@ class Transport:
         """A multipart POST of ``files`` (httpx's ``files=``; in-memory contents only)."""
         return self.call(lambda: self.http.post(self.url(path), files=files, headers=self.headers))
 
-    def post_file(self, path: str, name: str, content: bytes | IO[bytes]) -> httpx.Response:
-        """A multipart POST of one file field ``file``; a retried attempt sends it all again."""
+    def post_file(self, path: str, name: str, content: bytes | Path) -> httpx.Response:
+        """A multipart POST of one file field ``file``: ``content`` (bytes, or a file on disk,
+        read as it is sent); a retried attempt sends it all again."""
+        if isinstance(content, Path):
+            with content.open("rb") as f:
+                return self._post_file(path, name, f)
+        return self._post_file(path, name, content)
 
+    def _post_file(self, path: str, name: str, content: bytes | IO[bytes]) -> httpx.Response:
         def send() -> httpx.Response:
             if not isinstance(content, bytes):
                 content.seek(0)
@@ -138,11 +144,6 @@ class Transport:
             )
 
         return self.call(send)
-
-    def post_path(self, path: str, file: Path, *, filename: str | None = None) -> httpx.Response:
-        """:meth:`post_file` of a file on disk (named ``filename`` or its own name)."""
-        with file.open("rb") as f:
-            return self.post_file(path, filename or file.name, f)
 
     def close(self) -> None:
         """Close the HTTP client if this object created it (an injected one stays open)."""
