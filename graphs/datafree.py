@@ -8,6 +8,8 @@ matrix S with no correlations. Handed to the planner as ``stats``, such an S giv
 B = 0 and b = the removed channels' means (kind ``mean``): the consumer's bias absorbs what the
 removed channels contributed on average. A channel with γ ≈ 0 is constant — exactly redundant,
 error 0 — and is removed first; otherwise the predicted error is the channel's variance share.
+Near-duplicate filters (positively homogeneous activations only) are the one exception to
+independence: :mod:`graphs.merge` correlates them, so that their folds become merges.
 """
 
 from __future__ import annotations
