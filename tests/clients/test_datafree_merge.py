@@ -234,3 +234,26 @@ def test_real_mobilenet_v2_has_no_near_duplicates_where_merges_apply(realdata: P
     assert datafree_merges(net, x) == {}
     a, b = datafree_statistics(net, x), datafree_statistics(net, x, merge_threshold=None)
     assert a.keys() == b.keys() and all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
+def test_merges_travel_in_the_statistics_file_to_the_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from prunegraph.cli import app
+
+    net = _conv(3)
+    x = _images(2, 3)
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    (tmp_path / "man.json").write_text(build_manifest(net, x).model_dump_json())
+    datafree_activations(net, x).save(tmp_path / "df.safetensors")
+    res = CliRunner().invoke(app, [
+        "plan", str(tmp_path / "m.pt"), "--manifest", str(tmp_path / "man.json"),
+        "--activations", str(tmp_path / "df.safetensors"), "--target-params", "0.15",
+        "--method", "mrp", "-o", str(tmp_path / "plan.json"),
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    pruned = apply_plan(copy.deepcopy(net), tmp_path / "plan.json", x)
+    assert pruned.c3.in_channels == 6
+    held_out = _images(8, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(held_out), net(held_out), atol=1e-4, rtol=1e-4)
