@@ -253,7 +253,7 @@ def test_merges_travel_in_the_statistics_file_to_the_cli(tmp_path: Path) -> None
     ])  # fmt: skip
     assert res.exit_code == 0, res.stderr
     pruned = apply_plan(copy.deepcopy(net), tmp_path / "plan.json", x)
-    assert pruned.c3.in_channels == 6
+    assert isinstance(pruned, ConvNet) and pruned.c3.in_channels == 6
     held_out = _images(8, 11)
     with torch.no_grad():
         torch.testing.assert_close(pruned(held_out), net(held_out), atol=1e-4, rtol=1e-4)
