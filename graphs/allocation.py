@@ -1,6 +1,6 @@
 """How many channels each group loses by redundancy: SRP's greedy rule, at annealed levels.
 
-:func:`redundancy_allocation` is the graph methods' part of :func:`graphs.planner.make_plan`:
+:func:`redundancy_allocation` is the graph methods' allocation (:mod:`graphs.strategies`):
 repeat — in the most redundant group (its method's redundancy of the filters it still keeps),
 remove the most replaceable filters (``step`` at a time) and recompute that group only — until
 the target is met (:class:`Budget`) or no group has redundancy left. With ``anneal`` the same
@@ -13,14 +13,15 @@ replaceable (issue 7: choosing by it cost up to 85 points of accuracy before fin
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 from graphs.anneal import anneal_levels
 from graphs.cost import CostModel
 from graphs.errors import InvalidInputError
 from graphs.plan import Constraints, Target
-from graphs.selection import GroupState, HscState, MrpState, SrrState
+from graphs.selection import GroupState
 from graphs.work import GroupWork
 
 
@@ -65,18 +66,13 @@ def group_limit(n: int, c: Constraints) -> int:
     return max(0, min(n - c.min_channels, math.floor(c.max_ratio * n)))
 
 
-def graph_state(work: GroupWork, method: str) -> GroupState:
-    """The greedy state of one group for ``method`` at ``work``'s calibration level."""
-    X, s, opts = work.fresh_vectors, work.seed, work.options
-    if method == "mrp":
-        state: GroupState = MrpState(X, s, work.graph().graph, resolution=opts.resolution)
-    elif method == "srr":
-        state = SrrState(X, s, work.graph().graph)
-    elif method == "hsc":
-        edges = {"alpha": opts.alpha, "min_explained": opts.min_explained}
-        state = HscState(X, s, work.hsc(), k=opts.k, n_rounds=opts.n_rounds, **edges)
-    else:
-        state = GroupState(X, s)
+StateOf = Callable[[GroupWork], GroupState]
+"""A method's greedy state of one group at the group work's calibration level
+(:class:`graphs.strategies.GraphStrategy` ``state``)."""
+
+
+def _state(work: GroupWork, state_of: StateOf) -> GroupState:
+    state = state_of(work)
     work.release()  # the state rebuilds the vectors when it needs them: one group at a time
     return state
 
@@ -100,13 +96,13 @@ class Allocation:
     softer: int = 0
 
     @classmethod
-    def empty(cls, ids: Sequence[int]) -> Allocation:
+    def empty(cls, ids: Sequence[int]) -> Self:
         return cls({gid: [] for gid in ids}, dict.fromkeys(ids), {}, {})
 
 
 def redundancy_allocation(
     works: dict[int, GroupWork],
-    method: str,
+    state_of: StateOf,
     *,
     limit: dict[int, int],
     budget: Budget,
@@ -117,7 +113,7 @@ def redundancy_allocation(
 
     Args:
         works: group id → its work at the user's (strict) calibration level.
-        method: ``mrp``, ``srr`` or ``hsc``.
+        state_of: the method's greedy state of a group (mrp, srr, hsc: :mod:`graphs.selection`).
         limit: group id → most filters it may lose (constraints).
         budget: the running cost and target; updated as filters go.
         step: filters per greedy iteration (int ≥ 1) or a fraction of the group.
@@ -137,7 +133,7 @@ def redundancy_allocation(
                     level_work.release()
         for gid, w in at.items():
             if len(out.removed[gid]) < limit[gid] and level < len(w):
-                states[gid] = graph_state(w[level], method)
+                states[gid] = _state(w[level], state_of)
                 states[gid].drop(out.removed[gid])
                 if level == 0:
                     out.redundancy[gid] = round(states[gid].redundancy(), 6)
@@ -181,13 +177,13 @@ def _greedy(
 
 
 def fixed_allocation(
-    works: dict[int, GroupWork], method: str, counts: dict[int, int]
+    works: dict[int, GroupWork], state_of: StateOf, counts: dict[int, int]
 ) -> Allocation:
     """Counts decided elsewhere (:mod:`graphs.error_allocation`): each group's state takes its
     redundant filters first (at most its count); the plan fills the rest by the state's order."""
     out = Allocation.empty(list(counts))
     for gid, w in works.items():
-        state = graph_state(w, method)
+        state = _state(w, state_of)
         out.redundancy[gid] = round(state.redundancy(), 6)
         took = state.take(counts.get(gid, 0)) if counts.get(gid, 0) > 0 else []
         out.removed[gid] = list(took)

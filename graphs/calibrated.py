@@ -15,9 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from graphs.errors import InvalidInputError
+from graphs.options import DEFAULT_ALPHA, DEFAULT_MIN_EXPLAINED
 from graphs.similarity import (
-    DEFAULT_ALPHA,
-    DEFAULT_MIN_EXPLAINED,
     calibrated_threshold,
     cosine_threshold_graph,
 )

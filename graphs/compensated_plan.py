@@ -1,5 +1,6 @@
 """Planning with activation statistics (design §8): what :func:`graphs.planner.plan_layers`
-does when it is given ``stats``.
+does when it is given ``stats`` (:func:`prepare_stats` before :func:`graphs.planner.make_plan`,
+:meth:`StatsPlanning.finish` after).
 
 1. Every prunable group's channel-mixing consumers and their input statistics
    (:func:`graphs.compensated.group_consumers`), and each group's error curve.
@@ -14,7 +15,8 @@ does when it is given ``stats``.
    calibration crops, 292 evaluation inputs from other images, mrp's choice): top-1 agreement
    52 % (KL 0.69) with ``functional``, 54 % (KL 0.75) with ``marginal``, 34 % (KL 1.21) with
    ``uniform`` — ``functional`` and ``marginal`` are within noise, ``uniform`` far behind.
-4. Which channels: the method's choice, as without statistics, except mrp, which removes the
+4. Which channels: the method's choice, as without statistics, except mrp
+   (``least_squares_choice`` of its :mod:`graphs.strategies` entry), which removes the
    channels the rest of the group predicts best at its consumers: the first ones of the
    least-squares greedy path (:func:`graphs.functional.error_curve`), the measured better
    choice (on MobileNetV2 at −10 % FLOPs, compensated: 36 % top-1 agreement against 27 % for
@@ -25,16 +27,15 @@ does when it is given ``stats``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from graphs.allocation import group_limit
 from graphs.compensated import GroupConsumers, compensate, group_consumers, stat_features
 from graphs.cost import CostModel
-from graphs.error_allocation import allocate
+from graphs.error_allocation import Counts, allocate
 from graphs.errors import InvalidInputError
 from graphs.functional import ErrorCurve, error_curve
 from graphs.layers import LayerGroup, LayerWeights
@@ -48,14 +49,67 @@ from graphs.plan import (
     PruningPlan,
     Target,
 )
+from graphs.strategies import strategy_for
 
 DEFAULT_ALLOCATION: AllocationRule = "functional"
-GRAPH_METHODS = ("mrp", "srr", "hsc")
 
 
-@threadpool_limits.wrap(limits=1)  # one BLAS thread: the same bits (folds, ties) on any machine
-def plan_with_stats(
-    make_plan: Callable[..., PruningPlan],
+@dataclass(frozen=True)
+class StatsPlanning:
+    """What the statistics change in a plan: :func:`graphs.planner.make_plan`'s ``options``,
+    ``activations`` and ``counts`` (from :func:`prepare_stats`), then :meth:`finish` on its plan.
+
+    Attributes:
+        options: the analysis options (graph methods: ``vectors="activations"``).
+        activations: layer name → maps (samples, channels, pixels): the graph methods' Pearson
+            features of the consumer inputs added to the caller's maps.
+        counts: channels each group loses (None: the method's own rule, ``allocation="method"``).
+        found: the groups' consumers and their statistics.
+        curves: group id → its error curve.
+    """
+
+    options: AnalysisOptions
+    activations: Mapping[str, np.ndarray] | None
+    counts: Counts | None
+    found: GroupConsumers
+    curves: dict[int, ErrorCurve]
+    rule: AllocationRule
+    epsilon: float
+    ridge: float
+    compensation: bool
+
+    def finish(self, plan: PruningPlan) -> PruningPlan:
+        """The strategy's choice from the statistics where it has one (mrp), the parameters
+        and notes, then the folds (unless ``compensation`` is off)."""
+        found, curves = self.found, self.curves
+        data = plan.model_dump()
+        data["parameters"] = {
+            **plan.parameters, "allocation": self.rule, "epsilon": self.epsilon,
+            "ridge": self.ridge,
+        }  # fmt: skip
+        missing = sorted(n for names in found.missing.values() for n in names)
+        if missing:
+            data["rule"] = plan.rule + f"; no statistics for {', '.join(missing)}"
+        by_least_squares = strategy_for(plan.method).least_squares_choice
+        for g in data["groups"]:
+            specs = found.consumers.get(g["id"])
+            k = len(g["remove"])
+            if by_least_squares and specs and k:
+                # the most replaceable channels: the least-squares greedy path of the group
+                curve = curves.get(g["id"])
+                if curve is None or curve.order.size < k:
+                    curve = error_curve([s.data for s in specs], ridge=self.ridge, max_remove=k)
+                g["remove"] = sorted(int(i) for i in curve.order[:k])
+                g["rationale"] += "; the channels its consumers' inputs predict best"
+            if not self.compensation and g["id"] in curves:
+                g["functional_redundancy"] = round(curves[g["id"]].redundancy(self.epsilon), 6)
+        out = PruningPlan.model_validate(data)
+        if self.compensation:
+            return compensate(out, found, ridge=self.ridge, curves=curves, epsilon=self.epsilon)
+        return out
+
+
+def prepare_stats(
     layers: Sequence[LayerWeights],
     groups: Sequence[LayerGroup],
     manifest: Manifest,
@@ -73,12 +127,14 @@ def plan_with_stats(
     epsilon: float = DEFAULT_EPSILON,
     ridge: float = DEFAULT_RIDGE,
     weights: Mapping[int, float] | None = None,
-    **kw: Any,
-) -> PruningPlan:
-    """A plan from ``make_plan`` (the planner's) with the statistics used as described above.
+) -> StatsPlanning:
+    """Steps 1–3 above for ``groups`` (manifest groups, ids set) of ``layers``; ``stats``:
+    consumer module name → input second moment (c + 1, c + 1); ``weights``: per-group currency
+    of the ``marginal`` allocation. Run it, the plan and :meth:`StatsPlanning.finish` with one
+    BLAS thread (``threadpoolctl.threadpool_limits(1)``): the same bits on any machine.
 
-    ``kw`` goes to ``make_plan`` unchanged (step, seed, checkpoint_sha256, param_shapes, cache).
-    ``weights``: per-group currency of the ``marginal`` allocation.
+    Raises:
+        InvalidInputError: an unknown allocation, or epsilon/ridge not finite and >= 0.
     """
     rule = allocation or DEFAULT_ALLOCATION
     if rule not in ALLOCATION_RULES:
@@ -105,7 +161,7 @@ def plan_with_stats(
     )
     opts = options or AnalysisOptions()
     acts = activations
-    if method in GRAPH_METHODS:
+    if strategy_for(method).graph:
         opts = opts.model_copy(update={"vectors": "activations"})
         acts = {**(activations or {})}
         for gid, g in zip(ids, groups, strict=True):
@@ -120,47 +176,10 @@ def plan_with_stats(
             rule, cost=cost, target=target, limit=limit, curves=curves,
             round_to=constraints.round_to, weights=weights,
         )  # fmt: skip
-    plan = make_plan(
-        groups, method=method, target=target, cost=cost, constraints=constraints, options=opts,
-        prunable=prunable, activations=acts, counts=counts, **kw,
+    return StatsPlanning(
+        options=opts, activations=acts, counts=counts, found=found, curves=curves, rule=rule,
+        epsilon=epsilon, ridge=ridge, compensation=compensation,
     )  # fmt: skip
-    return _finish(
-        plan, found, curves, rule=rule, epsilon=epsilon, ridge=ridge, compensation=compensation
-    )
-
-
-def _finish(
-    plan: PruningPlan,
-    found: GroupConsumers,
-    curves: dict[int, ErrorCurve],
-    *,
-    rule: str,
-    epsilon: float,
-    ridge: float,
-    compensation: bool,
-) -> PruningPlan:
-    """mrp's choice from the statistics, the parameters and notes, then the folds."""
-    data = plan.model_dump()
-    data["parameters"] = {**plan.parameters, "allocation": rule, "epsilon": epsilon, "ridge": ridge}
-    missing = sorted(n for names in found.missing.values() for n in names)
-    if missing:
-        data["rule"] = plan.rule + f"; no statistics for {', '.join(missing)}"
-    for g in data["groups"]:
-        specs = found.consumers.get(g["id"])
-        k = len(g["remove"])
-        if plan.method == "mrp" and specs and k:
-            # the most replaceable channels: the least-squares greedy path of the group
-            curve = curves.get(g["id"])
-            if curve is None or curve.order.size < k:
-                curve = error_curve([s.data for s in specs], ridge=ridge, max_remove=k)
-            g["remove"] = sorted(int(i) for i in curve.order[:k])
-            g["rationale"] += "; the channels its consumers' inputs predict best"
-        if not compensation and g["id"] in curves:
-            g["functional_redundancy"] = round(curves[g["id"]].redundancy(epsilon), 6)
-    out = PruningPlan.model_validate(data)
-    if compensation:
-        return compensate(out, found, ridge=ridge, curves=curves, epsilon=epsilon)
-    return out
 
 
 def _independent(n: int) -> np.ndarray:

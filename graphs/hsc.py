@@ -41,10 +41,9 @@ import numpy as np
 from graphs._labels import mean_cosine_to_group, relabel_by_first_occurrence
 from graphs.errors import InvalidInputError
 from graphs.hypergraph import DEFAULT_K, knn_incidence, structure_step, with_values
+from graphs.options import DEFAULT_ALPHA, DEFAULT_MIN_EXPLAINED
 from graphs.report import HscResult
 from graphs.similarity import (
-    DEFAULT_ALPHA,
-    DEFAULT_MIN_EXPLAINED,
     calibrated_threshold,
     check_filters,
     unit_rows,

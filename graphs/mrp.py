@@ -36,10 +36,9 @@ import numpy as np
 
 from graphs._labels import mean_cosine_to_group, relabel_by_first_occurrence, round_list
 from graphs.calibrated import CalibratedGraph, calibrated_graph, checked_graph
+from graphs.options import DEFAULT_ALPHA, DEFAULT_MIN_EXPLAINED
 from graphs.report import MrpResult
 from graphs.similarity import (
-    DEFAULT_ALPHA,
-    DEFAULT_MIN_EXPLAINED,
     check_filters,
     unit_rows,
     upper_edges,

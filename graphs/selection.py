@@ -21,12 +21,8 @@ import scipy.sparse as sp
 from graphs._labels import mean_cosine_to_group
 from graphs.hsc import HscLayerResult, hsc
 from graphs.mrp import leiden_communities, response_information
-from graphs.similarity import (
-    DEFAULT_ALPHA,
-    DEFAULT_MIN_EXPLAINED,
-    unit_rows,
-    upper_edges,
-)
+from graphs.options import DEFAULT_ALPHA, DEFAULT_MIN_EXPLAINED
+from graphs.similarity import unit_rows, upper_edges
 from graphs.srr import COVERING_WEIGHT, QUOTIENT_WEIGHT, greedy_covering_number
 
 

@@ -28,10 +28,9 @@ from scipy.sparse.csgraph import connected_components
 
 from graphs._labels import relabel_by_first_occurrence, round_list
 from graphs.calibrated import CalibratedGraph, calibrated_graph, checked_graph
+from graphs.options import DEFAULT_ALPHA, DEFAULT_MIN_EXPLAINED
 from graphs.report import SrrResult
 from graphs.similarity import (
-    DEFAULT_ALPHA,
-    DEFAULT_MIN_EXPLAINED,
     check_filters,
     unit_rows,
 )
