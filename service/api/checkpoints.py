@@ -12,57 +12,24 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from service.api import limits, pagination
-from service.api.errors import not_found
+from service.api.schemas import (
+    ActivationsOut,
+    CheckpointOut,
+    CheckpointPage,
+    CheckpointSummary,
+    checkpoint_out,
+)
+from service.errors import not_found
 from service.store import blobs
 from service.store.db import ActivationsRow, CheckpointRow, JobRow
 from service.store.files import Upload
 
 if TYPE_CHECKING:
-    from service.main import State
-
-
-class CheckpointOut(BaseModel):
-    id: str
-    format: str
-    size_bytes: int
-    n_layers: int
-    skipped: list[dict[str, str]]
-
-
-class CheckpointSummary(BaseModel):
-    id: str
-    format: str
-    size_bytes: int
-    n_layers: int
-    n_skipped: int
-    created_at: float
-
-
-class CheckpointPage(BaseModel):
-    items: list[CheckpointSummary] = Field(description="newest first")
-    next_cursor: str | None = Field(description="pass as cursor for the next page; null: last")
-
-
-class ActivationsOut(BaseModel):
-    id: str = Field(description="sha256 of the activations file; pass it as activations_id")
-    checkpoint_id: str
-    n_layers: int
-    n_samples: int
-
-
-def _checkpoint_out(row: CheckpointRow) -> CheckpointOut:
-    return CheckpointOut(
-        id=row.id,
-        format=row.format,
-        size_bytes=row.size_bytes,
-        n_layers=row.n_layers,
-        skipped=json.loads(row.skipped_json),
-    )
+    from service.api.deps import State
 
 
 def own_checkpoint(s: Session, checkpoint_id: str, user: str) -> CheckpointRow:
@@ -84,7 +51,7 @@ def _validate_and_store(state: State, upload: Upload, user: str) -> CheckpointOu
 
     with upload:
         refuse_index(upload.tmp_path, upload.filename)  # its shards would be read from tmp/
-        parsed = read_checkpoint(upload.tmp_path, name=upload.filename)
+        parsed = read_checkpoint(upload.tmp_path, name=upload.filename, sha256=upload.sha256)
         row = CheckpointRow(
             id=upload.sha256,
             owner=user,
@@ -101,7 +68,7 @@ def _validate_and_store(state: State, upload: Upload, user: str) -> CheckpointOu
 
         blobs.add(state.sessions, state.store.kind, upload.sha256, rows,
                   lambda: state.store.place(upload))  # fmt: skip
-    return _checkpoint_out(row)
+    return checkpoint_out(row)
 
 
 async def upload_checkpoint(state: State, request: Request, user: str) -> CheckpointOut:
@@ -126,7 +93,9 @@ def _store_activations(
             own_checkpoint(s, checkpoint_id, user)
         capture = read_capture(upload.tmp_path, name=upload.filename or "the activations")
         parsed = read_checkpoint(
-            state.store.path(checkpoint_id), name=f"checkpoint {checkpoint_id}"
+            state.store.path(checkpoint_id),
+            name=f"checkpoint {checkpoint_id}",
+            sha256=checkpoint_id,
         )
         check_capture(capture, parsed.layers)
         n_samples = capture.n_samples

@@ -1,4 +1,9 @@
-"""The one place where errors become HTTP responses: JSON ``{"error": ..., "hint": ...}``."""
+"""The one place where errors become HTTP responses: JSON ``{"error": ..., "hint": ...}``.
+
+The library's errors (:mod:`graphs.errors`) and the service's domain errors
+(:mod:`service.errors`) are mapped to status codes here, by class; :class:`ApiError` is for what
+only the HTTP layer knows (authentication, rate limits, body limits, bad pages and requests).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,16 @@ from graphs.errors import (
     PruneGraphError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
+)
+from service.errors import (
+    JobFailedError,
+    MissingPartError,
+    NotFoundError,
+    NotMultipartError,
+    NotReadyError,
+    ServiceError,
+    TooLargeError,
+    UploadError,
 )
 from service.jobs.redact import redact, server_roots
 
@@ -31,14 +46,6 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def not_found(what: str, ident: str) -> ApiError:
-    return ApiError(
-        404,
-        f"{what} {ident} not found",
-        f"Check the id; a {what} is visible only to the token that created it.",
-    )
-
-
 # Most specific first: the first matching class decides the status.
 STATUS: list[tuple[type[PruneGraphError], int]] = [
     (UnsafeCheckpointError, 422),
@@ -50,7 +57,21 @@ STATUS: list[tuple[type[PruneGraphError], int]] = [
 ]
 
 
-def status_for(exc: PruneGraphError) -> int:
+SERVICE_STATUS: list[tuple[type[ServiceError], int]] = [
+    (NotFoundError, 404),
+    (NotReadyError, 409),
+    (JobFailedError, 422),
+    (TooLargeError, 413),
+    (NotMultipartError, 415),
+    (MissingPartError, 422),
+    (UploadError, 400),
+]
+
+
+def status_for(exc: PruneGraphError | ServiceError) -> int:
+    """The HTTP status of a library or domain error (the first matching class decides)."""
+    if isinstance(exc, ServiceError):
+        return next((code for cls, code in SERVICE_STATUS if isinstance(exc, cls)), 400)
     return next(code for cls, code in STATUS if isinstance(exc, cls))
 
 
@@ -69,6 +90,13 @@ async def _library(request: Request, exc: Exception) -> JSONResponse:
 async def _api(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return JSONResponse(body(exc.message, exc.hint), status_code=exc.status, headers=exc.headers)
+
+
+async def _service(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    # a body over the limit is not read to its end: the connection cannot be reused
+    headers = {"Connection": "close"} if isinstance(exc, TooLargeError) else None
+    return JSONResponse(body(exc.message, exc.hint), status_code=status_for(exc), headers=headers)
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
@@ -95,5 +123,6 @@ def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
     app.add_exception_handler(PruneGraphError, _library)
     app.add_exception_handler(ApiError, _api)
+    app.add_exception_handler(ServiceError, _service)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

@@ -1,8 +1,6 @@
-"""The jobs' operations behind the routes: submit (JSON or multipart), list, show, results.
-
-A job's request is stored whole (``request_json``, read by the worker) and as a summary without
-the manifest (``summary_json``): what ``GET /v1/jobs/{id}`` echoes and what lists show, so that a
-large manifest is never sent back or parsed to answer them.
+"""The jobs' operations behind the routes: submit (JSON or multipart), list, show, results, and
+a compensated plan's sidecar. The request is :class:`graphs.contracts.jobs.JobRequest`, the model
+the client sends; the answer :class:`graphs.contracts.jobs.JobStatus` (:mod:`service.api.schemas`).
 """
 
 from __future__ import annotations
@@ -15,53 +13,22 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from pydantic import BaseModel, Field, ValidationError
+from fastapi.responses import FileResponse, Response
+from pydantic import ValidationError
 from sqlalchemy import select
 
+from graphs.contracts.jobs import JobRequest, JobStatus
+from graphs.plan import PruningPlan
 from service.api import limits, pagination
-from service.api.errors import ApiError, not_found
-from service.jobs.tasks import JobRequest
+from service.api.errors import ApiError
+from service.api.schemas import JobPage, JobSummary, job_status, request_summary, summary_of
+from service.errors import not_found
 from service.store.db import QUEUED, ActivationsRow, CheckpointRow, JobRow
 
 if TYPE_CHECKING:
-    from service.main import State
+    from service.api.deps import State
 
-
-class JobOut(BaseModel):
-    id: str
-    status: str
-    progress: float
-    error: str | None
-    checkpoint_id: str
-    request: dict[str, Any] = Field(description="the job's request, without its manifest")
-    has_manifest: bool = False
-    has_plan: bool
-    cache_hits: int = Field(description="per-group results reused from earlier jobs")
-    cache_misses: int = Field(description="per-group results computed by this job")
-    created_at: float
-    updated_at: float
-
-
-class JobSummary(BaseModel):
-    """A job in a list: no request, report or plan (GET /v1/jobs/{id} has more)."""
-
-    id: str
-    status: str
-    progress: float
-    error: str | None
-    checkpoint_id: str
-    methods: list[str]
-    target: dict[str, Any] | None
-    plan_method: str | None
-    has_plan: bool
-    created_at: float
-    updated_at: float
-
-
-class JobPage(BaseModel):
-    items: list[JobSummary] = Field(description="newest first")
-    next_cursor: str | None = Field(description="pass as cursor for the next page; null: last")
+SIDECAR_MEDIA_TYPE = "application/octet-stream"
 
 
 JOB_BODY: dict[str, Any] = {
@@ -104,42 +71,7 @@ def document_job_body(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def summary_of(request: JobRequest) -> str:
-    """The stored summary of a request: everything but the manifest, and whether it had one."""
-    short = request.model_dump(mode="json", exclude={"manifest"})
-    return json.dumps({"request": short, "has_manifest": request.manifest is not None})
-
-
-def _summary(row_summary: str | None, request_json: str | None) -> tuple[dict[str, Any], bool]:
-    """The request without its manifest, and whether it had one."""
-    if row_summary is not None:
-        stored = json.loads(row_summary)
-        return dict(stored["request"]), bool(stored["has_manifest"])
-    full: dict[str, Any] = json.loads(request_json or "{}")  # a job from before summaries
-    return full, full.pop("manifest", None) is not None
-
-
-def _job_out(row: JobRow) -> JobOut:
-    request, has_manifest = _summary(
-        row.summary_json, row.request_json if row.summary_json is None else None
-    )
-    return JobOut(
-        id=row.id,
-        status=row.status,
-        progress=row.progress,
-        error=row.error,
-        checkpoint_id=row.checkpoint_id,
-        request=request,
-        has_manifest=has_manifest,
-        has_plan=row.plan_json is not None,
-        cache_hits=row.cache_hits or 0,
-        cache_misses=row.cache_misses or 0,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-    )
-
-
-def create_job(state: State, body: JobRequest, user: str) -> JobOut:
+def create_job(state: State, body: JobRequest, user: str) -> JobStatus:
     with state.sessions.begin() as s:
         if s.get(CheckpointRow, (body.checkpoint_id, user)) is None:
             raise not_found("checkpoint", body.checkpoint_id)
@@ -169,7 +101,7 @@ def create_job(state: State, body: JobRequest, user: str) -> JobOut:
         )
         s.add(row)
     state.runner.submit(row.id, body.checkpoint_id)
-    return _job_out(row)
+    return job_status(row)
 
 
 def _validated(text: bytes | str, manifest: bytes | None) -> JobRequest:
@@ -189,7 +121,7 @@ def _validated(text: bytes | str, manifest: bytes | None) -> JobRequest:
         raise ApiError(422, f"invalid job request: {e}", "Send a JSON object; see /docs.") from None
 
 
-async def submit(state: State, request: Request, user: str) -> JobOut:
+async def submit(state: State, request: Request, user: str) -> JobStatus:
     """``POST /v1/jobs``: a JSON body, or multipart with ``request`` (JSON) and ``manifest``."""
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "multipart/form-data":
@@ -247,7 +179,7 @@ def list_jobs(
         ) if old else {}  # fmt: skip
     items = []
     for job_id, status, progress, error, ckpt, summary, has_plan, created, updated in rows[:limit]:
-        req, _ = _summary(summary, full.get(job_id))
+        req, _ = request_summary(summary, full.get(job_id))
         items.append(JobSummary(
             id=job_id, status=status, progress=progress, error=error, checkpoint_id=ckpt,
             methods=req.get("methods") or [], target=req.get("target"),
@@ -282,3 +214,29 @@ def job_result(state: State, job_id: str, user: str, kind: str) -> Response:
             'Submit a job with a target, e.g. "target": {"params": 0.5}.',
         )
     return Response(text, media_type="application/json")
+
+
+def sidecar_response(state: State, job_id: str, user: str) -> FileResponse:
+    """``GET /v1/jobs/{id}/plan/compensation``: the sidecar the job's plan pins."""
+    plan = PruningPlan.model_validate_json(bytes(job_result(state, job_id, user, "plan").body))
+    comp = plan.compensation
+    if comp is None:
+        raise ApiError(
+            404,
+            f"job {job_id}'s plan carries no compensation",
+            "Compensated plans need activations with second-moment statistics "
+            "(clients.capture_activations records them) and a manifest.",
+        )
+    path = state.sidecars.path(comp.sidecar_sha256)
+    if not path.is_file():
+        raise ApiError(
+            404,
+            f"the sidecar of job {job_id}'s plan (sha256 {comp.sidecar_sha256[:12]}…) is gone",
+            "Submit the job again to recompute it.",
+        )
+    return FileResponse(
+        path,
+        media_type=SIDECAR_MEDIA_TYPE,
+        filename=f"{job_id}.fold.safetensors",
+        headers={"X-Sidecar-SHA256": comp.sidecar_sha256},
+    )

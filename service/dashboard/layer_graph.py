@@ -2,11 +2,11 @@
 
 For job J and layer L the graph is the calibrated cosine graph the job's methods used
 (:meth:`graphs.work.GroupWork.graph`): the job's checkpoint and request (options, manifest,
-activations) are read as :mod:`service.jobs.tasks` reads them, so the group and its vectors are the
-same, and the service's result cache makes the graph itself a lookup. The layout is seeded
-(:func:`graphs.layout.spring_layout`); the drawing is capped at :data:`MAX_NODES` filters and
-:data:`MAX_EDGES` edges, with a note saying what was left out. Each node carries its mrp
-community and hsc cluster from the job's report.
+activations) are read by the worker's own loader (:func:`service.jobs.inputs.load_inputs`), so
+the group and its vectors are the same, and the service's result cache makes the graph itself a
+lookup. The layout is seeded (:func:`graphs.layout.spring_layout`); the drawing is capped at
+:data:`MAX_NODES` filters and :data:`MAX_EDGES` edges, with a note saying what was left out.
+Each node carries its mrp community and hsc cluster from the job's report.
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ import numpy as np
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 
+from graphs.contracts.jobs import JobRequest
 from graphs.errors import InvalidInputError
+from graphs.features import group_features
 from graphs.grouping import build_groups
 from graphs.layout import spring_layout
 from graphs.report import LayerReport, Report
 from graphs.work import GroupWork
-from service.api.errors import ApiError, not_found
-from service.jobs.tasks import JobRequest
+from service.errors import NotFoundError, not_found, unfinished
+from service.jobs.inputs import load_inputs
 from service.store.cache import FileCache
-from service.store.db import DONE, FAILED, JobRow
+from service.store.db import DONE, JobRow
 
 MAX_NODES = 400
 MAX_EDGES = 5000
@@ -78,16 +80,13 @@ def find_job(sessions: sessionmaker[Session], job_id: str, user: str) -> JobRow 
 
 
 def finished_report(row: JobRow) -> Report:
-    """The job's report; ApiError 409 while it runs, 422 when it failed."""
+    """The job's report.
+
+    Raises:
+        NotReadyError: the job has not finished; JobFailedError: it failed.
+    """
     if row.status != DONE or row.report_json is None:
-        why = f": {row.error}" if row.error else ""
-        raise ApiError(
-            422 if row.status == FAILED else 409,
-            f"job {row.id} is {row.status}{why}",
-            "Poll GET /v1/jobs/{id} until its status is done."
-            if row.status != FAILED
-            else "Fix the input named in the error and submit a new job.",
-        )
+        raise unfinished(row.id, row.status, row.error)
     return Report.model_validate_json(row.report_json)
 
 
@@ -95,8 +94,7 @@ def report_layer(report: Report, job_id: str, layer: str) -> LayerReport:
     for entry in report.layers:
         if entry.name == layer:
             return entry
-    raise ApiError(
-        404,
+    raise NotFoundError(
         f"layer {layer!r} is not in the report of job {job_id}",
         "Use a layer name from the report's layers (skipped layers have no graph).",
     )
@@ -168,28 +166,22 @@ def _drawing(
     layer: str,
 ) -> _Drawing:
     """Graph and layout of one group (pure function of its arguments, hence cached)."""
-    from service.ingest.checkpoint import (  # torch: only for a graph
-        derived_manifest,
-        read_checkpoint,
-    )
-
     request = JobRequest.model_validate_json(request_json)
-    manifest = request.manifest
-    groups = {entry.name: entry.groups for entry in manifest.layers} if manifest else None
-    path = Path(checkpoint_path)
-    parsed = read_checkpoint(path, groups=groups, name=f"checkpoint {request.checkpoint_id[:12]}")
-    if manifest is None:
-        manifest, _ = derived_manifest(path, parsed, input_shapes=request.input_shape)
-    group = next((g for g in build_groups(parsed.layers, manifest)[0] if g.name == layer), None)
+    inputs = load_inputs(
+        checkpoint_path,
+        manifest=request.manifest,
+        input_shapes=request.input_shape,
+        activations=activations_path,
+        checkpoint_name=f"checkpoint {request.checkpoint_id[:12]}",
+        activations_name=f"activations {request.activations_id}",
+        sha256=request.checkpoint_id,
+    )
+    groups = build_groups(inputs.checkpoint.layers, inputs.manifest)[0]
+    group = next((g for g in groups if g.name == layer), None)
     if group is None:
         raise InvalidInputError(f"layer {layer!r} is not a group of the checkpoint")
-    features = None
-    if activations_path is not None:
-        from graphs.features import group_features
-        from service.ingest.activations import read_activations
-
-        acts = read_activations(activations_path, name=f"activations {request.activations_id}")
-        features = group_features(group, acts)
+    maps = inputs.maps
+    features = group_features(group, maps) if maps is not None else None
     cache = FileCache(Path(cache_dir)) if cache_dir is not None else None
     work = GroupWork(
         group, seed=request.seed, options=request.options, cache=cache, features=features

@@ -18,8 +18,9 @@ from sqlalchemy import select
 from graphs.errors import PruneGraphError
 from graphs.plan import PruningPlan
 from graphs.report import MethodSummary, Report
-from service.api.errors import ApiError
-from service.api.jobs import _job_out, recent_jobs
+from service.api.deps import State
+from service.api.jobs import recent_jobs
+from service.api.schemas import job_status
 from service.dashboard.charts import (
     cluster_sizes,
     graph_svg,
@@ -30,7 +31,7 @@ from service.dashboard.charts import (
 )
 from service.dashboard.curves import functional_curves
 from service.dashboard.layer_graph import find_job, layer_graph
-from service.main import State
+from service.errors import ServiceError
 from service.store.db import DONE, CheckpointRow, JobRow
 
 
@@ -79,8 +80,8 @@ def index_page(state: State, user: str) -> Page:
     )
 
 
-def _report_context(row: JobRow, base: str) -> dict[str, Any]:
-    job = _job_out(row)
+def report_context(row: JobRow, base: str) -> dict[str, Any]:
+    job = job_status(row)
     ctx: dict[str, Any] = {"job": job, "describe": describe(job.request), "report": None}
     if row.status != DONE or row.report_json is None:
         return ctx
@@ -107,7 +108,7 @@ def job_page(state: State, user: str, job_id: str, base: str, *, part: bool = Fa
     row = find_job(state.sessions, job_id, user)
     if row is None:
         return not_found("job", job_id)
-    return Page("_report.html" if part else "job.html", _report_context(row, base))
+    return Page("_report.html" if part else "job.html", report_context(row, base))
 
 
 def layer_page(state: State, user: str, job_id: str, layer: str, base: str) -> Page:
@@ -115,7 +116,7 @@ def layer_page(state: State, user: str, job_id: str, layer: str, base: str) -> P
     row = find_job(state.sessions, job_id, user)
     if row is None:
         return not_found("job", job_id)
-    job = _job_out(row)
+    job = job_status(row)
     ctx: dict[str, Any] = {"job": job, "layer": layer, "entry": None, "error": None}
     if row.status != DONE or row.report_json is None:
         return Page("layer.html", ctx)
@@ -138,7 +139,7 @@ def layer_page(state: State, user: str, job_id: str, layer: str, base: str) -> P
             state.activations.root,
             state.settings.cache_dir(),
         )
-    except (ApiError, PruneGraphError) as e:
+    except (ServiceError, PruneGraphError) as e:
         ctx["error"] = f"{e.message} {e.hint}".strip()
         return Page("layer.html", ctx)
     ctx.update(graph=graph, svg=graph_svg(graph))

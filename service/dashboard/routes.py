@@ -28,10 +28,10 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from service.api import apidocs
+from service.api.deps import ANONYMOUS, State, StateDep, UserDep
 from service.api.headers import NoSniff
 from service.dashboard import pages
 from service.dashboard.layer_graph import LayerGraph, find_job, layer_graph
-from service.main import ANONYMOUS, State, StateDep, UserDep
 from service.store import logins
 
 STATIC = Path(__file__).parent / "static"
@@ -44,12 +44,12 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 
-_env = Environment(
+TEMPLATES = Environment(
     loader=PackageLoader("service.dashboard", "templates"),
     autoescape=True,
     undefined=StrictUndefined,
 )
-_env.filters["when"] = pages.when
+TEMPLATES.filters["when"] = pages.when
 
 
 class LoginRequired(Exception):
@@ -104,7 +104,7 @@ def _safe_next(path: str) -> str:
 
 def render(request: Request, state: State, user: str | None, page: pages.Page) -> HTMLResponse:
     context = {"base": _base(request), "user": user, "auth": bool(state.tokens), **page.context}
-    html = _env.get_template(page.template).render(context)
+    html = TEMPLATES.get_template(page.template).render(context)
     return HTMLResponse(html, status_code=page.status, headers=HEADERS)
 
 

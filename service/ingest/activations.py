@@ -1,8 +1,10 @@
 """Captured feature maps: reading an activations file and checking it against its checkpoint.
 
-The file is what ``clients.capture_activations(...).save(path)`` writes: safetensors with one
-float tensor (samples, channels, pixels) per capture point and metadata ``format =
-prunegraph-activations``, ``version`` (1 or 2) and ``layers`` (layer name -> tensor name). Version
+The file is what ``clients.capture_activations(...).save(path)`` writes
+(:mod:`graphs.contracts.activations`, the one definition of the format both sides use):
+safetensors with one float tensor (samples, channels, pixels) per capture point and metadata
+``format = prunegraph-activations``, ``version`` (1 or 2) and ``layers`` (layer name -> tensor
+name). Version
 2 adds second-moment statistics per consumer (``gram/<module>``, :mod:`service.ingest.statistics`)
 and may hold only those (no maps). It is parsed by the same validating safetensors reader as
 checkpoints: no pickle, bounded, every offset checked.
@@ -18,38 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from graphs.contracts.activations import WRITE_HINT, read_header
 from graphs.errors import CheckpointError, InvalidInputError
 from graphs.features import Activations
 from graphs.layers import LayerWeights
 from service.ingest import detect
+from service.ingest.safetensors_file import read_safetensors
 from service.ingest.statistics import check_statistics, read_statistics, skipped_statistics
-
-FORMAT = "prunegraph-activations"
-VERSIONS = ("1", "2")
-_WRITE = "Write it with clients.capture_activations(model, batches).save('acts.safetensors')."
-
-
-def _metadata(path: Path, display: str) -> dict[str, str]:
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if n <= 0 or n > 100 * 2**20:
-            raise CheckpointError(f"{display} is not a safetensors file", hint=_WRITE)
-        header = detect._st_header(display, f.read(n))
-    meta = header.get("__metadata__")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{display} is not a prunegraph activations file (no format={FORMAT} metadata)",
-            hint=_WRITE,
-        )
-    version = str(meta.get("version", "1"))
-    if version not in VERSIONS:
-        raise CheckpointError(
-            f"{display} is an activations file of version {version}; this service reads "
-            f"versions {', '.join(VERSIONS)}",
-            hint="Upgrade the service, or capture with the client that matches it.",
-        )
-    return {str(k): str(v) for k, v in meta.items()}
 
 
 @dataclass
@@ -85,15 +62,15 @@ def read_capture(path: str | os.PathLike[str], *, name: str | None = None) -> Ca
     display = name or os.fspath(path)
     try:
         if detect.detect_format(p, display, p.stat().st_size) != "safetensors":
-            raise CheckpointError(f"{display} is not a safetensors file", hint=_WRITE)
-        meta = _metadata(p, display)
-        raw = detect.read_safetensors(p, display)
+            raise CheckpointError(f"{display} is not a safetensors file", hint=WRITE_HINT)
+        meta = read_header(p, display=display).metadata
+        raw = read_safetensors(p, display)
     except OSError as e:
         raise CheckpointError(f"{display} cannot be read: {e.strerror or e}.") from e
     maps = _maps(raw.tensors, meta, display)
     stats = read_statistics(raw.tensors, display)
     if not maps and not stats:
-        raise CheckpointError(f"{display} holds no feature maps and no statistics", hint=_WRITE)
+        raise CheckpointError(f"{display} holds no feature maps and no statistics", hint=WRITE_HINT)
     try:
         samples = max(0, int(meta.get("samples", "0")))
     except ValueError:
@@ -135,7 +112,7 @@ def _maps(tensors: dict[str, np.ndarray], meta: dict[str, str], display: str) ->
             raise CheckpointError(
                 f"{display}: maps of {layer!r} have shape {list(maps.shape)}, not "
                 "(samples, channels, pixels)",
-                hint=_WRITE,
+                hint=WRITE_HINT,
             )
         if not np.isfinite(maps).all():
             raise CheckpointError(

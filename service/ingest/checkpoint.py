@@ -42,7 +42,7 @@ from service.ingest.layers import (
     extract_layers,
 )
 from service.ingest.model_config import with_config_heads
-from service.ingest.safetensors_file import find_index, read_sharded
+from service.ingest.safetensors_file import find_index, read_safetensors, read_sharded
 
 __all__ = [
     "DEAD_REASON",
@@ -79,6 +79,7 @@ def read_checkpoint(
     *,
     groups: Mapping[str, int] | None = None,
     name: str | None = None,
+    sha256: str | None = None,
 ) -> ParsedCheckpoint:
     """Read a PyTorch, safetensors or ONNX checkpoint (format detected from content).
 
@@ -89,6 +90,8 @@ def read_checkpoint(
             ``name<TAB>size<TAB>sha256`` per shard, in name order.
         groups: layer name -> conv groups (from a user manifest); wins over ONNX and inference.
         name: how the file is called in error messages (default: ``path``), e.g. an upload's name.
+        sha256: the file's sha256 when the caller knows it (hashed while uploading, or the
+            name in the content-addressed store): the file is then not hashed again.
 
     Raises:
         CheckpointError: missing, unreadable, truncated or corrupt file.
@@ -110,7 +113,7 @@ def read_checkpoint(
             size, digest = _shards_digest(shards)
             fmt: detect.Format = "safetensors"
         else:
-            size, digest = sha256_file(p)
+            size, digest = sha256_file(p) if sha256 is None else (p.stat().st_size, sha256)
             fmt = detect.detect_format(p, display, size)
             raw = _read_file(fmt, p, display)
         layers, skipped = extract_layers(
@@ -228,7 +231,7 @@ def _locate(p: Path, display: str) -> tuple[Path, Path | None]:
 def _read_file(fmt: detect.Format, p: Path, display: str) -> RawCheckpoint:
     reader = {
         "pytorch": torch_file.read_torch,
-        "safetensors": detect.read_safetensors,
+        "safetensors": read_safetensors,
         "onnx": onnx_file.read_onnx,
     }[fmt]
     return reader(p, display)

@@ -20,7 +20,6 @@ bytes, never its name:
 
 from __future__ import annotations
 
-import json
 import re
 import zipfile
 from collections.abc import Mapping
@@ -253,22 +252,3 @@ def _drain(stream: IO[bytes]) -> None:
 
 # --------------------------------------------------------------------------------------------
 # safetensors
-
-
-def read_safetensors(path: Path, display: str) -> RawCheckpoint:
-    """A safetensors file, validated, its tensors lazy views of the mapped file
-    (:mod:`service.ingest.safetensors_file`)."""
-    from service.ingest.safetensors_file import read_safetensors as read_mapped
-
-    return read_mapped(path, display)
-
-
-def _st_header(display: str, raw: bytes) -> dict[str, object]:
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError, MemoryError) as e:  # JSONDecodeError, UnicodeDecodeError
-        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
-        raise corrupt(display, f"its safetensors header is not valid JSON ({what})") from None
-    if not isinstance(header, dict):
-        raise corrupt(display, "its safetensors header is not a JSON object")
-    return header

@@ -39,15 +39,15 @@ from service.ingest.detect import (
 from service.ingest.onnx_recurrent import recurrent_weights
 
 # ONNX TensorProto.DataType codes of floating types: FLOAT, FLOAT16, DOUBLE, BFLOAT16, FLOAT8*.
-_ONNX_FLOAT_TYPES = frozenset({1, 10, 11, 16, 17, 18, 19, 20})
+ONNX_FLOAT_TYPES = frozenset({1, 10, 11, 16, 17, 18, 19, 20})
 _ONNX_RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention"})
 # Nodes whose first input's channels pass through unchanged, one to one.
-_UNARY_OPS = (
+_UNARY_NAMES = (
     "BatchNormalization InstanceNormalization Relu Clip LeakyRelu PRelu Sigmoid HardSigmoid "
     "HardSwish Elu Selu Celu Gelu Mish Softplus Softsign Tanh Identity Dropout Cast Pad Neg Abs "
     "ThresholdedRelu"
 )
-_UNARY = frozenset(_UNARY_OPS.split())
+UNARY_OPS = frozenset(_UNARY_NAMES.split())
 # Elementwise nodes: followed only when all their non-constant inputs lead to one layer.
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"})
 _MAX_TRACE = 256
@@ -71,7 +71,7 @@ def read_onnx(path: Path, display: str) -> RawCheckpoint:
         with open(path, "rb") as f:
             raise not_supported(display, f.read(32))
     try:
-        return _OnnxReader(model.graph, display).read()
+        return OnnxReader(model.graph, display).read()
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as e:
         # protobuf hands back bytes for names that are not UTF-8, tensors for numeric attributes...
         raise corrupt(display, f"its ONNX graph is malformed ({type(e).__name__}: {e})") from e
@@ -79,7 +79,7 @@ def read_onnx(path: Path, display: str) -> RawCheckpoint:
         raise corrupt(display, f"its ONNX graph cannot be read ({type(e).__name__})") from e
 
 
-class _OnnxReader:
+class OnnxReader:
     def __init__(self, graph: Any, display: str) -> None:
         import onnx
 
@@ -130,7 +130,7 @@ class _OnnxReader:
         n_params = sum(
             math.prod(p.dims)
             for n, p in self.protos.items()
-            if p.data_type in _ONNX_FLOAT_TYPES and n not in self.buffers
+            if p.data_type in ONNX_FLOAT_TYPES and n not in self.buffers
         )
         producers = {name: self._trace(node.input[0], 0) for name, node in self.depthwise.items()}
         return RawCheckpoint(
@@ -157,7 +157,7 @@ class _OnnxReader:
         if layer is not None:
             return self._trace(node.input[0], steps + 1) if layer in self.depthwise else layer
         inputs = [i for i in node.input if i and not self._const(i)]
-        if node.op_type in _UNARY and node.input and not self._const(node.input[0]):
+        if node.op_type in UNARY_OPS and node.input and not self._const(node.input[0]):
             return self._trace(node.input[0], steps + 1)
         if node.op_type in _ELEMENTWISE and inputs:
             found = {self._trace(i, steps + 1) for i in inputs}
@@ -304,7 +304,7 @@ class _OnnxReader:
         Conv/Gemm/MatMul nodes whose weight is computed from constants none of which is."""
         skipped = []
         for name, proto in self.protos.items():
-            if name in self.used or proto.data_type not in _ONNX_FLOAT_TYPES or len(proto.dims) < 2:
+            if name in self.used or proto.data_type not in ONNX_FLOAT_TYPES or len(proto.dims) < 2:
                 continue
             ops = sorted({n.op_type for n in self._users(name)})
             prep, ends = self._prepared(name)
@@ -364,7 +364,7 @@ class _OnnxReader:
                 continue
             ops, sources = self._sources(computed[0])
             if not any(
-                self.protos[c].data_type in _ONNX_FLOAT_TYPES and len(self.protos[c].dims) >= 2
+                self.protos[c].data_type in ONNX_FLOAT_TYPES and len(self.protos[c].dims) >= 2
                 for c in sources
             ):
                 skipped.append(

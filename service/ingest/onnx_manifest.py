@@ -39,7 +39,7 @@ from typing import Any, Literal
 from graphs.errors import CheckpointError, InvalidInputError
 from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
 from service.ingest.detect import corrupt, detect_format
-from service.ingest.onnx_file import _ONNX_FLOAT_TYPES, _UNARY, _OnnxReader
+from service.ingest.onnx_file import ONNX_FLOAT_TYPES, UNARY_OPS, OnnxReader
 from service.ingest.onnx_recurrent import RECURRENT_OPS, hidden_groups
 from service.ingest.onnx_shapes import (
     ShapesUnknownError,
@@ -50,7 +50,7 @@ from service.ingest.onnx_shapes import (
 
 __all__ = ["manifest_from_onnx"]
 
-_PASS = _UNARY | {
+_PASS = UNARY_OPS | {
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Softmax",
     "LogSoftmax",
 }  # fmt: skip
@@ -127,7 +127,7 @@ class _Builder:
         self, model: Any, display: str, input_shapes: Sequence[Sequence[int]] | None
     ) -> None:
         self.display, self.graph = display, model.graph
-        self.reader = _OnnxReader(model.graph, display)
+        self.reader = OnnxReader(model.graph, display)
         self.reader.read()  # names layers exactly as read_checkpoint does
         self.shapes, inputs = infer_shapes(model, display, input_shapes)
         declared = graph_inputs(model)
@@ -141,7 +141,7 @@ class _Builder:
         self.param_shapes = {
             n: [int(d) for d in t.dims]
             for n, t in r.protos.items()
-            if t.data_type in _ONNX_FLOAT_TYPES and n not in r.buffers and n not in r.converted
+            if t.data_type in ONNX_FLOAT_TYPES and n not in r.buffers and n not in r.converted
         } | {n: list(a.shape) for n, a in r.recurrent.items()}
         self.flows: dict[str, _Flow] = {}  # activation -> where its channels come from
         self.parent: list[int] = []

@@ -39,7 +39,7 @@ _SCOPE = re.compile(r"^/(?P<scope>.+)/(?:GRU|LSTM|RNN)(?:_\d+)?$")
 
 
 def recurrent_weights(reader: Any) -> dict[str, np.ndarray]:
-    """Recurrent weights of the reader's graph (``service.ingest.onnx_file._OnnxReader``), PyTorch
+    """Recurrent weights of the reader's graph (``service.ingest.onnx_file.OnnxReader``), PyTorch
     named; the constants they come from are marked used by the reader."""
     out: dict[str, np.ndarray] = {}
     layer_of: dict[str, int] = {}

@@ -20,22 +20,18 @@ targets computed by ``Shape``/``Gather``/``Concat`` nodes (``x.view(x.size(0), -
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from graphs.contracts.jobs import check_input_shapes
 from graphs.errors import CheckpointError, InvalidInputError
 
 __all__ = [
-    "MAX_INPUTS",
-    "MAX_INPUT_DIM",
-    "MAX_INPUT_RANK",
     "GraphInput",
     "Shapes",
     "ShapesUnknownError",
-    "check_input_shapes",
     "describe_inputs",
     "graph_inputs",
     "infer_shapes",
@@ -44,10 +40,6 @@ __all__ = [
 
 Shapes = dict[str, list[int | None]]
 """Tensor name -> its dims (None where unknown)."""
-MAX_INPUTS = 16
-MAX_INPUT_RANK = 8
-MAX_INPUT_DIM = 2**31 - 1
-_MAX_ELEMENTS = 2**40  # per input: shapes are arithmetic only, but products must stay sane
 _BATCH = re.compile(r"(?i)n|b|bs|batch(?:[_ ]?size)?|(?:\w*[_/.])?batch(?:[_ ]?size)?")
 
 
@@ -140,30 +132,6 @@ def parse_input_shapes(text: str) -> list[list[int]]:
             hint="For example --input-shape 1,3,224,224 (inputs separated by ';').",
         ) from None
     return check_input_shapes(shapes)
-
-
-def check_input_shapes(shapes: Sequence[Sequence[int]]) -> list[list[int]]:
-    """The shapes as lists, checked: 1 to 16 inputs of rank 1 to 8, every dim at least 1.
-
-    Raises:
-        InvalidInputError: outside those bounds.
-    """
-    hint = "Give one shape per model input, e.g. 1,3,224,224, every dim at least 1."
-    if not 1 <= len(shapes) <= MAX_INPUTS:
-        raise InvalidInputError(f"input shapes: give 1 to {MAX_INPUTS} shapes", hint=hint)
-    out = []
-    for shape in shapes:
-        dims = [int(d) for d in shape]
-        if not 1 <= len(dims) <= MAX_INPUT_RANK:
-            raise InvalidInputError(
-                f"input shape {dims} must have 1 to {MAX_INPUT_RANK} dims", hint=hint
-            )
-        if any(not 1 <= d <= MAX_INPUT_DIM for d in dims) or math.prod(dims) > _MAX_ELEMENTS:
-            raise InvalidInputError(
-                f"input shape {dims} has a dim below 1 or is too large", hint=hint
-            )
-        out.append(dims)
-    return out
 
 
 def infer_shapes(

@@ -41,7 +41,6 @@ from graphs.errors import CheckpointError, UnsupportedFormatError
 from graphs.report import SkippedLayer
 from service.ingest.detect import (
     RawCheckpoint,
-    _st_header,
     corrupt,
     count_params,
     layer_name,
@@ -373,3 +372,14 @@ def _st_entry(display: str, key: str, entry: object, data_len: int) -> Entry:
         if end - begin != expected:
             raise corrupt(display, f"tensor {key!r} has {end - begin} bytes for shape {shape}")
     return dtype, shape, begin, end
+
+
+def _st_header(display: str, raw: bytes) -> dict[str, object]:
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError, MemoryError) as e:  # JSONDecodeError, UnicodeDecodeError
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise corrupt(display, f"its safetensors header is not valid JSON ({what})") from None
+    if not isinstance(header, dict):
+        raise corrupt(display, "its safetensors header is not a JSON object")
+    return header

@@ -19,12 +19,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from graphs.contracts.activations import GRAM_PREFIX
 from graphs.errors import CheckpointError, InvalidInputError
 from graphs.layers import LayerWeights
 
-__all__ = ["GRAM_PREFIX", "check_statistics", "read_statistics", "skipped_statistics"]
+__all__ = ["check_statistics", "read_statistics", "skipped_statistics"]
 
-GRAM_PREFIX = "gram/"
 _SYMMETRY = 1e-6  # relative to the largest entry
 _RECAPTURE = "Capture them again with clients.capture_activations(model, batches).save(path)."
 _SAME_MODEL = "Capture the statistics from the model this checkpoint was saved from."

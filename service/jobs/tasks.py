@@ -1,4 +1,4 @@
-"""Analysis jobs: the request model and the worker function (:mod:`service.jobs.worker` runs it).
+"""Analysis jobs: the worker function (:mod:`service.jobs.worker` runs it).
 
 The worker runs in a separate process: it opens its own database session from the URL, claims the
 job (queued -> running, atomically, so a job never runs twice in one deployment), reads the
@@ -28,117 +28,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pydantic import ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import TypeAdapter
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from graphs.analyze import AnalysisOptions, assemble_report, group_layers
+from graphs.contracts.jobs import JobRequest
 from graphs.errors import PruneGraphError
 from graphs.features import Activations
 from graphs.layers import LayerWeights
 from graphs.manifest import Manifest
-from graphs.options import check_features, check_inputs, check_methods
-from graphs.plan import Constraints, PlanMethod, Target
-from graphs.planner import GRAPH_METHODS, plan_layers
-from graphs.report import ALL_METHODS, CheckpointInfo, MethodResult, Report, SkippedLayer
-from service.ingest.onnx_shapes import check_input_shapes
-from service.jobs.compensation import (
-    CompensationOptions,
-    read_job_capture,
-    store_sidecar,
-    with_figures,
-)
+from graphs.options import check_inputs
+from graphs.planner import plan_layers
+from graphs.report import CheckpointInfo, MethodResult, Report, SkippedLayer
+from graphs.strategies import GRAPH_METHODS
+from service.jobs.compensation import store_sidecar, with_figures
 from service.jobs.executors.local import (
     Executor,
     GroupTask,
+    LocalExecutor,
     OnDone,
     analyze_group_task,
-    make_executor,
 )
+from service.jobs.inputs import load_inputs
 from service.store.cache import FileCache, code_namespace
 from service.store.db import DONE, FAILED, QUEUED, RUNNING, JobRow, make_engine
 
 log = logging.getLogger(__name__)
 
 
-class JobRequest(CompensationOptions):
-    model_config = ConfigDict(extra="forbid")
+def make_executor(dask_scheduler: str | None, job_id: str) -> Executor:
+    """The Dask executor when a scheduler is configured, else the local one."""
+    if not dask_scheduler:
+        return LocalExecutor()
+    from service.jobs.executors.dask import DaskExecutor
 
-    checkpoint_id: str = Field(description="the id (sha256) returned by POST /v1/checkpoints")
-    methods: list[str] = Field(default_factory=lambda: [str(m) for m in ALL_METHODS])
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    target: Target | None = Field(None, description='{"flops": 0.5} or {"params": 0.5}')
-    plan_method: PlanMethod = "mrp"
-    manifest: Manifest | None = None
-    options: AnalysisOptions = Field(
-        default_factory=AnalysisOptions, description="method parameters (alpha, min_explained, ...)"
-    )
-    constraints: Constraints = Field(
-        default_factory=Constraints, description="planning constraints (min_channels, ...)"
-    )
-    step: float = Field(
-        0.05, gt=0, description="filters per greedy step: an integer, or a fraction of a group"
-    )
-    activations_id: str | None = Field(
-        None,
-        description="feature maps uploaded with POST /v1/checkpoints/{id}/activations: needed "
-        "by the ci method and by options.vectors = activations (second moments: compensation)",
-    )
-    input_shape: list[list[int]] | None = Field(
-        None,
-        exclude_if=lambda v: v is None,
-        description="ONNX models: one shape per graph input, e.g. [[1, 3, 64, 256]] (a single "
-        "shape [1, 3, 64, 256] is taken for a one-input model); makes symbolic dims concrete "
-        "so that FLOPs and a manifest are derived from the graph",
-    )
-
-    @field_validator("input_shape", mode="before")
-    @classmethod
-    def _input_shape(cls, v: Any) -> Any:
-        if isinstance(v, list) and v and all(isinstance(d, int) for d in v):
-            v = [v]  # one input's shape
-        if isinstance(v, list) and all(
-            isinstance(s, list) and all(isinstance(d, int) for d in s) for s in v
-        ):
-            try:
-                return check_input_shapes(v)
-            except PruneGraphError as e:
-                raise ValueError(f"{e.message}. {e.hint}") from None
-        return v
-
-    @model_validator(mode="after")
-    def _one_source_of_shapes(self) -> JobRequest:
-        if self.input_shape is not None and self.manifest is not None:
-            raise ValueError("give either manifest or input_shape, not both")
-        return self
-
-    @model_validator(mode="after")
-    def _needs_activations(self) -> JobRequest:
-        if self.activations_id is None:
-            try:
-                check_features(
-                    [*self.methods, *([self.plan_method] if self.target else [])],
-                    self.options,
-                    None,
-                )
-            except PruneGraphError as e:
-                raise ValueError(f"{e.message}. Upload them and pass activations_id.") from None
-        return self
-
-    @field_validator("step")
-    @classmethod
-    def _step(cls, v: float) -> float:
-        if not (v >= 1 and float(v).is_integer()) and not 0 < v < 1:
-            raise ValueError("step must be an integer >= 1 or a fraction in (0, 1)")
-        return v
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, v: list[str]) -> list[str]:
-        try:
-            return check_methods(v)
-        except PruneGraphError as e:
-            raise ValueError(f"{e.message}. {e.hint}") from None
+    return DaskExecutor(dask_scheduler, job_id)
 
 
 def _set(sessions: sessionmaker[Session], job_id: str, **values: Any) -> int:
@@ -278,20 +203,17 @@ def _compute(
     sidecar_dir: str = "",
 ) -> _Result:
     """Read the checkpoint, run one task per group on ``executor``, assemble the report, plan."""
-    from service.ingest.checkpoint import (  # torch: in the worker only
-        derived_manifest,
-        read_checkpoint,
+    inputs = load_inputs(
+        path,
+        manifest=request.manifest,
+        input_shapes=request.input_shape,
+        activations=activations_path,
+        checkpoint_name=f"checkpoint {request.checkpoint_id[:12]}",
+        activations_name=f"activations {request.activations_id}",
+        sha256=request.checkpoint_id,
     )
-
-    manifest = request.manifest
-    groups_of = {layer.name: layer.groups for layer in manifest.layers} if manifest else None
-    parsed = read_checkpoint(
-        path, groups=groups_of, name=f"checkpoint {request.checkpoint_id[:12]}"
-    )
-    acts, stats = read_job_capture(activations_path, request.activations_id, parsed.layers)
-    notes: list[str] = []
-    if manifest is None:
-        manifest, notes = derived_manifest(path, parsed, input_shapes=request.input_shape)
+    parsed, manifest, notes = inputs.checkpoint, inputs.manifest, inputs.notes
+    acts, stats = inputs.maps, inputs.stats
 
     def progress(done: int, total: int) -> None:
         _set(sessions, job_id, progress=round(0.9 * done / max(total, 1), 4))

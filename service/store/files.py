@@ -29,7 +29,7 @@ from typing import IO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from service.api.errors import ApiError
+from service.errors import MissingPartError, NotMultipartError, TooLargeError, UploadError
 
 MULTIPART_SLACK = 64 * 1024
 """bytes allowed around the file part: headers, boundaries and small fields"""
@@ -75,13 +75,9 @@ UPLOAD_HINT = (
 )
 
 
-def too_large(limit: int, what: str = "the upload", hint: str = UPLOAD_HINT) -> ApiError:
-    return ApiError(
-        413,
-        f"{what} is larger than the limit of {limit:,} bytes",
-        hint,
-        headers={"Connection": "close"},  # the rest of the body is not read
-    )
+def too_large(limit: int, what: str = "the upload", hint: str = UPLOAD_HINT) -> TooLargeError:
+    """(The rest of the body is not read: the HTTP layer closes the connection.)"""
+    return TooLargeError(f"{what} is larger than the limit of {limit:,} bytes", hint)
 
 
 class _Parts:
@@ -161,9 +157,8 @@ class _Parts:
         return {f"on_{n}": getattr(self, f"on_{n}") for n in names}
 
 
-def not_multipart(file_field: str) -> ApiError:
-    return ApiError(
-        415,
+def not_multipart(file_field: str) -> NotMultipartError:
+    return NotMultipartError(
         "the upload is not multipart/form-data",
         f"Send the file as the multipart field '{file_field}', e.g. "
         f"curl -F {file_field}=@model.pt .../v1/checkpoints.",
@@ -234,15 +229,14 @@ class CheckpointStore:
                         )
                 parser.finalize()
             if required and not parts.found:
-                raise ApiError(
-                    422,
+                raise MissingPartError(
                     f"the upload has no multipart field '{file_field}'",
                     f"Send the file as the multipart field '{file_field}'.",
                 )
         except MultipartParseError as e:
             upload.close()
-            raise ApiError(
-                400, f"the multipart body is malformed: {e}", "Send a well-formed upload."
+            raise UploadError(
+                f"the multipart body is malformed: {e}", "Send a well-formed upload."
             ) from None
         except BaseException:
             upload.close()

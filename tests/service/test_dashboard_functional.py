@@ -20,8 +20,8 @@ from graphs.plan import PruningPlan, Target
 from graphs.planner import plan_layers
 from graphs.report import Report
 from service.dashboard.curves import CEILING, FLOOR, error_of
-from service.dashboard.pages import _report_context
-from service.dashboard.routes import _env
+from service.dashboard.pages import report_context
+from service.dashboard.routes import TEMPLATES
 from service.ingest.checkpoint import read_checkpoint
 from service.store.db import DONE, JobRow
 from tests.clients import models
@@ -84,9 +84,9 @@ def _page(report: Report, plan: PruningPlan | None) -> list[tuple[str, dict[str,
         plan_json=plan.to_json() if plan else None, cache_hits=0, cache_misses=0,
         created_at=now, updated_at=now,
     )  # fmt: skip
-    context = {"base": "", "user": None, "auth": False, **_report_context(row, "")}
+    context = {"base": "", "user": None, "auth": False, **report_context(row, "")}
     parser = Elements()
-    parser.feed(_env.get_template("_report.html").render(context))
+    parser.feed(TEMPLATES.get_template("_report.html").render(context))
     return [(tag, a, "".join(text).strip()) for tag, a, text in parser.found]
 
 

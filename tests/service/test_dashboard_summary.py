@@ -14,8 +14,8 @@ import torch
 
 from graphs import Report
 from graphs.analyze import analyze
-from service.dashboard.pages import _report_context, compare
-from service.dashboard.routes import _env
+from service.dashboard.pages import compare, report_context
+from service.dashboard.routes import TEMPLATES
 from service.ingest.checkpoint import read_checkpoint
 from service.store.db import DONE, JobRow
 from tests.prunegraph.test_check_bloat import model_of, widen
@@ -60,8 +60,8 @@ def _page(report: Report, template: str = "_report.html") -> str:
         status=DONE, progress=1.0, report_json=report.to_json(), plan_json=None,
         cache_hits=0, cache_misses=0, created_at=now, updated_at=now,
     )  # fmt: skip
-    context = {"base": "", "user": None, "auth": False, **_report_context(row, "")}
-    return _env.get_template(template).render(context)
+    context = {"base": "", "user": None, "auth": False, **report_context(row, "")}
+    return TEMPLATES.get_template(template).render(context)
 
 
 @pytest.fixture(scope="module")

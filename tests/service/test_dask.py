@@ -34,9 +34,8 @@ from service.jobs.executors.local import (
     LocalExecutor,
     TaskFailedError,
     analyze_group_task,
-    make_executor,
 )
-from service.jobs.tasks import analyze_on
+from service.jobs.tasks import analyze_on, make_executor
 from service.settings import Settings
 from service.store.cache import code_namespace
 from tests.server_process import Server, _free_port, wait_job

@@ -355,12 +355,3 @@ class LocalExecutor:
             outcomes.append(outcome)
             on_done(len(outcomes), len(tasks))
         return outcomes
-
-
-def make_executor(dask_scheduler: str | None, job_id: str) -> Executor:
-    """The Dask executor when a scheduler is configured, else the local one."""
-    if not dask_scheduler:
-        return LocalExecutor()
-    from service.jobs.executors.dask import DaskExecutor
-
-    return DaskExecutor(dask_scheduler, job_id)
