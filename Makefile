@@ -47,19 +47,19 @@ test: $(STAMP) realdata lint
 	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python -m pytest -q
 
 bench: $(STAMP) realdata
-	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/speed.py --out benchmarks/results-latest.json
-	$(BIN)/python benchmarks/planning.py --out benchmarks/planning-latest.json
-	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/service_overhead.py --out benchmarks/service-latest.json
-	$(BIN)/python benchmarks/ci.py --out benchmarks/ci-latest.json
+	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python -m benchmarks.speed --out benchmarks/results-latest.json
+	$(BIN)/python -m benchmarks.planning --out benchmarks/planning-latest.json
+	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python -m benchmarks.service_overhead --out benchmarks/service-latest.json
+	$(BIN)/python -m benchmarks.ci --out benchmarks/ci-latest.json
 
 # Plan quality (issue 7): prunegraph's plans vs L1/FPGM/random/Torch-Pruning on real MNIST digits
 # and zero-shot MobileNetV2 fidelity; resumes a stopped run from its journal (about 45+ minutes).
 bench-quality: $(STAMP) realdata
-	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/quality.py --resume --latest --out-dir benchmarks/quality-out
+	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python -m benchmarks.quality --resume --latest --out-dir benchmarks/quality-out
 
 # Scale (issue 8): Llama-7B-shaped layers, an 8-block sharded checkpoint on 1 vs 2 Dask workers, MiniLM.
 bench-scale: $(STAMP) realdata
-	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python benchmarks/scale.py --out benchmarks/scale-latest.json
+	PRUNEGRAPH_REALDATA=$(REALDATA) $(BIN)/python -m benchmarks.scale --out benchmarks/scale-latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

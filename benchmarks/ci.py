@@ -10,16 +10,13 @@ linearly in samples and layers (all layers of one shape cost the same). Both run
 under the same BLAS thread limit. The naive values also check the Gram values on the subset.
 Goal: speed-up ≥ 20×.
 
-Usage:  python benchmarks/ci.py [--quick] [--samples 640] [--naive-samples 64]
+Usage:  python -m benchmarks.ci [--quick] [--samples 640] [--naive-samples 64]
                                 [--threads 1] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -28,13 +25,9 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import machine_busy, run_meta  # noqa: E402
-
-from graphs.ci import channel_independence  # noqa: E402
+from benchmarks.support.meta import machine_busy, run_meta, write_json
+from benchmarks.support.procfs import peak_rss_mb
+from graphs.ci import channel_independence
 
 
 def resnet56_layers() -> list[tuple[str, str, int, int]]:
@@ -80,17 +73,13 @@ def naive_ci(F: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     layers = resnet56_layers()
     groups: dict[str, dict[str, Any]] = {}
     for _, group, c, side in layers:
         row = groups.setdefault(group, {"group": group, "channels": c, "pixels": side * side})
         row["layers"] = row.get("layers", 0) + 1
-    base_rss = _rss_mb()
+    base_rss = peak_rss_mb()
 
     # 1. the Gram (spectral) method on every layer and sample
     gram_s = dict.fromkeys(groups, 0.0)
@@ -111,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sub = F[: args.naive_samples].copy()
             naive_inputs[group].append((sub, channel_independence(sub).ci))
         del F
-    gram_rss = _rss_mb()
+    gram_rss = peak_rss_mb()
 
     # 2. the naive definition and the minors method on the subset, extrapolated
     rows = []
@@ -152,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "gram_peak_traced_mb": round(peak_traced / 2**20, 1),
             "baseline_rss_mb": round(base_rss, 1),
             "rss_after_gram_mb": round(gram_rss, 1),
-            "peak_rss_mb": round(_rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
         },
     }
 
@@ -168,7 +157,7 @@ def capture_memory(samples: int, max_pixels: int) -> dict[str, float]:
     model = resnet56("A")
     gen = torch.Generator().manual_seed(0)
     batches = (torch.randn(64, 3, 32, 32, generator=gen) for _ in range((samples + 63) // 64))
-    base = _rss_mb()
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     acts = capture_activations(model, batches, max_samples=samples, max_pixels=max_pixels)
     seconds = time.perf_counter() - t0
@@ -179,7 +168,7 @@ def capture_memory(samples: int, max_pixels: int) -> dict[str, float]:
         "seconds": round(seconds, 2),
         "stored_mb": round(stored, 1),
         "rss_before_mb": round(base, 1),
-        "peak_rss_mb": round(_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
     }
 
 
@@ -196,7 +185,7 @@ def capture_rows(samples: int) -> list[dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 samples, naive on 8 of them")
     parser.add_argument("--samples", type=int, default=640)
     parser.add_argument("--naive-samples", type=int, default=64)
@@ -245,7 +234,7 @@ def main() -> None:
         )
     if args.out:
         meta = {**run_meta(), "blas_threads": str(args.threads), "machine_busy": str(busy)}
-        args.out.write_text(json.dumps({"meta": meta, **result}, indent=2) + "\n")
+        write_json(args.out, {"meta": meta, **result})
 
 
 if __name__ == "__main__":

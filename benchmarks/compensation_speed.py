@@ -2,7 +2,7 @@
 (issue 14 "Speed": goal ≤ 10 s and ≤ 2 GB on 2 cores).
 
 Prepared once (not timed): the second moments of every consumer input over the 196 calibration
-inputs of ``benchmarks/fidelity.py`` (``clients.capture_activations(..., maps=False).save``) and
+inputs of :mod:`benchmarks.fidelity` (``clients.capture_activations(..., maps=False).save``) and
 the model's manifest (JSON). Each measurement is a **fresh process** with 2 BLAS/OpenMP threads
 doing what the service or ``prunegraph plan --activations`` does: read the checkpoint, the
 manifest and the statistics file (validated), then ``plan_layers(stats=...)`` with compensation
@@ -11,7 +11,7 @@ imports (``total_s``), the process's resident memory before planning and its pea
 which includes the Python interpreter, numpy, torch's import by the checkpoint reader and the
 checkpoint itself: an upper bound of what planning needs).
 
-Usage:  python benchmarks/compensation_speed.py [--methods mrp l1] [--targets 0.1 0.3]
+Usage:  python -m benchmarks.compensation_speed [--methods mrp l1] [--targets 0.1 0.3]
             [--repeats 1] [--threads 2] [--out-dir DIR]
 """
 
@@ -27,11 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import machine_busy, run_meta  # noqa: E402
+from benchmarks.support.meta import machine_busy, run_meta, write_json
+from benchmarks.support.paths import BENCHMARKS, ROOT, realdata_dir
 
 CHILD = r"""
 import json, sys, time
@@ -41,8 +38,8 @@ from graphs.compensated import plan_sidecar
 from graphs.manifest import Manifest
 from graphs.plan import Target
 from graphs.planner import plan_layers
-from service.activations import check_capture, read_capture
-from service.ingest import read_checkpoint
+from service.ingest.activations import check_capture, read_capture
+from service.ingest.checkpoint import read_checkpoint
 
 def rss(field):
     for line in open("/proc/self/status"):
@@ -74,16 +71,16 @@ def prepare(out: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
     """The checkpoint path, a manifest JSON and a statistics file of the calibration inputs."""
     import copy
 
-    import fidelity as fid
-
+    from benchmarks.fidelity_harness import WEIGHTS, channels_last, setup
+    from benchmarks.fidelity_images import batches, image_set
     from clients import capture_activations
 
-    images = fid.image_set(1, None)  # calibration inputs only matter here
-    s = fid.setup(fid.realdata_dir())
+    images = image_set(1, None)  # calibration inputs only matter here
+    s = setup(realdata_dir())
     t = time.perf_counter()
-    model = fid.channels_last(copy.deepcopy(s.model))
+    model = channels_last(copy.deepcopy(s.model))
     acts = capture_activations(
-        model, fid.batches(images.calib_u8), max_samples=images.calib_u8.shape[0], maps=False
+        model, batches(images.calib_u8), max_samples=images.calib_u8.shape[0], maps=False
     )
     capture_s = time.perf_counter() - t
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +93,7 @@ def prepare(out: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
         "stats_file_bytes": stats.stat().st_size,
         "consumers": len(acts.statistics),
     }
-    return fid.realdata_dir() / fid.WEIGHTS, manifest, stats, info
+    return realdata_dir() / WEIGHTS, manifest, stats, info
 
 
 def measure(
@@ -120,12 +117,12 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["mrp", "l1"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.3])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "fidelity" / "speed")
+    p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "speed")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/prunegraph-compensation-speed"))
     a = p.parse_args(argv)
     ckpt, manifest, stats, info = prepare(a.work_dir)
@@ -167,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "rows": rows,
         "markdown": md,
     }
-    (a.out_dir / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(a.out_dir / "speed.json", result)
     (a.out_dir / "speed.md").write_text(md + "\n")
     print(md)
 

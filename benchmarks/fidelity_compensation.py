@@ -1,6 +1,6 @@
 """Zero-shot fidelity of *compensated* plans of the real MobileNetV2 (issue 14, design §8).
 
-The harness of ``benchmarks/fidelity.py`` (same model, same natural images split by source into
+The harness of :mod:`benchmarks.fidelity` (same model, same natural images split by source into
 evaluation and calibration sets, same metrics: top-1 agreement with the unpruned model and mean
 KL(unpruned ‖ pruned)), with the statistics compensation needs. Second moments of every
 channel-mixing consumer's input (``clients.capture_activations(..., maps=False)``) are captured
@@ -26,36 +26,38 @@ add per output element for it, ≈ 1 % of MobileNetV2, which is not pruning's do
 could be absorbed into the following BN). ``flops_reduction_with_bias`` keeps the raw count.
 BN re-estimation (``--bn-variants``, default ``comp`` rows) uses the calibration inputs.
 
-Usage:  python benchmarks/fidelity_compensation.py [--quick] [--targets 0.05 0.1 0.2 0.3]
+Usage:  python -m benchmarks.fidelity_compensation [--quick] [--targets 0.05 0.1 0.2 0.3]
             [--methods ...] [--variants weights stats comp] [--allocation-methods mrp l1]
             [--bn-variants comp] [--seeds 0] [--threads 1] [--out-dir DIR]
-(also ``python benchmarks/fidelity.py --compensation ...``). Writes DIR/compensation.json and
-DIR/compensation.md (default DIR: benchmarks/fidelity/compensation/).
+(also ``python -m benchmarks.fidelity --compensation ...``). Writes DIR/compensation.json and
+DIR/compensation.md (default DIR: benchmarks/fidelity/compensation/). The rows:
+:mod:`benchmarks.fidelity_compensation_rows`; the tables:
+:mod:`benchmarks.fidelity_compensation_report`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import fidelity as fid  # noqa: E402
-from common import machine_busy, run_meta  # noqa: E402
-from fidelity_compensation_report import line, markdown  # noqa: E402
+from benchmarks.fidelity_compensation_report import markdown
+from benchmarks.fidelity_compensation_rows import (
+    Context,
+    capture_stats,
+    jobs,
+    target_rows,
+    tp_row,
+)
+from benchmarks.fidelity_harness import TP_METHOD, WEIGHTS, TpSearch, capture, log_probs, setup
+from benchmarks.fidelity_images import QUICK_N, image_set
+from benchmarks.support.meta import machine_busy, run_meta, write_json
+from benchmarks.support.paths import BENCHMARKS, realdata_dir
 
 TARGETS = (0.05, 0.1, 0.2, 0.3)
 METHODS = ("mrp", "srr", "hsc", "ci", "l1", "fpgm", "random")
@@ -64,136 +66,6 @@ DEFAULT_VARIANTS = ("weights", "stats", "comp")
 ALLOCATIONS = ("functional", "marginal")
 ALLOCATION_METHODS = ("mrp", "l1")
 QUICK_METHODS = ("l1",)
-
-
-def label(method: str, variant: str, allocation: str = "uniform") -> str:
-    return f"{method} · {variant}" + ("" if allocation == "uniform" else f"/{allocation}")
-
-
-def capture_stats(s: fid.Setup, calib_u8: torch.Tensor) -> tuple[dict[str, np.ndarray], float]:
-    """Second moments of every consumer input over all calibration inputs (every position)."""
-    from clients import capture_activations
-
-    t = time.perf_counter()
-    model = fid.channels_last(copy.deepcopy(s.model))
-    acts = capture_activations(
-        model, fid.batches(calib_u8), max_samples=calib_u8.shape[0], maps=False
-    )
-    return acts.stats(), time.perf_counter() - t
-
-
-def structural_macs(pruned: nn.Module, original: nn.Module) -> tuple[float, float, float]:
-    """(MACs without the biases the folds created, MACs as counted, params)."""
-    had = {n for n, _ in original.named_parameters()}
-    bare = copy.deepcopy(pruned)
-    for name, m in bare.named_modules():
-        if (
-            isinstance(m, nn.Conv2d | nn.Linear)
-            and m.bias is not None
-            and f"{name}.bias" not in had
-        ):
-            m.bias = None
-    macs, _ = fid.count(bare)
-    raw, params = fid.count(pruned)
-    return macs, raw, params
-
-
-def make_plan(
-    s: fid.Setup,
-    method: str,
-    target: float,
-    seed: int,
-    *,
-    stats: dict[str, np.ndarray] | None,
-    maps: dict[str, np.ndarray] | None,
-    allocation: str = "uniform",
-    cache: Any = None,
-    ignored: Sequence[str] = (),
-) -> tuple[Any, float]:
-    from graphs.plan import Constraints, Target
-    from graphs.planner import plan_layers
-
-    t = time.perf_counter()
-    plan = plan_layers(
-        s.parsed.layers,
-        method=method,  # type: ignore[arg-type]
-        target=Target(flops=target),
-        params_total=s.parsed.info.n_params,
-        manifest=s.manifest,
-        seed=seed,
-        checkpoint_sha256=s.parsed.info.sha256,
-        activations=maps if method == "ci" else None,
-        cache=cache if method == "ci" else None,
-        stats=stats,
-        allocation=allocation if stats is not None else None,  # type: ignore[arg-type]
-        constraints=Constraints(ignored=list(ignored)) if ignored else None,
-    )
-    return plan, time.perf_counter() - t
-
-
-def apply(s: fid.Setup, plan: Any, folds: bool) -> nn.Module:
-    """The plan applied to a copy of the model, with its folds or (``folds=False``) the same
-    channels removed without them."""
-    from clients import apply_plan
-    from graphs.compensated import plan_sidecar
-    from graphs.plan import PruningPlan
-
-    example = torch.zeros(1, 3, fid.SIZE, fid.SIZE)
-    model = copy.deepcopy(s.model)
-    if plan.compensation is None:
-        return apply_plan(model, plan, example)
-    if folds:
-        return apply_plan(model, plan, example, compensation=plan_sidecar(plan))
-    bare = PruningPlan.model_validate({**plan.model_dump(), "compensation": None})
-    return apply_plan(model, bare, example)
-
-
-def plan_info(plan: Any) -> dict[str, Any]:
-    groups = plan.groups
-    pe = [g.predicted_error for g in groups if getattr(g, "predicted_error", None) is not None]
-    return {
-        "planned_flops_reduction": plan.achieved.get("flops"),
-        "channels_removed": sum(len(g.remove) for g in groups),
-        "predicted_error_sum": round(float(sum(pe)), 6) if pe else None,
-        "folds": len(plan.compensation.folds) if plan.compensation is not None else 0,
-        "rule": plan.rule,
-    }
-
-
-def measure(
-    s: fid.Setup, pruned: nn.Module, images: fid.ImageSet, ref: torch.Tensor, bn: bool
-) -> dict[str, Any]:
-    groups = np.array(images.eval_sources)
-    macs, raw, params = structural_macs(pruned, s.model)
-    row: dict[str, Any] = {
-        "flops_reduction": round(1 - macs / s.macs, 5),
-        "flops_reduction_with_bias": round(1 - raw / s.macs, 5),
-        "params_reduction": round(1 - params / s.params, 5),
-    }
-    row.update(fid.fidelity(ref, fid.log_probs(pruned, images.eval_u8), groups))
-    if bn:
-        fid.recalibrate_bn(pruned, images.calib_u8)
-        lp = fid.log_probs(pruned, images.eval_u8)
-        row.update({f"{k}_bn": v for k, v in fid.fidelity(ref, lp, groups).items()})
-    return row
-
-
-def jobs(
-    methods: Sequence[str],
-    variants: Sequence[str],
-    allocation_methods: Sequence[str],
-    allocations: Sequence[str],
-    seeds: Sequence[int],
-) -> list[tuple[str, str, str, int]]:
-    """(method, variant, allocation, seed) in run order; ``stats`` rows follow their ``comp``."""
-    out: list[tuple[str, str, str, int]] = []
-    for m in methods:
-        for seed in seeds if m == "random" else seeds[:1]:
-            out += [(m, v, "uniform", seed) for v in variants]
-    folded = [v for v in variants if v in ("comp", "refit")] or ["comp"]
-    for m in allocation_methods:
-        out += [(m, v, a, seeds[0]) for a in allocations for v in folded]
-    return out
 
 
 def run(
@@ -237,21 +109,21 @@ def run(
     ]
     if bad or not seeds:
         raise ValueError(f"unknown methods/variants/allocations {bad} (or no seeds)")
-    root = realdata or fid.realdata_dir()
+    root = realdata or realdata_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     busy = machine_busy(1.0)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         timings: dict[str, float] = {}
-        n = fid.QUICK_N if quick else None
-        images = fid.image_set(n, n)
-        s = fid.setup(root)
-        ref = fid.log_probs(copy.deepcopy(s.model), images.eval_u8)
+        n = QUICK_N if quick else None
+        images = image_set(n, n)
+        s = setup(root)
+        ref = log_probs(copy.deepcopy(s.model), images.eval_u8)
         stats, timings["stats_capture_s"] = capture_stats(s, images.calib_u8)
         maps = None
         if "ci" in methods or "ci" in alloc_methods:
-            maps, timings["ci_capture_s"] = fid.capture(s, images.calib_u8)
+            maps, timings["ci_capture_s"] = capture(s, images.calib_u8)
         log(
             f"images: {images.info['n_eval']} evaluation, {images.info['n_calib']} calibration; "
             f"statistics of {len(stats)} consumers in {timings['stats_capture_s']:.1f} s"
@@ -259,17 +131,17 @@ def run(
         c = Context(s, stats, maps, MemoryCache(), images, ref, bn_set, bn_only, list(ignored), log)
         rows: list[dict[str, Any]] = []
         todo = jobs(methods, variants, alloc_methods, allocations, list(seeds))
-        search = fid.TpSearch(s)  # remembers the ratios it tried across targets
+        search = TpSearch(s)  # remembers the ratios it tried across targets
         for target in targets:
-            rows += _target_rows(c, target, todo)
+            rows += target_rows(c, target, todo)
             if tp:
-                rows.append(_tp_row(search, target, images, ref, c.bn(fid.TP_METHOD, "comp"), log))
+                rows.append(tp_row(search, target, images, ref, c.bn(TP_METHOD, "comp"), log))
         timings["total_s"] = round(time.perf_counter() - t_start, 2)
 
         return {
             "meta": {**run_meta(), "machine_busy": busy, "torch_threads": threads},
             "config": {
-                "model": "MobileNetV2 (torchvision layout), ImageNet weights " + fid.WEIGHTS,
+                "model": "MobileNetV2 (torchvision layout), ImageNet weights " + WEIGHTS,
                 "quick": quick,
                 "targets": targets,
                 "methods": methods,
@@ -295,106 +167,8 @@ def run(
         torch.set_num_threads(old_threads)
 
 
-@dataclass
-class Context:
-    """What every row of a run shares."""
-
-    s: fid.Setup
-    stats: dict[str, np.ndarray]
-    maps: dict[str, np.ndarray] | None
-    ci_cache: Any
-    images: fid.ImageSet
-    ref: torch.Tensor
-    bn_variants: set[str]
-    bn_methods: set[str] | None  # None: every method
-    ignored: list[str]
-    log: Callable[[str], None]
-
-    def bn(self, method: str, variant: str) -> bool:
-        return variant in self.bn_variants and (
-            self.bn_methods is None or method in self.bn_methods
-        )
-
-
-def refit(c: Context, pruned: nn.Module, plan: Any) -> dict[str, Any]:
-    """``clients.refit`` of the folded model against the unpruned one on the calibration
-    inputs (forward order, second moments, ridge default)."""
-    from clients import refit as refit_model
-
-    t = time.perf_counter()
-    report = refit_model(pruned, c.s.model, fid.batches(c.images.calib_u8), plan=plan)
-    return {
-        "refit_s": round(time.perf_counter() - t, 2),
-        "refit_layers": len(report.layers),
-        "refit_skipped": dict(report.skipped),
-    }
-
-
-def _target_rows(
-    c: Context, target: float, todo: list[tuple[str, str, str, int]]
-) -> list[dict[str, Any]]:
-    rows = []
-    plans: dict[tuple[str, str, int], tuple[Any, float]] = {}  # stats plans shared by variants
-    for method, variant, allocation, seed in todo:
-        t = time.perf_counter()
-        kw = {"maps": c.maps, "cache": c.ci_cache, "ignored": c.ignored}
-        if variant == "weights":
-            plan, plan_s = make_plan(c.s, method, target, seed, stats=None, **kw)
-        else:
-            key = (method, allocation, seed)
-            if key not in plans:
-                plans[key] = make_plan(
-                    c.s, method, target, seed, stats=c.stats, allocation=allocation, **kw
-                )
-            plan, plan_s = plans[key]
-        pruned = apply(c.s, plan, folds=variant in ("comp", "refit"))
-        extra = refit(c, pruned, plan) if variant == "refit" else {}
-        row: dict[str, Any] = {
-            "target": target,
-            "method": method,
-            "variant": variant,
-            "allocation": allocation,
-            "label": label(method, variant, allocation),
-            "seed": seed,
-            "plan_s": round(plan_s, 3),
-            **plan_info(plan),
-            **extra,
-        }
-        row.update(measure(c.s, pruned, c.images, c.ref, bn=c.bn(method, variant)))
-        row["total_s"] = round(time.perf_counter() - t, 2)
-        rows.append(row)
-        c.log(line(row))
-    return rows
-
-
-def _tp_row(
-    search: fid.TpSearch,
-    target: float,
-    images: fid.ImageSet,
-    ref: torch.Tensor,
-    bn: bool,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    t = time.perf_counter()
-    s = search.s
-    pruned, extra = search.find(target)
-    row: dict[str, Any] = {
-        "target": target,
-        "method": fid.TP_METHOD,
-        "variant": "weights",
-        "allocation": "global",
-        "label": fid.TP_METHOD,
-        "seed": 0,
-        **extra,
-    }
-    row.update(measure(s, pruned, images, ref, bn=bn))
-    row["total_s"] = round(time.perf_counter() - t, 2)
-    log(line(row))
-    return row
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="0.1, l1, 16 inputs, no TP/BN/allocations")
     p.add_argument("--targets", type=float, nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
@@ -408,9 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--realdata", type=Path, default=None)
-    p.add_argument(
-        "--out-dir", type=Path, default=ROOT / "benchmarks" / "fidelity" / "compensation"
-    )
+    p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "compensation")
     a = p.parse_args(argv)
     result = run(
         quick=a.quick,
@@ -428,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         realdata=a.realdata,
         threads=a.threads,
     )
-    (a.out_dir / "compensation.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(a.out_dir / "compensation.json", result)
     (a.out_dir / "compensation.md").write_text(result["markdown"] + "\n")
     print()
     print(result["markdown"])

@@ -1,7 +1,8 @@
-"""Tables of the compensated fidelity benchmark (``fidelity_compensation.py``) and the goals of
-issue 14, from its rows; also merges the JSON of runs split over targets or methods.
+"""Tables of the compensated fidelity benchmark (:mod:`benchmarks.fidelity_compensation`) and
+the goals of issue 14, from its rows; also merges the JSON of runs split over targets or
+methods.
 
-Usage:  python benchmarks/fidelity_compensation_report.py RUN1.json [RUN2.json ...] -o OUT.md
+Usage:  python -m benchmarks.fidelity_compensation_report RUN1.json [RUN2.json ...] -o OUT.md
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def line(row: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("-o", "--out", type=Path, required=True)
     a = p.parse_args(argv)

@@ -17,7 +17,7 @@ currencies. Metrics on the evaluation inputs of ``benchmarks/fidelity.py`` (12 o
 images): top-1 agreement with the unpruned model [95 % bootstrap interval over source images]
 and mean KL. Nothing is tuned on them: the probe fractions are fixed before the run.
 
-Usage:  python benchmarks/fidelity_currency.py [--targets 0.1 0.2] [--probe 0.1 0.25]
+Usage:  python -m benchmarks.fidelity_currency [--targets 0.1 0.2] [--probe 0.1 0.25]
             [--threads 2] [--out-dir DIR] [--golden-stats FILE]
 Writes DIR/currency.json, DIR/currency.md and the two sensitivity tables (reused when present
 and made with the same probe fractions) (default DIR: benchmarks/fidelity/currency/).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,13 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import fidelity as fid  # noqa: E402
-from common import machine_busy, run_meta  # noqa: E402
-from fidelity_compensation import apply, capture_stats, measure  # noqa: E402
+from benchmarks.fidelity_compensation_rows import apply, capture_stats, measure
+from benchmarks.fidelity_harness import Setup, log_probs, setup
+from benchmarks.fidelity_images import SIZE, ImageSet, image_set
+from benchmarks.support.meta import machine_busy, run_meta
+from benchmarks.support.paths import BENCHMARKS, realdata_dir
 
 TARGETS = (0.1, 0.2)
 PROBE = (0.1, 0.25)
@@ -73,25 +70,25 @@ def compare_golden(stats: dict[str, np.ndarray], path: Path | None) -> dict[str,
 
 
 def sensitivity_tables(
-    s: fid.Setup, images: fid.ImageSet, stats: dict[str, np.ndarray], probe: Sequence[float]
+    s: Setup, images: ImageSet, stats: dict[str, np.ndarray], probe: Sequence[float]
 ) -> tuple[dict[str, Any], dict[str, Any], float]:
     """Two tables from one ``clients.sensitivity`` pass on the calibration inputs: delta =
     mean KL and delta = top-1 disagreement (same rows, same pruned models)."""
     from clients import sensitivity
 
     t = time.perf_counter()
-    ref = fid.log_probs(copy.deepcopy(s.model), images.calib_u8)
+    ref = log_probs(copy.deepcopy(s.model), images.calib_u8)
     top1: dict[float, float] = {}
 
     def evaluate(model: torch.nn.Module) -> float:
-        lp = fid.log_probs(model, images.calib_u8)
+        lp = log_probs(model, images.calib_u8)
         kl = float((ref.exp() * (ref - lp)).sum(1).clamp_min(0).mean())
         top1[kl] = float((ref.argmax(1) != lp.argmax(1)).double().mean())
         return kl
 
     table = sensitivity(
         copy.deepcopy(s.model),
-        torch.zeros(1, 3, fid.SIZE, fid.SIZE),
+        torch.zeros(1, 3, SIZE, SIZE),
         evaluate,
         manifest=s.manifest,
         fractions=tuple(probe),
@@ -107,7 +104,7 @@ def sensitivity_tables(
     return kl_table, top_table, time.perf_counter() - t
 
 
-def curves_of(s: fid.Setup, stats: dict[str, np.ndarray]) -> dict[int, Any]:
+def curves_of(s: Setup, stats: dict[str, np.ndarray]) -> dict[int, Any]:
     """The error curves ``plan_with_stats`` computes for ``marginal`` (default constraints)."""
     from graphs.allocation import group_limit
     from graphs.compensated import group_consumers
@@ -126,7 +123,7 @@ def curves_of(s: fid.Setup, stats: dict[str, np.ndarray]) -> dict[int, Any]:
     return found.curves(ids, max_ratio=c.max_ratio)
 
 
-def plan_for(s: fid.Setup, stats: dict[str, np.ndarray], target: float, rule: str, w: Any) -> Any:
+def plan_for(s: Setup, stats: dict[str, np.ndarray], target: float, rule: str, w: Any) -> Any:
     from graphs.plan import Target
     from graphs.planner import plan_layers
 
@@ -173,7 +170,7 @@ def markdown(rows: list[dict[str, Any]], targets: Sequence[float]) -> str:
 
 
 def load_or_measure(
-    out_dir: Path, s: fid.Setup, images: fid.ImageSet, stats: dict[str, np.ndarray], probe: Any
+    out_dir: Path, s: Setup, images: ImageSet, stats: dict[str, np.ndarray], probe: Any
 ) -> tuple[dict[str, Any], dict[str, Any], float | None]:
     paths = out_dir / "sensitivity_kl.json", out_dir / "sensitivity_top1.json"
     meta = out_dir / "sensitivity_probe.json"
@@ -193,9 +190,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     busy = machine_busy(1.0)
     torch.set_num_threads(a.threads)
-    images = fid.image_set(None, None)
-    s = fid.setup(a.realdata or fid.realdata_dir())
-    ref = fid.log_probs(copy.deepcopy(s.model), images.eval_u8)
+    images = image_set(None, None)
+    s = setup(a.realdata or realdata_dir())
+    ref = log_probs(copy.deepcopy(s.model), images.eval_u8)
     stats, capture_s = capture_stats(s, images.calib_u8)
     golden = compare_golden(stats, a.golden_stats)
     print(f"statistics of {len(stats)} consumers in {capture_s:.1f} s; golden: {golden}")
@@ -253,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--realdata", type=Path, default=None)
     p.add_argument("--golden-stats", type=Path, default=None)
-    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "fidelity" / "currency")
+    p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "currency")
     a = p.parse_args(argv)
     result = run(a)
     (a.out_dir / "currency.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -11,25 +11,19 @@ model's FLOPs reduction is measured again by forward hooks (``clients.flops.coun
 by ``isinstance``), next to the plan's own figure.
 Goals: planning ≤ 5 s (ResNet-56) and ≤ 30 s (ResNet-50) with default settings.
 
-Usage:  python benchmarks/planning.py [--models resnet56,resnet50,subclass] [--out results.json]
+Usage:  python -m benchmarks.planning [--models resnet56,resnet50,subclass] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import machine_busy, run_meta  # noqa: E402
+from benchmarks.support.meta import machine_busy, run_meta, write_json
 
 METHODS = ["mrp", "srr", "hsc", "l1", "fpgm", "random"]
 
@@ -58,7 +52,7 @@ def bench(name: str, planted: bool) -> list[dict[str, Any]]:
     from clients.flops import count_model_macs
     from graphs.plan import Target
     from graphs.planner import plan_layers
-    from service.ingest import read_checkpoint
+    from service.ingest.checkpoint import read_checkpoint
     from tests.clients import models
 
     factories = {
@@ -129,7 +123,7 @@ def bench(name: str, planted: bool) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--models", default="resnet56,resnet50,subclass")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -137,7 +131,7 @@ def main() -> None:
     rows = [r for m in args.models.split(",") for p in (False, True) for r in bench(m, p)]
     meta = {**run_meta(), "busy_before": str(busy)}
     if args.out:
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        write_json(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ for every method, test accuracy after. Methods: prunegraph's mrp, srr, hsc (on w
 hsc-act (on feature maps), ci and ci+pcc (ci after a PCC-loss pre-training whose λ is chosen on a
 validation split carved from train); baselines random, l1, fpgm (uniform ratio) and Torch-Pruning's
 global magnitude pruner (pruning ratio found by bisection on FLOPs). Data, models and budgets:
-quality_data.py; one run: quality_run.py; tables and plots: quality_report.py. The zero-shot
-MobileNetV2 fidelity benchmark (benchmarks/fidelity.py) runs after, when it is there.
+:mod:`benchmarks.quality_data`; one run: :mod:`benchmarks.quality_run`; the worker pool and PCC's
+λ: :mod:`benchmarks.quality_pool`; tables: :mod:`benchmarks.quality_report`; plots:
+:mod:`benchmarks.quality_plot`. The zero-shot MobileNetV2 fidelity benchmark
+(:mod:`benchmarks.fidelity`) runs beside them.
 
 Writes OUT_DIR/quality.json (every run, the summary, the winners), OUT_DIR/quality.md, one PNG
 per (dataset, model); with --latest also benchmarks/quality-latest.md and .json and the plots in
@@ -17,10 +19,10 @@ PCC-pretrained models are cached under --cache-dir (benchmarks/.cache/quality) b
 their configuration; every finished row goes to OUT_DIR/quality-journal.jsonl, from which
 --resume takes the rows of a stopped run with the same settings. Datasets run one after the other.
 
-Usage:  python benchmarks/quality.py [--quick] [--seeds 0 1 2] [--models ...] [--methods ...]
+Usage:  python -m benchmarks.quality [--quick] [--seeds 0 1 2] [--models ...] [--methods ...]
             [--targets 0.5 0.7] [--datasets mnist sklearn] [--out-dir benchmarks/quality-out]
             [--jobs 2] [--threads 1] [--latest] [--resume] [--no-fidelity]
-        python benchmarks/quality.py --rerender OUT_DIR/quality.json [--out-dir DIR]
+        python -m benchmarks.quality --rerender OUT_DIR/quality.json [--out-dir DIR]
 --quick (CI smoke test, < 2 minutes): digit CNN on 500 MNIST digits, target 50 %, l1 + mrp + ci +
 ci+pcc + tp, one seed, 50 fine-tune steps; it checks the harness, not the numbers.
 """
@@ -30,24 +32,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import multiprocessing
 import shutil
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-HERE = ROOT / "benchmarks"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-import quality_data as qd  # noqa: E402
-import quality_report as qrep  # noqa: E402
-import quality_run as qr  # noqa: E402
-from common import machine_busy, run_meta  # noqa: E402
+from benchmarks import quality_data as qd
+from benchmarks import quality_plot
+from benchmarks import quality_report as qrep
+from benchmarks import quality_run as qr
+from benchmarks.quality_pool import Pool, choose_pcc
+from benchmarks.support.meta import machine_busy, run_meta, write_json
+from benchmarks.support.paths import BENCHMARKS as HERE
 
 TC = qd.TrainConfig
 FULL = {
@@ -89,115 +86,6 @@ def settings(args: argparse.Namespace) -> qr.Settings:
     )
 
 
-class Pool:
-    """The worker processes (spawn), with progress lines on stderr and a journal: every finished
-    ``run``/``tune`` row is appended to OUT_DIR/quality-journal.jsonl, and with ``resume`` rows
-    already there for the same settings are taken from it instead of being run again."""
-
-    def __init__(self, jobs: int, threads: int, journal: Path, settings_key: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.ex = ProcessPoolExecutor(
-            max_workers=jobs, mp_context=ctx, initializer=qr.worker_init, initargs=(threads,)
-        )
-        self.t0 = time.perf_counter()
-        self.journal, self.settings_key = journal, settings_key
-        self.done: dict[str, dict[str, Any]] = {}
-
-    def resume(self) -> int:
-        """Load the journal's rows of these settings; returns how many."""
-        if self.journal.is_file():
-            for line in self.journal.read_text().splitlines():
-                entry = json.loads(line)
-                if entry.get("settings") == self.settings_key:
-                    self.done[entry["key"]] = entry["result"]
-        return len(self.done)
-
-    @staticmethod
-    def _key(kind: str, args: dict[str, Any]) -> str:
-        return json.dumps([kind, args], sort_keys=True)
-
-    def map(self, kind: str, s: qr.Settings, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any] | None] = [None] * len(tasks)
-        futures: dict[Future[dict[str, Any]], int] = {}
-        for i, a in enumerate(tasks):
-            if self._key(kind, a) in self.done:
-                out[i] = self.done[self._key(kind, a)]
-            else:
-                futures[self.ex.submit(qr.task, kind, s, a)] = i
-        if len(futures) < len(tasks):
-            n = len(tasks) - len(futures)
-            print(f"{kind}: {n} of {len(tasks)} from the journal", file=sys.stderr, flush=True)
-        for done, fut in enumerate(as_completed(futures), start=1):
-            r = fut.result()
-            out[futures[fut]] = r
-            what = " ".join(str(v) for v in r["args"].values())
-            status = f"ERROR {r['error']}" if "error" in r else f"{r['wall_s']:.1f} s"
-            elapsed = time.perf_counter() - self.t0
-            line = f"[{elapsed:7.1f} s] {kind} {done}/{len(futures)} {what}: {status}"
-            print(line, file=sys.stderr, flush=True)
-            if kind in ("run", "tune") and "error" not in r:
-                entry = {"settings": self.settings_key, "key": self._key(kind, r["args"]),
-                         "result": r}  # fmt: skip
-                with self.journal.open("a") as f:
-                    f.write(json.dumps(entry, default=str) + "\n")
-        return [r for r in out if r is not None]
-
-    def submit_fidelity(self, args: argparse.Namespace) -> Future[dict[str, Any]] | None:
-        if args.no_fidelity:
-            return None
-        return self.ex.submit(qr.fidelity_task, args.quick, args.seeds, args.out_dir)
-
-    def close(self) -> None:
-        self.ex.shutdown()
-
-
-def choose_pcc(
-    pool: Pool, s: qr.Settings, args: argparse.Namespace, pairs: list[tuple[str, str]]
-) -> tuple[dict[tuple[str, str], dict[str, Any]], list[dict[str, Any]]]:
-    """PCC models for every λ, then λ per (dataset, model) by the val accuracy after pruning
-    with ci and fine-tuning (mean over the targets, seed 0). Never looks at the test digits."""
-    trained = pool.map(
-        "pcc",
-        s,
-        [{"dataset": d, "model": m, "weight": w} for d, m in pairs for w in args.pcc_weights],
-    )
-    tuning: list[dict[str, Any]] = []
-    if len(args.pcc_weights) > 1:
-        tuning = pool.map(
-            "tune",
-            s,
-            [
-                {"dataset": d, "model": m, "target": t, "method": "ci+pcc", "seed": 0,
-                 "pcc_weight": w}
-                for d, m in pairs for w in args.pcc_weights for t in args.targets
-            ],
-        )  # fmt: skip
-    chosen: dict[tuple[str, str], dict[str, Any]] = {}
-    for d, m in pairs:
-        scores: dict[str, float] = {}
-        for w in args.pcc_weights:
-            vals = [
-                r["acc_after_ft"]
-                for r in tuning
-                if "error" not in r and (r["dataset"], r["model"], r["pcc_weight"]) == (d, m, w)
-            ]
-            scores[f"{w:g}"] = sum(vals) / len(vals) if vals else float("nan")
-        # the best val score; ties go to the smaller λ (a failed candidate scores -inf)
-        best = min(args.pcc_weights, key=lambda w: (-_finite(scores[f"{w:g}"]), w))
-        model = next(
-            r for r in trained if (r["args"]["dataset"], r["args"]["model"]) == (d, m)
-            and r["args"]["weight"] == best
-        )  # fmt: skip
-        chosen[(d, m)] = {
-            "weight": best,
-            "scores": scores if len(args.pcc_weights) > 1 else {},
-            "test_acc": model.get("test_acc", float("nan")),
-            "val_acc": model.get("val_acc", float("nan")),
-            "train_s": model.get("train_s"),
-        }
-    return chosen, trained + tuning
-
-
 def fidelity_markdown(fid: dict[str, Any], image_prefix: str = "") -> str:
     lines = ["", "## Fidelity: zero-shot MobileNetV2 (benchmarks/fidelity.py)", ""]
     if fid.get("status") != "run":
@@ -224,7 +112,7 @@ def fidelity_markdown(fid: dict[str, Any], image_prefix: str = "") -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI smoke test (< 2 minutes)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--models", nargs="+", choices=qd.MODELS)
@@ -246,7 +134,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="reuse the rows of OUT_DIR/quality-journal.jsonl (same settings) of a stopped run",
     )
-    p.add_argument("--no-fidelity", action="store_true", help="skip benchmarks/fidelity.py")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity benchmark")
     p.add_argument(
         "--rerender",
         type=Path,
@@ -367,7 +255,7 @@ def write_outputs(result: dict[str, Any], out_dir: Path, *, latest: bool) -> int
     summary = qrep.aggregate(result["rows"])
     n_test = {d: sizes["test"] for d, sizes in result["data"].items()}
     wins = [w for metric in qrep.WINNER_METRICS for w in qrep.winners(summary, metric, n_test)]
-    plots = qrep.plot(summary, out_dir)
+    plots = quality_plot.plot(summary, out_dir)
     result.update(summary=summary, winners=wins, plots=[p.name for p in plots])
     errors, fid = result["errors"], result["fidelity"]
 
@@ -378,7 +266,7 @@ def write_outputs(result: dict[str, Any], out_dir: Path, *, latest: bool) -> int
         return md + fidelity_markdown(fid, image_prefix)
 
     md = report("")
-    (out_dir / "quality.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(out_dir / "quality.json", result, default=str)
     (out_dir / "quality.md").write_text(md)
     if latest:  # the committed copy: markdown and JSON in benchmarks/, plots in quality-plots/
         plots_dir = HERE / "quality-plots"
@@ -401,10 +289,6 @@ def rerender(path: Path, out_dir: Path, *, latest: bool) -> int:
     result = json.loads(path.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_outputs(result, out_dir, latest=latest)
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else -math.inf
 
 
 def _cost_pair(pair: tuple[str, str]) -> float:

@@ -1,11 +1,11 @@
-"""Compare two plan-quality runs (benchmarks/quality.py) row by row: what a change did.
+"""Compare two plan-quality runs (:mod:`benchmarks.quality`) row by row: what a change did.
 
 For each (dataset, model, target) and each of ``--methods``: accuracy after fine-tuning and
 before it (BN re-estimated) in the old and the new run, the difference, and whether it exceeds
 the noise (2 × the pooled seed std and 2 × the binomial std of one accuracy on the test set);
 beside them the best baseline of the new run. Prints markdown tables and a count per method.
 
-Usage:  python benchmarks/quality_compare.py OLD/quality.json NEW/quality.json
+Usage:  python -m benchmarks.quality_compare OLD/quality.json NEW/quality.json
             [--methods mrp srr hsc mrp-act] [--old-label uniform] [--new-label anneal]
 """
 

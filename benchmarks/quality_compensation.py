@@ -3,7 +3,7 @@ FLOPs ≥ 95 % test accuracy without fine-tuning).
 
 The plan-quality harness's base models and splits (``quality_data``: MNIST fit/val/test
 3500/500/1000, base models trained once with seed 0 and cached under ``--cache-dir``, the same
-cache as ``benchmarks/quality.py``), pruned to 50 / 70 % fewer FLOPs and measured on the test
+cache as :mod:`benchmarks.quality`), pruned to 50 / 70 % fewer FLOPs and measured on the test
 digits **before any fine-tuning** (and after BN re-estimation on 512 fit digits, as the harness
 does). Second moments of every consumer input come from the harness's 256 calibration digits
 (fit split, seed 0); the test digits are used for the numbers only.
@@ -19,7 +19,7 @@ give the statistics and from the test digits); written to ``allocation.{md,json}
 verdict of ``DECISION_RULE``, fixed before the first run. Without ``--allocations`` the plans use
 the library's default allocation and the output (``mnist.{md,json}``) is what it always was.
 
-Usage:  python benchmarks/quality_compensation.py [--models resnet20 vgg_bn digit_cnn]
+Usage:  python -m benchmarks.quality_compensation [--models resnet20 vgg_bn digit_cnn]
             [--targets 0.5 0.7] [--methods mrp l1] [--threads 1] [--out-dir DIR]
             [--allocations uniform functional marginal] [--eval-split test|val]
             [--variants stats comp] [--no-tp]
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,13 +37,11 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import quality_data as qd  # noqa: E402
-import quality_run as qr  # noqa: E402
-from common import machine_busy, run_meta  # noqa: E402
+from benchmarks import quality_data as qd
+from benchmarks import quality_run as qr
+from benchmarks.support.compensation import apply_variant, without_created_biases
+from benchmarks.support.meta import machine_busy, run_meta
+from benchmarks.support.paths import BENCHMARKS
 
 GOAL = ("resnet20", 0.5, 0.95)
 DECISION_RULE = (
@@ -69,7 +66,7 @@ def prune(
     from clients import build_manifest
     from graphs.plan import Constraints, Target
     from graphs.planner import plan_layers
-    from service.ingest import read_checkpoint
+    from service.ingest.checkpoint import read_checkpoint
 
     parsed = read_checkpoint(path)
     plan = plan_layers(
@@ -88,15 +85,7 @@ def prune(
 
 
 def apply(net: torch.nn.Module, plan: Any, folds: bool) -> torch.nn.Module:
-    from clients import apply_plan
-    from graphs.compensated import plan_sidecar
-    from graphs.plan import PruningPlan
-
-    x = torch.zeros(qd.EXAMPLE)
-    if folds:
-        return apply_plan(copy.deepcopy(net), plan, x, compensation=plan_sidecar(plan))
-    bare = PruningPlan.model_validate({**plan.model_dump(), "compensation": None})
-    return apply_plan(copy.deepcopy(net), bare, x)
+    return apply_variant(net, plan, torch.zeros(qd.EXAMPLE), folds=folds)
 
 
 def measure(
@@ -104,13 +93,7 @@ def measure(
 ) -> dict[str, Any]:
     x, y = (split.x_val, split.y_val) if eval_split == "val" else (split.x_test, split.y_test)
     macs0, params0 = qr.macs_params(net)
-    bare = copy.deepcopy(pruned)  # MACs without the bias adds the folds create
-    had = {n for n, _ in net.named_parameters()}
-    for name, m in bare.named_modules():
-        created = getattr(m, "bias", None) is not None and f"{name}.bias" not in had
-        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear) and created:
-            m.bias = None
-    macs, _ = qr.macs_params(bare)
+    macs, _ = qr.macs_params(without_created_biases(pruned, net))  # no bias adds of the folds
     _, params = qr.macs_params(pruned)
     recal = qd.recalibrate_bn(copy.deepcopy(pruned), qr.calibration(split, 512, 0))
     return {
@@ -199,13 +182,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "vgg_bn", "digit_cnn"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7])
     p.add_argument("--methods", nargs="+", default=["mrp", "l1"])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / ".cache" / "quality")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "fidelity" / "mnist")
+    p.add_argument("--cache-dir", type=Path, default=BENCHMARKS / ".cache" / "quality")
+    p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "mnist")
     p.add_argument("--allocations", nargs="+", default=None,
                    choices=["method", "uniform", "functional", "marginal"])  # fmt: skip
     p.add_argument("--eval-split", choices=["test", "val"], default="test")
@@ -224,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         (a.out_dir / "mnist.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         (a.out_dir / "mnist.md").write_text(md + "\n")
     else:
-        from quality_allocation import allocation_markdown, decide
+        from benchmarks.quality_allocation import allocation_markdown, decide
 
         verdict = decide([r for r in rows if r["variant"] == "comp"])
         md = allocation_markdown(rows, meta, DECISION_RULE, verdict)

@@ -1,4 +1,5 @@
-"""Data, models, training and the model cache of the plan-quality benchmark (quality.py).
+"""Data, models, training and the model cache of the plan-quality benchmark
+(:mod:`benchmarks.quality`).
 
 Datasets (every split fixed, seeded and stratified by class; nothing is ever tuned on ``test``):
 
@@ -27,7 +28,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.support.paths import realdata_dir
 from clients import PCCLoss
 from tests.clients import models
 from tests.mnist import MEAN, STD, load_mnist
@@ -46,10 +47,6 @@ CACHE_VERSION = "1"
 DATASETS = ("mnist", "sklearn")
 MODELS = ("resnet20", "vgg_bn", "digit_cnn")
 EXAMPLE = (1, 1, 28, 28)
-
-
-def realdata_dir() -> Path:
-    return Path(os.environ.get("PRUNEGRAPH_REALDATA", Path.home() / ".cache/prunegraph-realdata"))
 
 
 # --------------------------------------------------------------------------------- datasets
@@ -157,12 +154,6 @@ def make_model(name: str) -> nn.Module:
         cnn.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
         return cnn
     raise ValueError(f"unknown model {name!r}; use one of {', '.join(MODELS)}")
-
-
-def classifier_of(model: nn.Module) -> nn.Module:
-    """The layer that writes the logits: the last Linear in module order."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1]
 
 
 # --------------------------------------------------------------------------------- training

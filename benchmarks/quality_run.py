@@ -15,16 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import quality_data as qd
 import torch
-import torch_pruning as tp
 from torch import nn
 
+from benchmarks import quality_data as qd
+from benchmarks.support.flops import macs_params as count_macs_params
+from benchmarks.support.tp_search import RatioSearch
 from clients import apply_plan, build_manifest, capture_activations
 from graphs.options import AnalysisOptions
 from graphs.plan import Constraints, PlanMethod, Target
 from graphs.planner import plan_layers
-from service.ingest import read_checkpoint
+from service.ingest.checkpoint import read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ def worker_init(threads: int) -> None:
 
 
 def macs_params(model: nn.Module) -> tuple[float, float]:
-    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(qd.EXAMPLE))
-    return float(macs), float(params)
+    """(MACs, params) at ``qd.EXAMPLE`` (1×1×28×28)."""
+    return count_macs_params(model, torch.zeros(qd.EXAMPLE))
 
 
 def calibration(split: qd.Split, n: int, seed: int) -> torch.Tensor:
@@ -105,38 +106,19 @@ def tp_prune(
     model: nn.Module, target: float, *, p: int, max_ratio: float, tolerance: float
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Torch-Pruning's MagnitudePruner, global pruning, classifier ignored; ``pruning_ratio`` by
-    bisection until the FLOPs reduction is within ``tolerance`` of the target (FLOPs only, no
-    data). Returns the closest model found."""
-    x = torch.zeros(qd.EXAMPLE)
-    macs0, _ = macs_params(model)
-
-    def attempt(ratio: float) -> tuple[nn.Module, float]:
-        m = copy.deepcopy(model)
-        pruner = tp.pruner.MagnitudePruner(
-            m,
-            x,
-            importance=tp.importance.MagnitudeImportance(p=p),
-            global_pruning=True,
-            pruning_ratio=ratio,
-            max_pruning_ratio=max_ratio,
-            ignored_layers=[qd.classifier_of(m)],
-        )
-        pruner.step()
-        return m, 1.0 - macs_params(m)[0] / macs0
-
-    lo, hi = 0.0, max_ratio
-    best: tuple[nn.Module, float, float] | None = None
-    tries = 0
-    for tries in range(1, 31):  # noqa: B007
-        mid = (lo + hi) / 2
-        m, red = attempt(mid)
-        if best is None or abs(red - target) < abs(best[1] - target):
-            best = (m, red, mid)
-        if abs(red - target) <= tolerance:
-            break
-        lo, hi = (mid, hi) if red < target else (lo, mid)
-    assert best is not None
-    return best[0], {"tp_ratio": round(best[2], 6), "tp_tries": tries}
+    bisection in [0, ``max_ratio``] until the FLOPs reduction is within ``tolerance`` of the
+    target (FLOPs only, no data, at most 30 prunings). Returns the closest model found."""
+    search = RatioSearch(
+        model,
+        torch.zeros(qd.EXAMPLE),
+        p=p,
+        tolerance=tolerance,
+        max_steps=30,
+        hi=max_ratio,
+        max_ratio=max_ratio,
+    )
+    found = search.find(target)
+    return found.model, {"tp_ratio": round(found.ratio, 6), "tp_tries": found.steps}
 
 
 def run_one(
@@ -248,11 +230,11 @@ def run_one(
 
 
 def fidelity_task(quick: bool, seeds: list[int], out_dir: Path) -> dict[str, Any]:
-    """benchmarks/fidelity.py's ``run_fidelity``, when that file is there (run in a worker, so
+    """:func:`benchmarks.fidelity.run_fidelity`, when it can be imported (run in a worker, so
     it shares the two cores with the quality runs)."""
     t0 = time.perf_counter()
     try:
-        from fidelity import run_fidelity
+        from benchmarks.fidelity import run_fidelity
     except ImportError as exc:
         return {"status": f"fidelity: not run ({exc})"}
     try:

@@ -1,14 +1,14 @@
 """Probe: does ``clients.refit`` (sequential refit against the unpruned model) fix the
 compounding of fold errors on the real MobileNetV2?
 
-The harness of ``benchmarks/fidelity_compensation.py`` (same model, same image split by source):
+The harness of :mod:`benchmarks.fidelity_compensation` (same model, same image split by source):
 second moments and the refit use the **calibration inputs only**; the evaluation inputs give the
 metrics (top-1 agreement with the unpruned model, mean KL(unpruned ‖ pruned)) and nothing else.
 Per target: the compensated mrp plan with functional allocation, applied with its folds
 (``fold``), then refitted (``fold+refit``); optionally the same plan without folds then refitted
 (``refit``, ``--bare``).
 
-Usage:  python benchmarks/refit_probe.py [--targets 0.1 0.2] [--n-eval N] [--n-calib N]
+Usage:  python -m benchmarks.refit_probe [--targets 0.1 0.2] [--n-eval N] [--n-calib N]
             [--min-rows 2.0] [--ridge 1] [--bias-only] [--bare] [--threads 1] [--out FILE.json]
 Prints one line per row and writes the JSON when ``--out`` is given.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,20 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import fidelity as fid  # noqa: E402
-import fidelity_compensation as fc  # noqa: E402
-from common import run_meta  # noqa: E402
+from benchmarks import fidelity_compensation_rows as fc
+from benchmarks.fidelity_harness import Setup, fidelity, log_probs, make_plan, setup
+from benchmarks.fidelity_images import ImageSet, batches, image_set
+from benchmarks.support.meta import run_meta
+from benchmarks.support.paths import realdata_dir
 
 
 def _row(
-    name: str, target: float, s: fid.Setup, pruned: Any, images: fid.ImageSet, ref: Any
+    name: str, target: float, s: Setup, pruned: Any, images: ImageSet, ref: Any
 ) -> dict[str, Any]:
     macs, _, _ = fc.structural_macs(pruned, s.model)
-    m = fid.fidelity(ref, fid.log_probs(pruned, images.eval_u8), np.array(images.eval_sources))
+    m = fidelity(ref, log_probs(pruned, images.eval_u8), np.array(images.eval_sources))
     row = {"target": target, "variant": name, "flops_reduction": round(1 - macs / s.macs, 4)}
     row.update(m)
     print(json.dumps(row), flush=True)
@@ -48,7 +45,7 @@ def _row(
 
 
 def holdout(
-    s: fid.Setup, plan: Any, images: fid.ImageSet, ridges: Sequence[float], min_rows: float
+    s: Setup, plan: Any, images: ImageSet, ridges: Sequence[float], min_rows: float
 ) -> list[dict[str, Any]]:
     """Choose the ridge without the evaluation images: refit on the first half of the
     calibration crops (earlier calibration sources), measure on the second half."""
@@ -56,16 +53,16 @@ def holdout(
 
     half = images.calib_u8.shape[0] // 2
     fit_u8, val_u8 = images.calib_u8[:half], images.calib_u8[half:]
-    ref = fid.log_probs(copy.deepcopy(s.model), val_u8)
+    ref = log_probs(copy.deepcopy(s.model), val_u8)
     one = np.zeros(val_u8.shape[0])
     folded = fc.apply(s, plan, True)
-    out = [{"ridge": None, **fid.fidelity(ref, fid.log_probs(folded, val_u8), one)}]
+    out = [{"ridge": None, **fidelity(ref, log_probs(folded, val_u8), one)}]
     print(json.dumps(out[-1]), flush=True)
     for ridge in ridges:
         pruned = copy.deepcopy(folded)
-        refit(pruned, s.model, fid.batches(fit_u8), plan=plan, ridge=ridge,
+        refit(pruned, s.model, batches(fit_u8), plan=plan, ridge=ridge,
               min_rows_per_input=min_rows)  # fmt: skip
-        out.append({"ridge": ridge, **fid.fidelity(ref, fid.log_probs(pruned, val_u8), one)})
+        out.append({"ridge": ridge, **fidelity(ref, log_probs(pruned, val_u8), one)})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -73,7 +70,7 @@ def holdout(
 def main(argv: Sequence[str] | None = None) -> None:
     from clients import refit
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--targets", nargs="*", type=float, default=[0.1, 0.2])
     p.add_argument("--n-eval", type=int, default=None)
     p.add_argument("--n-calib", type=int, default=None)
@@ -89,22 +86,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    s = fid.setup(fid.realdata_dir())
-    images = fid.image_set(a.n_eval, a.n_calib)
+    s = setup(realdata_dir())
+    images = image_set(a.n_eval, a.n_calib)
     stats, capture_s = fc.capture_stats(s, images.calib_u8)
     if a.holdout_ridges is not None:
         for target in a.targets:
-            plan, _ = fc.make_plan(
+            plan, _ = make_plan(
                 s, "mrp", target, 0, stats=stats, maps=None, allocation="functional"
             )
             print(f"target {target}", flush=True)
             holdout(s, plan, images, a.holdout_ridges, a.min_rows)
         return
-    ref = fid.log_probs(copy.deepcopy(s.model), images.eval_u8)
-    calib = fid.batches(images.calib_u8)
+    ref = log_probs(copy.deepcopy(s.model), images.eval_u8)
+    calib = batches(images.calib_u8)
     rows: list[dict[str, Any]] = []
     for target in a.targets:
-        plan, _ = fc.make_plan(s, "mrp", target, 0, stats=stats, maps=None, allocation="functional")
+        plan, _ = make_plan(s, "mrp", target, 0, stats=stats, maps=None, allocation="functional")
         variants = [("fold", True)] + ([("bare", False)] if a.bare else [])
         for name, folds in variants:
             pruned = fc.apply(s, plan, folds)

@@ -5,7 +5,7 @@ real MobileNetV2 (issue 14 point 8, design §8 "Ground truth").
   at ``--fractions`` of its channels (channels in the order of the group's greedy least-error
   path, ``order="functional"``), with and without least-squares compensation, and measures the
   **top-1 agreement** with the unpruned model on the **evaluation** inputs of
-  ``benchmarks/fidelity.py`` (mean KL is recorded beside it). A group's score is its mean
+  :mod:`benchmarks.fidelity` (mean KL is recorded beside it). A group's score is its mean
   agreement over the fractions (higher = less sensitive = more prunable).
 * **Figures** per group: the weight-space calibrated redundancy of ``mrp``, ``srr``, ``hsc``
   (``graphs.analyze`` with the manifest, no data), the **functional redundancy** (largest
@@ -15,7 +15,7 @@ real MobileNetV2 (issue 14 point 8, design §8 "Ground truth").
 * **ρ** between each figure and the score, with a 95 % bootstrap interval (groups resampled with
   replacement, 2000 times); groups with a constant figure give ties, which Spearman ranks as such.
 
-Usage:  python benchmarks/sensitivity_bench.py [--quick] [--fractions 0.1 0.25 0.5]
+Usage:  python -m benchmarks.sensitivity_bench [--quick] [--fractions 0.1 0.25 0.5]
             [--n-eval N] [--threads 1] [--out-dir DIR]
 Writes DIR/sensitivity.json, DIR/sensitivity.csv (the clients' table) and DIR/sensitivity.md
 (default DIR: benchmarks/fidelity/sensitivity/).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,13 +36,11 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import fidelity as fid  # noqa: E402
-from common import machine_busy, run_meta  # noqa: E402
-from fidelity_compensation import capture_stats  # noqa: E402
+from benchmarks.fidelity_compensation_rows import capture_stats
+from benchmarks.fidelity_harness import Setup, log_probs, setup
+from benchmarks.fidelity_images import QUICK_N, SIZE, image_set
+from benchmarks.support.meta import machine_busy, run_meta, write_json
+from benchmarks.support.paths import BENCHMARKS, realdata_dir
 
 FRACTIONS = (0.1, 0.25, 0.5)
 WEIGHT_METHODS = ("mrp", "srr", "hsc")
@@ -51,7 +48,7 @@ BOOTSTRAP = 2000
 QUICK_GROUPS = 4
 
 
-def figures(s: fid.Setup, stats: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+def figures(s: Setup, stats: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """Producer name → weight-space redundancies per method, functional redundancy and the
     error curve (relative consumer error after removing k channels, k = 0, 1, ...)."""
     from graphs.analyze import analyze
@@ -155,10 +152,10 @@ def run(
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        n = fid.QUICK_N if quick else None
-        images = fid.image_set(n_eval or n, n)
-        s = fid.setup(realdata or fid.realdata_dir())
-        ref = fid.log_probs(copy.deepcopy(s.model), images.eval_u8)
+        n = QUICK_N if quick else None
+        images = image_set(n_eval or n, n)
+        s = setup(realdata or realdata_dir())
+        ref = log_probs(copy.deepcopy(s.model), images.eval_u8)
         stats, capture_s = capture_stats(s, images.calib_u8)
         t = time.perf_counter()
         figs = figures(s, stats)
@@ -166,7 +163,7 @@ def run(
         kls: list[float] = []
 
         def evaluate(model: nn.Module) -> float:
-            lp = fid.log_probs(model, images.eval_u8)
+            lp = log_probs(model, images.eval_u8)
             kls.append(float((ref.exp() * (ref - lp)).sum(1).clamp_min(0).mean()))
             return float((lp.argmax(1) == ref.argmax(1)).double().mean())
 
@@ -174,7 +171,7 @@ def run(
         t = time.perf_counter()
         table = sensitivity(
             s.model,
-            torch.zeros(1, 3, fid.SIZE, fid.SIZE),
+            torch.zeros(1, 3, SIZE, SIZE),
             evaluate,
             manifest=s.manifest,
             fractions=fractions,
@@ -267,13 +264,13 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="4 groups, 16 inputs")
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--n-eval", type=int, default=None, help="evaluation inputs (default all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--realdata", type=Path, default=None)
-    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "fidelity" / "sensitivity")
+    p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "sensitivity")
     a = p.parse_args(argv)
     result = run(
         quick=a.quick,
@@ -284,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     a.out_dir.mkdir(parents=True, exist_ok=True)
     md = markdown(result)
-    (a.out_dir / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(a.out_dir / "sensitivity.json", result)
     (a.out_dir / "sensitivity.csv").write_text(result["csv"])
     (a.out_dir / "sensitivity.md").write_text(md + "\n")
     print(md)

@@ -11,37 +11,28 @@ Goal for every case: peak memory ≤ 2 GB.
 Every (case, method) runs in a fresh process so its peak RSS is its own; the baseline RSS of a
 process that has only imported the libraries is reported beside it.
 
-Usage:  python benchmarks/speed.py [--cases mobilenet_v2,resnet50_shaped,wide_8192x4608]
+Usage:  python -m benchmarks.speed [--cases mobilenet_v2,resnet50_shaped,wide_8192x4608]
                                    [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import run_meta  # noqa: E402
+from benchmarks.support.meta import run_meta, write_json
+from benchmarks.support.paths import realdata_dir
+from benchmarks.support.procfs import peak_rss_mb
 
 # "all": every method in one analyze(); "stages": similarity building blocks on the widest group
 METHODS = ["mrp", "srr", "hsc", "l1", "fpgm", "all", "stages"]
 ALL = ["mrp", "srr", "hsc", "l1", "fpgm"]
-
-
-def _realdata() -> Path:
-    return Path(os.environ.get("PRUNEGRAPH_REALDATA", Path.home() / ".cache/prunegraph-realdata"))
 
 
 def resnet50_layers(seed: int = 0) -> list[Any]:
@@ -102,20 +93,19 @@ def _similarity_stages(X: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def run_case(case: str, method: str) -> dict[str, Any]:
     """Run in a child process: returns times per stage and peak RSS."""
     import graphs  # noqa: F401  (import cost is not part of the measurement)
-    import service.ingest
+    import service.ingest.checkpoint
 
-    base = _rss_mb()
+    base = peak_rss_mb()
     stages: dict[str, float] = {}
+    layers: Sequence[Any]
     t0 = time.perf_counter()
     if case == "mobilenet_v2":
-        parsed = service.ingest.read_checkpoint(_realdata() / "mobilenet_v2_imagenet.pth")
+        parsed = service.ingest.checkpoint.read_checkpoint(
+            realdata_dir() / "mobilenet_v2_imagenet.pth"
+        )
         layers, info = parsed.layers, parsed.info
         stages["read"] = time.perf_counter() - t0
     elif case == "resnet50_shaped":
@@ -147,14 +137,14 @@ def _row(
         "method": method,
         "groups": groups,
         "seconds": stages,
-        "peak_rss_mb": round(_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "baseline_rss_mb": round(base, 1),
         "params_weighted_redundancy": red,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--cases", default="mobilenet_v2,resnet50_shaped,wide_8192x4608")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=None)
@@ -177,7 +167,7 @@ def main() -> None:
         print(f"{case:17s} sum of single-method runs {total:.2f}s", flush=True)
     meta = run_meta()
     if args.out:
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        write_json(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 # plan.json and plan.fold.safetensors there)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+# the scripts import the benchmarks package from the repository root
+export PYTHONPATH="$(cd "$HERE/../../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 CKPT="${PRUNEGRAPH_REALDATA:-$HOME/.cache/prunegraph-realdata}/mobilenet_v2_imagenet.pth"
 echo '$ python capture.py'; python "$HERE/capture.py"
 echo '$ prunegraph plan mobilenet_v2_imagenet.pth --manifest manifest.json --activations calib.safetensors --target-flops 0.1 --allocation uniform -o plan.json'

@@ -1,5 +1,5 @@
-"""Smoke test of the plan-quality benchmark: ``benchmarks/quality.py --quick`` runs end to end
-and writes its JSON, markdown and plot (the harness, not the numbers)."""
+"""Smoke test of the plan-quality benchmark: ``python -m benchmarks.quality --quick`` runs end to
+end and writes its JSON, markdown and plot (the harness, not the numbers)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -22,7 +22,8 @@ def test_quality_quick(realdata: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "quality.py"),
+            "-m",
+            "benchmarks.quality",
             "--quick",
             "--out",
             str(out),

@@ -1,29 +1,17 @@
-"""The zero-shot fidelity benchmark (benchmarks/fidelity.py) in its quick mode, in-process: the
+"""The zero-shot fidelity benchmark (benchmarks.fidelity) in its quick mode, in-process: the
 real MobileNetV2 pruned 10 % by l1 and mrp, compared with the unpruned model on 16 natural
 images; checks the structure of the results and the written plot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _fidelity() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fidelity_bench", ROOT / "benchmarks/fidelity.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.fidelity import run_fidelity
 
 
 @pytest.mark.slow
@@ -31,7 +19,7 @@ def _fidelity() -> ModuleType:
 def test_quick_fidelity(realdata: Path, tmp_path: Path) -> None:
     pytest.importorskip("skimage", reason="scikit-image is not installed (dev extras)")
     threads = torch.get_num_threads()
-    result = _fidelity().run_fidelity(quick=True, seeds=[0], out_dir=tmp_path, realdata=realdata)
+    result = run_fidelity(quick=True, seeds=[0], out_dir=tmp_path, realdata=realdata)
     assert torch.get_num_threads() == threads  # restored
     json.dumps(result)  # JSON-able
 
@@ -62,25 +50,16 @@ def test_quick_fidelity(realdata: Path, tmp_path: Path) -> None:
     assert (tmp_path / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _module(name: str, path: str) -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.real
 def test_quick_compensated_fidelity(realdata: Path, tmp_path: Path) -> None:
     """The compensated path in quick mode: statistics from the calibration inputs only, the
     same channels removed with and without the folds, FLOPs counted without the fold biases."""
     pytest.importorskip("skimage", reason="scikit-image is not installed (dev extras)")
-    bench = _module("fidelity_compensation", "benchmarks/fidelity_compensation.py")
+    from benchmarks.fidelity_compensation import run
+
     threads = torch.get_num_threads()
-    result = bench.run(quick=True, out_dir=tmp_path, realdata=realdata)
+    result = run(quick=True, out_dir=tmp_path, realdata=realdata)
     assert torch.get_num_threads() == threads
     json.dumps(result)
 
@@ -102,7 +81,8 @@ def test_quick_compensated_fidelity(realdata: Path, tmp_path: Path) -> None:
 
 def test_compensation_report_goals() -> None:
     """The goal lines read the headline row and Torch-Pruning's at the same target."""
-    report = _module("fidelity_compensation_report", "benchmarks/fidelity_compensation_report.py")
+    from benchmarks.fidelity_compensation_report import markdown
+
     base = {"kl": 0.1, "flops_reduction": 0.1, "params_reduction": 0.05, "plan_s": 1.0,
             "seed": 0, "agreement_ci95": [0.0, 1.0]}  # fmt: skip
     rows = [
@@ -111,8 +91,8 @@ def test_compensation_report_goals() -> None:
         {**base, "target": 0.1, "method": "tp_magnitude", "variant": "weights",
          "allocation": "global", "label": "tp_magnitude", "agreement": 0.3},
     ]  # fmt: skip
-    md = report.markdown(rows)
+    md = markdown(rows)
     assert "80.0 % vs goal ≥ 75 %: met" in md
     assert "ratio 2.7× (goal ≥ 3×: NOT met)" in md
     rows[1]["agreement"] = 0.2
-    assert "ratio 4.0× (goal ≥ 3×: met)" in report.markdown(rows)
+    assert "ratio 4.0× (goal ≥ 3×: met)" in markdown(rows)

@@ -1,0 +1,1 @@
+"""Smoke tests of the benchmarks (python -m benchmarks.<name>): harnesses, not numbers."""
