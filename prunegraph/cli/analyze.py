@@ -50,9 +50,9 @@ def analyze_here(
 ) -> tuple[Report, float]:
     """Embedded analysis with a progress bar on stderr; returns the report and the read time."""
     t0 = time.perf_counter()
-    parsed, man, notes = read_inputs(checkpoint, manifest, input_shape)
-    acts, stats = comp.checked(comp.read_capture(activations), parsed)
-    stats = comp.usable_stats(stats, man, "analysed", err)
+    inputs = read_inputs(checkpoint, manifest, input_shape, activations)
+    parsed, man = inputs.checkpoint, inputs.manifest
+    stats = comp.usable_stats(inputs.stats, man, "analysed", err)
     t_read = time.perf_counter() - t0
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -77,11 +77,11 @@ def analyze_here(
             options=options,
             progress=tick,
             manifest=man,
-            activations=acts,
+            activations=inputs.maps,
         )
     report = comp.add_functional(report, parsed, man, stats, epsilon)
-    if notes:
-        report = report.model_copy(update={"notes": notes})
+    if inputs.notes:
+        report = report.model_copy(update={"notes": inputs.notes})
     return report, t_read
 
 

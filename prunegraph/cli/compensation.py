@@ -16,14 +16,12 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-from graphs import InvalidInputError, PruneGraphError, Report
-from graphs.features import Activations
+from graphs import PruneGraphError, Report
 from graphs.manifest import Manifest
 from graphs.options import DEFAULT_EPSILON
 from graphs.plan import PruningPlan
 
 if TYPE_CHECKING:
-    from service.ingest.activations import Capture
     from service.ingest.checkpoint import ParsedCheckpoint
 
 ALLOCATION_HELP = (
@@ -36,34 +34,6 @@ NO_MANIFEST = (
     "the activations hold second-moment statistics, but compensation and functional redundancy "
     "need the model's manifest (--manifest): {what} without them"
 )
-
-
-def read_capture(path: Path | None) -> Capture | None:
-    """The maps and statistics of ``--activations`` (checked on their own), or None."""
-    if path is None:
-        return None
-    from service.ingest.activations import read_capture as read
-
-    if not path.is_file():
-        raise InvalidInputError(f"{path} not found or not a file", hint="Check the path.")
-    return read(path)
-
-
-def maps_of(capture: Capture | None) -> Activations | None:
-    """The file's feature maps, None when it has none (what ``check_features`` needs)."""
-    return capture.maps if capture is not None and capture.maps else None
-
-
-def checked(
-    capture: Capture | None, parsed: ParsedCheckpoint
-) -> tuple[Activations | None, dict[str, np.ndarray] | None]:
-    """Maps and statistics checked against the checkpoint's layers (None for what is absent)."""
-    if capture is None:
-        return None, None
-    from service.ingest.activations import check_capture
-
-    check_capture(capture, parsed.layers)
-    return maps_of(capture), (capture.statistics or None)
 
 
 def usable_stats(

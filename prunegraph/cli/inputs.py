@@ -1,31 +1,34 @@
-"""The embedded commands' inputs: the checkpoint, its manifest and the activations file."""
+"""The embedded commands' inputs: the checkpoint, its manifest and the activations file, loaded
+by the service's one loader of a job's inputs (:func:`service.jobs.inputs.load_inputs`), so that
+the CLI reads, derives and checks them exactly as a job on the service does."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graphs.manifest import Manifest
-from prunegraph.cli.options import input_shapes, load_manifest
+from prunegraph.cli.options import existing, input_shapes, load_manifest
 
 if TYPE_CHECKING:
-    from service.ingest.checkpoint import ParsedCheckpoint
+    from service.jobs.inputs import JobInputs
 
 
 def read_inputs(
-    checkpoint: Path, manifest: Path | None, input_shape: str | None
-) -> tuple[ParsedCheckpoint, Manifest | None, list[str]]:
-    """The checkpoint, its manifest (the given file, or for ONNX the one its graph gives) and
-    notes on what is missing (for stderr; ONNX with symbolic shapes has no manifest).
+    checkpoint: Path, manifest: Path | None, input_shape: str | None, activations: Path | None
+) -> JobInputs:
+    """The checkpoint, its manifest (the given file, or for ONNX the one its graph gives), the
+    notes on what is missing (for stderr; ONNX with symbolic shapes has no manifest) and the
+    activations file checked against the checkpoint's layers.
 
     Imported here: torch is only needed once a checkpoint is actually read.
     """
-    from service.ingest.checkpoint import derived_manifest, read_checkpoint
+    from service.jobs.inputs import load_inputs
 
     shapes = input_shapes(input_shape, manifest)
     man = load_manifest(manifest)
-    parsed = read_checkpoint(checkpoint)
-    notes: list[str] = []
-    if man is None:
-        man, notes = derived_manifest(checkpoint, parsed, input_shapes=shapes)
-    return parsed, man, notes
+    return load_inputs(
+        checkpoint,
+        manifest=man,
+        input_shapes=shapes,
+        activations=existing(activations) if activations is not None else None,
+    )

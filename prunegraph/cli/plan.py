@@ -96,16 +96,16 @@ def plan_here(
     """The embedded plan (``job``: the planner's method, target, constraints, options, ...)."""
     from graphs.planner import plan_layers
 
-    parsed, man, notes = read_inputs(checkpoint, manifest, input_shape)
-    print_notes(notes, err)
-    acts, stats = comp.checked(comp.read_capture(activations), parsed)
+    inputs = read_inputs(checkpoint, manifest, input_shape, activations)
+    print_notes(inputs.notes, err)
+    parsed = inputs.checkpoint
     return plan_layers(
         parsed.layers,
         params_total=parsed.info.n_params,
-        manifest=man,
+        manifest=inputs.manifest,
         checkpoint_sha256=parsed.info.sha256,
-        activations=acts,
-        stats=comp.usable_stats(stats, man, "planned", err),
+        activations=inputs.maps,
+        stats=comp.usable_stats(inputs.stats, inputs.manifest, "planned", err),
         **job,
     )
 

@@ -1,17 +1,17 @@
 """The CLI's ``--server`` mode: the same report or plan, computed by a prunegraph service.
 
-The checkpoint is uploaded (content-addressed: a known file is stored once), a job is submitted
-with the same methods, parameters, seed, manifest and constraints as the embedded command would
-use, and the result is returned as the same model; the command then prints it exactly as in
-embedded mode. Client errors become :class:`graphs.PruneGraphError` with what to do.
+The client (:class:`clients.PruneGraphClient`) uploads the checkpoint (content-addressed: a
+known file is stored once) and the activations, submits a job with the same methods, parameters,
+seed, manifest and constraints as the embedded command would use, waits for it and returns the
+result as the same model; the command then prints it exactly as in embedded mode. Client errors
+become :class:`graphs.PruneGraphError` with what to do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
 
 from clients import (
     AuthenticationError,
@@ -26,11 +26,10 @@ from graphs import AnalysisOptions, PruneGraphError, Report
 from graphs.manifest import Manifest
 from graphs.plan import Constraints, PruningPlan, Target
 
-T = TypeVar("T")
-
 
 @contextmanager
-def _translated(server: str) -> Iterator[None]:
+def translated(server: str) -> Iterator[None]:
+    """The client's errors as :class:`graphs.PruneGraphError` with what to do."""
     try:
         yield
     except AuthenticationError as e:
@@ -54,25 +53,6 @@ def _translated(server: str) -> Iterator[None]:
         raise PruneGraphError(str(e), hint="See the server's /docs.") from None
 
 
-def _run(
-    server: str,
-    token: str | None,
-    timeout: float,
-    progress: bool,
-    checkpoint: Path,
-    activations: Path | None,
-    fetch: Callable[[PruneGraphClient, str], T],
-    **job: Any,
-) -> T:
-    with _translated(server), PruneGraphClient(server, token=token) as client:
-        checkpoint_id = client.upload(checkpoint)
-        if activations is not None:
-            job["activations_id"] = client.upload_activations(checkpoint_id, activations)
-        job_id = client.submit(checkpoint_id, **job)
-        client.wait(job_id, timeout=timeout, progress=progress)
-        return fetch(client, job_id)
-
-
 def remote_report(
     server: str,
     token: str | None,
@@ -89,12 +69,12 @@ def remote_report(
     epsilon: float | None = None,
 ) -> Report:
     """The report of ``checkpoint`` computed by the service at ``server``."""
-    return _run(
-        server, token, timeout, progress, checkpoint, activations,
-        lambda c, job: c.report(job),
-        methods=methods, seed=seed, options=options, manifest=manifest, input_shape=input_shape,
-        epsilon=epsilon,
-    )  # fmt: skip
+    with translated(server), PruneGraphClient(server, token=token) as client:
+        return client.analyze(
+            checkpoint, methods=methods, seed=seed, options=options, manifest=manifest,
+            activations=activations, timeout=timeout, progress=progress,
+            input_shape=input_shape, epsilon=epsilon,
+        )  # fmt: skip
 
 
 def remote_plan(
@@ -119,12 +99,11 @@ def remote_plan(
 ) -> PruningPlan:
     """The plan of ``checkpoint`` computed by the service at ``server`` (a compensated plan
     with its sidecar, fetched and checked against the sha256 the plan pins)."""
-    return _run(
-        server, token, timeout, progress, checkpoint, activations,
-        lambda c, job: c.plan(job),
-        methods=(method,) if method != "random" else ("l1",),
-        seed=seed, target=target.model_dump(exclude_none=True), plan_method=method,
-        manifest=manifest, constraints=constraints, step=step, options=options,
-        input_shape=input_shape, compensation=compensation, allocation=allocation,
-        epsilon=epsilon,
-    )  # fmt: skip
+    with translated(server), PruneGraphClient(server, token=token) as client:
+        return client.plan_for(
+            checkpoint, target=target.model_dump(exclude_none=True), method=method,
+            manifest=manifest, seed=seed, options=options, constraints=constraints, step=step,
+            activations=activations, timeout=timeout, progress=progress,
+            compensation=compensation, allocation=allocation, epsilon=epsilon,
+            input_shape=input_shape,
+        )  # fmt: skip
