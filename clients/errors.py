@@ -113,7 +113,8 @@ class TooManyRequestsError(PruneGraphHTTPError):
 
 
 class InvalidRequestError(PruneGraphHTTPError):
-    """Any other 4xx: the checkpoint or the job request was refused."""
+    """Any other 4xx: the checkpoint or the job request was refused (a job request is checked
+    against the service's own model before it is sent, and refused with the server's 422)."""
 
 
 class ServerError(PruneGraphHTTPError):
