@@ -1,6 +1,9 @@
 """Pruning plans: how many channels each group loses, and which, to reach a target (design §4).
 
-Allocation per method:
+Each method is a strategy (:data:`graphs.strategies.STRATEGIES`); :func:`make_plan` runs the
+same loop for all: the strategy's own allocation, the uniform remainder, the strategy's choice of
+channels, its rationale and rule. :func:`plan_layers` plans a checkpoint's layers (with
+activation statistics through :mod:`graphs.compensated_plan`). Allocation per method:
 
 * ``mrp`` (SRP): repeat — in the most redundant group (mrp redundancy of its kept filters),
   remove its most replaceable filters (``step`` at a time: an int is a count, step=1 exact; a

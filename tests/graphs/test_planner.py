@@ -1,4 +1,4 @@
-"""Planner: allocation, constraints, cost model, determinism (no torch needed)."""
+"""Planner (graphs.planner): allocation, constraints, fallback, determinism (no torch needed)."""
 
 from __future__ import annotations
 
@@ -11,44 +11,20 @@ import numpy as np
 import pytest
 
 from graphs import InvalidInputError, LayerWeights
-from graphs.anneal import anneal_levels
 from graphs.cost import CostModel
 from graphs.grouping import build_groups
-from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
 from graphs.options import AnalysisOptions
 from graphs.plan import Constraints, GroupPlan, PruningPlan, Target
 from graphs.planner import plan_layers
-from graphs.similarity import calibrated_threshold, unit_rows
+from tests.graphs.chain import chain, conv, plan_chain, tiny_manifest
 from tests.graphs.planted import planted_layer, random_layer
 
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def _conv(name: str, X: np.ndarray, k: int = 3) -> LayerWeights:
-    return LayerWeights(name=name, kind="conv2d", weight=X.reshape(X.shape[0], -1, k, k))
-
-
-def _chain() -> list[LayerWeights]:
-    """stem 16 → a 32 (random) → b 32 (8 prototypes × 4 copies) → c 64 (random) → fc 10."""
-    planted, _ = planted_layer(8, 4, 32 * 9, seed=0)
-    return [
-        _conv("stem", random_layer(16, 27, seed=1)),
-        _conv("a", random_layer(32, 16 * 9, seed=2)),
-        _conv("b", planted),
-        _conv("c", random_layer(64, 32 * 9, seed=3)),
-        LayerWeights(name="fc", kind="linear", weight=random_layer(10, 64, seed=4)),
-    ]
-
-
-def _plan(method: str, target: Target, **kw: object) -> PruningPlan:
-    layers = _chain()
-    total = sum(layer.params for layer in layers)
-    return plan_layers(layers, method=method, target=target, params_total=total, **kw)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
 def test_redundant_group_is_pruned_first(method: str) -> None:
-    plan = _plan(method, Target(params=0.1))
+    plan = plan_chain(method, Target(params=0.1))
     by = {g.name: g for g in plan.groups}
     assert by["b"].redundancy == pytest.approx(0.75, abs=0.05)
     assert len(by["b"].remove) > 0 and len(by["a"].remove) == len(by["c"].remove) == 0
@@ -63,7 +39,7 @@ def test_redundant_group_is_pruned_first(method: str) -> None:
 @pytest.mark.parametrize("method", ["mrp", "srr", "hsc", "l1", "fpgm", "random"])
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_targets_are_met_within_two_points(method: str, ratio: float) -> None:
-    plan = _plan(method, Target(params=ratio))
+    plan = plan_chain(method, Target(params=ratio))
     assert ratio - 1e-9 <= plan.achieved["params"] <= ratio + 0.02
     by = {g.name: g for g in plan.groups}
     assert by["stem"].remove == [] and by["fc"].remove == []  # stem and classifier kept
@@ -75,7 +51,7 @@ def test_targets_are_met_within_two_points(method: str, ratio: float) -> None:
 
 @pytest.mark.parametrize("method", ["mrp", "srr", "hsc"])
 def test_fallback_once_redundancy_runs_out(method: str) -> None:
-    plan = _plan(method, Target(params=0.7))  # the default
+    plan = plan_chain(method, Target(params=0.7))  # the default
     assert "redundancy ran out, uniform fallback removed" in plan.rule
     assert "softer" not in plan.rule
     assert 0.7 <= plan.achieved["params"] <= 0.72
@@ -88,22 +64,22 @@ def test_annealing_goes_on_where_strict_redundancy_ran_out(method: str) -> None:
     """Past the planted layer's strict redundancy, fallback="anneal" goes on by softer levels;
     the report's redundancy (the strict level) is the same either way; uniform is the default."""
     opts = AnalysisOptions(fallback="anneal")
-    anneal = _plan(method, Target(params=0.7), options=opts)
-    uniform = _plan(method, Target(params=0.7))
+    anneal = plan_chain(method, Target(params=0.7), options=opts)
+    uniform = plan_chain(method, Target(params=0.7))
     assert "at softer calibration levels" in anneal.rule
     assert 0.7 <= anneal.achieved["params"] <= 0.72
     assert anneal.parameters["fallback"] == "anneal"
     assert uniform.parameters["fallback"] == "uniform"
     assert [g.redundancy for g in anneal.groups] == [g.redundancy for g in uniform.groups]
-    assert anneal.to_json() == _plan(method, Target(params=0.7), options=opts).to_json()
+    assert anneal.to_json() == plan_chain(method, Target(params=0.7), options=opts).to_json()
 
 
-def _weakly_alike_chain() -> list[LayerWeights]:
-    """Like _chain, but c holds 16 prototypes × 4 noisy copies whose cosines (≈ 0.4: 17 % of
+def _weakly_alikechain() -> list[LayerWeights]:
+    """Like chain(), but c holds 16 prototypes × 4 noisy copies whose cosines (≈ 0.4: 17 % of
     the energy shared) are significant but far below the strict level's effect-size floor."""
-    layers = _chain()
+    layers = chain()
     c, _ = planted_layer(16, 4, 32 * 9, seed=5, noise=1.2)
-    layers[3] = _conv("c", c)
+    layers[3] = conv("c", c)
     return layers
 
 
@@ -111,7 +87,7 @@ def _weakly_alike_chain() -> list[LayerWeights]:
 def test_annealing_prunes_the_weakly_redundant_layer_before_the_random_one(method: str) -> None:
     """Softer levels decide how many filters each layer loses: c's weak duplicates make it lose
     far more than the random a. Which filters go is the strict level's choice."""
-    layers = _weakly_alike_chain()
+    layers = _weakly_alikechain()
     total = sum(layer.params for layer in layers)
 
     def plan(fallback: str) -> dict[str, GroupPlan]:
@@ -133,31 +109,10 @@ def test_annealing_prunes_the_weakly_redundant_layer_before_the_random_one(metho
         assert anneal["c"].remove == sorted(int(i) for i in smallest)
 
 
-def test_anneal_levels_soften_monotonically() -> None:
-    U, _ = unit_rows(random_layer(64, 144, seed=7))
-    opts = AnalysisOptions()
-    levels = anneal_levels(opts, 64)
-    assert levels[0] == opts and len(levels) == 5
-    thresholds = [
-        calibrated_threshold(U, alpha=o.alpha, min_explained=o.min_explained)[0] for o in levels
-    ]
-    assert all(a > b for a, b in itertools.pairwise(thresholds)), thresholds
-    assert anneal_levels(opts, 64, anneal=False) == [opts]
-    low = AnalysisOptions(min_explained=0.0)  # the user's own level already is significance
-    assert [(o.alpha, o.min_explained) for o in anneal_levels(low, 64)] == [
-        (0.05, 0.0), (0.05 * 64, 0.0), (0.25 * 64, 0.0)
-    ]  # fmt: skip
-    # a random layer: the strict levels find nothing, the softest ones chance edges only
-    n_edges = [
-        int((np.abs(U @ U.T)[np.triu_indices(64, 1)] > t).sum()) for t in thresholds
-    ]  # fmt: skip
-    assert n_edges[:3] == [0, 0, 0] and n_edges[-1] < 0.5 * 64 * 2, n_edges
-
-
 @pytest.mark.parametrize("method", ["l1", "mrp", "hsc"])
 def test_constraints_hold(method: str) -> None:
     c = Constraints(min_channels=12, max_ratio=0.75, round_to=4, ignored=["c"])
-    plan = _plan(method, Target(params=0.35), constraints=c)
+    plan = plan_chain(method, Target(params=0.35), constraints=c)
     by = {g.name: g for g in plan.groups}
     assert by["c"].remove == []
     for g in plan.groups:
@@ -170,14 +125,14 @@ def test_constraints_hold(method: str) -> None:
 
 
 def test_unreachable_targets_say_so() -> None:
-    plan = _plan("l1", Target(params=0.6), constraints=Constraints(max_ratio=0.2))
+    plan = plan_chain("l1", Target(params=0.6), constraints=Constraints(max_ratio=0.2))
     assert plan.achieved["params"] < 0.6 and "target not reachable" in plan.rule
 
 
 def test_graph_methods_allocate_differently_from_the_uniform_baseline() -> None:
     """Redundancy decides where channels go first; the fallback adds to it, not over it."""
     counts = {
-        m: {g.name: len(g.remove) for g in _plan(m, Target(params=0.5)).groups}
+        m: {g.name: len(g.remove) for g in plan_chain(m, Target(params=0.5)).groups}
         for m in ("l1", "mrp", "srr", "hsc")
     }
     for m in ("mrp", "srr", "hsc"):
@@ -187,7 +142,7 @@ def test_graph_methods_allocate_differently_from_the_uniform_baseline() -> None:
 def test_without_a_manifest_outputs_and_heads_are_kept() -> None:
     """MTCNN-like heads: two linear layers both read the last hidden layer; nothing reads them."""
     layers = [
-        *_chain()[:4],
+        *chain()[:4],
         LayerWeights(name="head_a", kind="linear", weight=random_layer(2, 64, seed=8)),
         LayerWeights(name="head_b", kind="linear", weight=random_layer(4, 64, seed=9)),
     ]
@@ -203,23 +158,23 @@ def test_without_a_manifest_outputs_and_heads_are_kept() -> None:
 
 def test_flops_target_without_manifest_asks_for_one() -> None:
     with pytest.raises(InvalidInputError, match="FLOPs target needs") as e:
-        _plan("mrp", Target(flops=0.5))
+        plan_chain("mrp", Target(flops=0.5))
     assert "manifest" in e.value.hint
 
 
 def test_step_one_is_exact_and_meets_the_target() -> None:
-    exact = _plan("mrp", Target(params=0.1), step=1)
-    fast = _plan("mrp", Target(params=0.1), step=0.25)
+    exact = plan_chain("mrp", Target(params=0.1), step=1)
+    fast = plan_chain("mrp", Target(params=0.1), step=0.25)
     for p in (exact, fast):
         assert p.achieved["params"] >= 0.1
     assert exact.parameters["step"] == 1 and fast.parameters["step"] == 0.25
     with pytest.raises(InvalidInputError, match="step"):
-        _plan("mrp", Target(params=0.1), step=1.5)
+        plan_chain("mrp", Target(params=0.1), step=1.5)
 
 
 def test_plan_json_is_byte_identical_and_matches_the_golden_file() -> None:
-    a = _plan("mrp", Target(params=0.3), seed=3).to_json()
-    b = _plan("mrp", Target(params=0.3), seed=3).to_json()
+    a = plan_chain("mrp", Target(params=0.3), seed=3).to_json()
+    b = plan_chain("mrp", Target(params=0.3), seed=3).to_json()
     assert a == b
     # key order = declaration order; compensation is left out of plans without it
     assert list(json.loads(a)) == [k for k in PruningPlan.model_fields if k != "compensation"]
@@ -231,83 +186,8 @@ def test_plan_json_is_byte_identical_and_matches_the_golden_file() -> None:
     )
 
 
-def test_plan_refuses_bad_indices() -> None:
-    plan = _plan("l1", Target(params=0.3))
-    data = json.loads(plan.to_json())
-    g = next(g for g in data["groups"] if g["remove"])
-    for bad in ([g["remove"][0]] * 2 + g["remove"][2:], [*g["remove"][:-1], g["channels_before"]]):
-        data2 = json.loads(plan.to_json())
-        grp = next(x for x in data2["groups"] if x["id"] == g["id"])
-        grp["remove"] = bad
-        with pytest.raises(ValueError, match="indices"):
-            PruningPlan.model_validate(data2)
-
-
-def _tiny_manifest() -> tuple[Manifest, list[LayerWeights]]:
-    """conv a (8×3×3×3) → bn → conv b (6×8×3×3) → flatten (6×2×2) → fc (4×24)."""
-    layers = [
-        _conv("a", random_layer(8, 27, seed=0)),
-        _conv("b", planted_layer(3, 2, 72, seed=1)[0]),
-        LayerWeights(name="fc", kind="linear", weight=random_layer(4, 24, seed=2)),
-    ]
-    shapes = {
-        "a.weight": [8, 3, 3, 3], "a.bias": [8], "bn.weight": [8], "bn.bias": [8],
-        "b.weight": [6, 8, 3, 3], "b.bias": [6], "fc.weight": [4, 24], "fc.bias": [4],
-    }  # fmt: skip
-    groups = [
-        ChannelGroup(
-            id=0, channels=8, producers=["a"],
-            params=[ParamAxis(param="a.weight", axis=0), ParamAxis(param="a.bias", axis=0),
-                    ParamAxis(param="bn.weight", axis=0), ParamAxis(param="bn.bias", axis=0),
-                    ParamAxis(param="b.weight", axis=1)],
-        ),
-        ChannelGroup(
-            id=1, channels=6, producers=["b"],
-            params=[ParamAxis(param="b.weight", axis=0), ParamAxis(param="b.bias", axis=0),
-                    ParamAxis(param="fc.weight", axis=1, per_channel=4)],
-        ),
-        ChannelGroup(id=2, channels=4, producers=["fc"], params=[], prunable=False,
-                     reason="classifier"),
-    ]  # fmt: skip
-    man = Manifest(
-        input_shapes=[[1, 3, 6, 6]],
-        params_total=sum(int(np.prod(s)) for s in shapes.values()),
-        macs_total=8 * 27 * 16 + 6 * 72 * 4 + 4 * 24 + 100,
-        param_shapes=shapes,
-        layers=[
-            ManifestLayer(name="a", kind="conv2d", weight_shape=[8, 3, 3, 3], out_spatial=16),
-            ManifestLayer(name="b", kind="conv2d", weight_shape=[6, 8, 3, 3], out_spatial=4),
-            ManifestLayer(
-                name="fc", kind="linear", weight_shape=[4, 24], out_spatial=1, role="classifier"
-            ),
-        ],
-        groups=groups,
-        costs=[
-            ModuleCost(name="a", macs=8 * 27 * 16, out_group=0),
-            ModuleCost(name="b", macs=6 * 72 * 4, out_group=1, in_group=0),
-            ModuleCost(name="fc", macs=4 * 24, in_group=1),
-        ],
-        ignored=["fc"],
-    )
-    return man, layers
-
-
-def test_exact_cost_model_from_a_manifest() -> None:
-    man, _ = _tiny_manifest()
-    cost = CostModel.from_manifest(man)
-    kept = {0: 5, 1: 4, 2: 4}
-    params = 5 * 27 + 5 + 5 + 5 + 4 * 5 * 9 + 4 + 4 * 16 + 4
-    assert cost.params(kept) == params
-    macs = 5 * 27 * 16 + 4 * 5 * 9 * 4 + 4 * 16 + 100
-    assert cost.macs(kept) == macs
-    assert cost.shapes(kept)["fc.weight"] == [4, 16]
-    dp, dm = cost.delta({0: 8, 1: 6, 2: 4}, 1, 4)
-    assert dp == cost.params({0: 8, 1: 4, 2: 4}) - cost.params({0: 8, 1: 6, 2: 4})
-    assert dm == pytest.approx(cost.macs({0: 8, 1: 4, 2: 4}) - cost.macs({0: 8, 1: 6, 2: 4}))
-
-
 def test_manifest_plan_has_exact_figures_and_groups() -> None:
-    man, layers = _tiny_manifest()
+    man, layers = tiny_manifest()
     groups, _ = build_groups(layers, man)
     assert [(g.name, g.group_id, g.coupling) for g in groups] == [
         ("a", 0, "manifest"), ("b", 1, "manifest"), ("fc", 2, "manifest"),
@@ -324,21 +204,9 @@ def test_manifest_plan_has_exact_figures_and_groups() -> None:
     assert set(plan.expected_shapes) == set(man.param_shapes)
 
 
-def test_manifest_validation() -> None:
-    man, _ = _tiny_manifest()
-    data = json.loads(man.model_dump_json())
-    data["groups"][1]["params"][2]["per_channel"] = 3  # 6 × 3 ≠ 24
-    with pytest.raises(ValueError, match="entries"):
-        Manifest.model_validate(data)
-    data = json.loads(man.model_dump_json())
-    data["schema_version"] = "9.0"
-    with pytest.raises(ValueError, match="not supported"):
-        Manifest.model_validate(data)
-
-
 def test_large_steps_remove_duplicates_not_whole_communities() -> None:
     """A step of many filters still keeps one member of every community."""
-    plan = _plan("mrp", Target(params=0.2), step=24)
+    plan = plan_chain("mrp", Target(params=0.2), step=24)
     b = {g.name: g for g in plan.groups}["b"]
     _, truth = planted_layer(8, 4, 32 * 9, seed=0)
     kept = sorted(set(range(32)) - set(b.remove))
@@ -348,9 +216,9 @@ def test_large_steps_remove_duplicates_not_whole_communities() -> None:
 
 def test_ignored_names_expand_containers_and_unknown_names_are_refused() -> None:
     layers = [
-        _conv("blk.a", random_layer(32, 27, seed=0)),
-        _conv("blk.b", random_layer(32, 288, seed=1)),
-        _conv("head", random_layer(64, 288, seed=2)),
+        conv("blk.a", random_layer(32, 27, seed=0)),
+        conv("blk.b", random_layer(32, 288, seed=1)),
+        conv("head", random_layer(64, 288, seed=2)),
         LayerWeights(name="fc", kind="linear", weight=random_layer(10, 64, seed=3)),
     ]
     total = sum(layer.params for layer in layers)
