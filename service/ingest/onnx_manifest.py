@@ -19,12 +19,10 @@ BatchNormalization running mean/var (buffers, as in torch and in the reader's ``
 mean/var are therefore in no ParamAxis list, which keeps the cost model equal to
 ``params_total``. ``macs_total`` counts Conv, Gemm and MatMul layers (``ModuleCost`` per layer:
 weight size × output positions) and GRU/LSTM/RNN nodes ((W + R) size × input positions; fixed),
-per sample of the first input's batch dim
-(:meth:`service.ingest.onnx_shapes.GraphInput.batch_axis`). Shapes:
-:mod:`service.ingest.onnx_shapes` (unknown ones: :func:`service.ingest.checkpoint.derived_manifest`
-goes on without a manifest). ``ManifestLayer.weight_shape`` is the reader's layout ((out, in) for
-linear layers). The reader reads the graph once more to name layers: a model is decoded twice per
-call.
+per sample of the first input's batch dim (:meth:`.onnx_shapes.GraphInput.batch_axis`). Shapes:
+:mod:`.onnx_shapes` (unknown ones: :func:`.checkpoint.derived_manifest` goes on without a
+manifest). ``ManifestLayer.weight_shape`` is the reader's layout ((out, in) for linear layers).
+The reader reads the graph once more to name layers: a model is decoded twice per call.
 """
 
 from __future__ import annotations

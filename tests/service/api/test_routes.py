@@ -20,28 +20,8 @@ from sqlalchemy import update
 from graphs.plan import PruningPlan
 from graphs.report import Report
 from service.main import create_app
-from service.settings import Settings
 from service.store.db import RUNNING, CheckpointRow, JobRow, init_db
-
-ALICE = {"Authorization": "Bearer secret1"}
-BOB = {"Authorization": "Bearer secret2"}
-TOKENS = "alice:secret1,bob:secret2"
-
-
-def _model_bytes(seed: int = 0) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    conv2 = torch.randn(32, 16, 3, 3, generator=g)
-    conv2[16:] = conv2[:16] + 0.01 * torch.randn(16, 16, 3, 3, generator=g)  # near-duplicates
-    sd = {
-        "conv1.weight": torch.randn(16, 3, 3, 3, generator=g),
-        "conv2.weight": conv2,
-        "conv3.weight": torch.randn(32, 32, 3, 3, generator=g),
-        "fc.weight": torch.randn(10, 32, generator=g),
-        "fc.bias": torch.zeros(10),
-    }
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    return buf.getvalue()
+from tests.service.helpers import ALICE, BOB, app_settings, model_bytes, wait_for_job
 
 
 def _nan_bytes() -> bytes:
@@ -54,21 +34,6 @@ def _upload(c: TestClient, data: bytes, headers: dict[str, str] = ALICE) -> Any:
     return c.post("/v1/checkpoints", files={"file": ("model.pt", data)}, headers=headers)
 
 
-def _wait(c: TestClient, job_id: str, headers: dict[str, str] = ALICE) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = c.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        assert 0.0 <= job["progress"] <= 1.0
-        if job["status"] in ("done", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish in 60 s")
-
-
-def _settings(data_dir: Path, **kw: Any) -> Settings:
-    return Settings(data_dir=data_dir, tokens=TOKENS, **{"workers": 2, **kw})
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("service")
@@ -76,7 +41,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(data_dir: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(data_dir, max_upload_bytes=1_000_000))) as c:
+    with TestClient(create_app(app_settings(data_dir, max_upload_bytes=1_000_000))) as c:
         yield c
 
 
@@ -89,7 +54,7 @@ def test_healthz_needs_no_token_docs_do(client: TestClient) -> None:
 
 
 def test_upload_is_content_addressed(client: TestClient, data_dir: Path) -> None:
-    data = _model_bytes()
+    data = model_bytes()
     first = _upload(client, data)
     assert first.status_code == 201, first.text
     body = first.json()
@@ -134,7 +99,7 @@ def test_bad_and_hostile_files_are_refused(
 
 
 def test_job_with_target_gives_report_and_plan(client: TestClient) -> None:
-    ckpt = _upload(client, _model_bytes()).json()["id"]
+    ckpt = _upload(client, model_bytes()).json()["id"]
     r = client.post(
         "/v1/jobs",
         json={"checkpoint_id": ckpt, "methods": ["mrp", "l1"], "target": {"params": 0.3}},
@@ -142,7 +107,7 @@ def test_job_with_target_gives_report_and_plan(client: TestClient) -> None:
     )
     assert r.status_code == 201, r.text
     assert r.json()["status"] == "queued"
-    job = _wait(client, r.json()["id"])
+    job = wait_for_job(client, r.json()["id"])
     assert job["status"] == "done", job
     assert job["progress"] == 1.0 and job["error"] is None
     report = Report.model_validate_json(
@@ -157,16 +122,16 @@ def test_job_with_target_gives_report_and_plan(client: TestClient) -> None:
 
 
 def test_job_without_target_has_no_plan(client: TestClient) -> None:
-    ckpt = _upload(client, _model_bytes()).json()["id"]
+    ckpt = _upload(client, model_bytes()).json()["id"]
     r = client.post("/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]}, headers=ALICE)
-    job = _wait(client, r.json()["id"])
+    job = wait_for_job(client, r.json()["id"])
     assert job["status"] == "done"
     plan = client.get(f"/v1/jobs/{job['id']}/plan", headers=ALICE)
     assert plan.status_code == 404 and "without a target" in plan.json()["error"]
 
 
 def test_invalid_job_requests(client: TestClient) -> None:
-    ckpt = _upload(client, _model_bytes()).json()["id"]
+    ckpt = _upload(client, model_bytes()).json()["id"]
     for body in (
         {"checkpoint_id": ckpt, "methods": ["nope"]},
         {"checkpoint_id": ckpt, "target": {"flops": 0.5, "params": 0.5}},
@@ -199,21 +164,21 @@ def _plant(client: TestClient, data_dir: Path, data: bytes, owner: str) -> str:
 def test_failing_job_is_recorded_and_others_still_run(client: TestClient, data_dir: Path) -> None:
     bad = _plant(client, data_dir, _nan_bytes(), "alice")
     r = client.post("/v1/jobs", json={"checkpoint_id": bad, "methods": ["mrp"]}, headers=ALICE)
-    job = _wait(client, r.json()["id"])
+    job = wait_for_job(client, r.json()["id"])
     assert job["status"] == "failed" and "NaN" in job["error"], job
     report = client.get(f"/v1/jobs/{job['id']}/report", headers=ALICE)
     assert report.status_code == 422 and "NaN" in report.json()["error"]
-    good = _upload(client, _model_bytes()).json()["id"]
+    good = _upload(client, model_bytes()).json()["id"]
     r = client.post("/v1/jobs", json={"checkpoint_id": good, "methods": ["l1"]}, headers=ALICE)
-    assert _wait(client, r.json()["id"])["status"] == "done"
+    assert wait_for_job(client, r.json()["id"])["status"] == "done"
 
 
 def test_auth_and_isolation(client: TestClient) -> None:
     assert client.get("/v1/jobs").status_code == 401
     r = client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and "Bearer" in r.json()["hint"]
-    assert _upload(client, _model_bytes(), headers={}).status_code == 401
-    ckpt = _upload(client, _model_bytes(1), headers=BOB).json()["id"]
+    assert _upload(client, model_bytes(), headers={}).status_code == 401
+    ckpt = _upload(client, model_bytes(1), headers=BOB).json()["id"]
     job = client.post("/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]}, headers=BOB)
     job_id = job.json()["id"]
     assert client.get(f"/v1/jobs/{job_id}", headers=ALICE).status_code == 404
@@ -221,15 +186,15 @@ def test_auth_and_isolation(client: TestClient) -> None:
     assert job_id not in [j["id"] for j in client.get("/v1/jobs", headers=ALICE).json()["items"]]
     alice_job = client.post("/v1/jobs", json={"checkpoint_id": ckpt}, headers=ALICE)
     assert alice_job.status_code == 404  # alice never uploaded bob's checkpoint
-    assert _wait(client, job_id, BOB)["status"] == "done"
+    assert wait_for_job(client, job_id, BOB)["status"] == "done"
 
 
 def test_delete_checkpoint_removes_file_and_jobs(client: TestClient, data_dir: Path) -> None:
-    ckpt = _upload(client, _model_bytes(2), headers=BOB).json()["id"]
+    ckpt = _upload(client, model_bytes(2), headers=BOB).json()["id"]
     job_id = client.post(
         "/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]}, headers=BOB
     ).json()["id"]
-    _wait(client, job_id, BOB)
+    wait_for_job(client, job_id, BOB)
     assert client.delete(f"/v1/checkpoints/{ckpt}", headers=ALICE).status_code == 404
     assert client.delete(f"/v1/checkpoints/{ckpt}", headers=BOB).status_code == 204
     assert not (data_dir / "checkpoints" / ckpt).exists()
@@ -237,9 +202,9 @@ def test_delete_checkpoint_removes_file_and_jobs(client: TestClient, data_dir: P
 
 
 def test_restart_requeues_unfinished_jobs(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, workers=1)
+    settings = app_settings(tmp_path, workers=1)
     with TestClient(create_app(settings)) as c:
-        ckpt = _upload(c, _model_bytes()).json()["id"]
+        ckpt = _upload(c, model_bytes()).json()["id"]
     _, sessions = init_db(settings.db_url())
     with sessions.begin() as s:
         s.add(
@@ -253,7 +218,7 @@ def test_restart_requeues_unfinished_jobs(tmp_path: Path) -> None:
             )
         )
     with TestClient(create_app(settings)) as c:
-        job = _wait(c, "left-running")
+        job = wait_for_job(c, "left-running")
         assert job["status"] == "done", job
 
 
@@ -264,7 +229,7 @@ def test_replanning_reuses_the_cached_analysis(client: TestClient, data_dir: Pat
     from graphs.planner import plan_layers
     from service.ingest.checkpoint import read_checkpoint
 
-    data = _model_bytes(seed=7)
+    data = model_bytes(seed=7)
     ckpt = _upload(client, data).json()["id"]
     opts = {"alpha": 0.05, "min_explained": 0.4}
     jobs = []
@@ -279,7 +244,9 @@ def test_replanning_reuses_the_cached_analysis(client: TestClient, data_dir: Pat
             "constraints": {"min_channels": 2},
             "step": 2,
         }
-        jobs.append(_wait(client, client.post("/v1/jobs", json=body, headers=ALICE).json()["id"]))
+        jobs.append(
+            wait_for_job(client, client.post("/v1/jobs", json=body, headers=ALICE).json()["id"])
+        )
     first, second = jobs
     assert first["status"] == second["status"] == "done"
     assert first["cache_misses"] > 0
@@ -313,9 +280,9 @@ def test_replanning_reuses_the_cached_analysis(client: TestClient, data_dir: Pat
 def test_a_live_replicas_jobs_are_left_alone_until_its_lease_expires(tmp_path: Path) -> None:
     """Replicas share the database: a starting replica takes over only jobs whose lease ran out
     (their replica died), never those another replica still renews."""
-    settings = _settings(tmp_path, workers=1, job_lease_s=1.0)
+    settings = app_settings(tmp_path, workers=1, job_lease_s=1.0)
     with TestClient(create_app(settings)) as c:
-        ckpt = _upload(c, _model_bytes()).json()["id"]
+        ckpt = _upload(c, model_bytes()).json()["id"]
     _, sessions = init_db(settings.db_url())
     request = f'{{"checkpoint_id": "{ckpt}", "methods": ["l1"]}}'
     with sessions.begin() as s:
@@ -341,14 +308,14 @@ def test_a_live_replicas_jobs_are_left_alone_until_its_lease_expires(tmp_path: P
     renewer.start()
     try:
         with TestClient(create_app(settings)) as c:
-            assert _wait(c, "dead")["status"] == "done"
+            assert wait_for_job(c, "dead")["status"] == "done"
             with sessions() as s:
                 alive = s.get(JobRow, "alive")
                 assert alive is not None and alive.status == RUNNING
                 assert alive.runner == "other-replica"  # not touched while its lease holds
             stop.set()  # the other replica dies
             renewer.join()
-            assert _wait(c, "alive")["status"] == "done"  # taken over once it expired
+            assert wait_for_job(c, "alive")["status"] == "done"  # taken over once it expired
             with sessions() as s:
                 row = s.get(JobRow, "alive")
                 assert row is not None and row.runner != "other-replica"
@@ -370,6 +337,6 @@ def test_a_database_of_the_first_version_is_upgraded(tmp_path: Path) -> None:
             "INSERT INTO jobs VALUES ('old', 'alice', 'x', '{}', 'done', 1.0, NULL, '{}', NULL, "
             "0.0, 0.0)"
         )
-    with TestClient(create_app(_settings(tmp_path, workers=1))) as c:
+    with TestClient(create_app(app_settings(tmp_path, workers=1))) as c:
         job = c.get("/v1/jobs/old", headers=ALICE).json()
         assert job["status"] == "done" and job["cache_hits"] == 0

@@ -35,7 +35,7 @@ from safetensors.numpy import save as save_safetensors
 
 from service.main import create_app
 from service.settings import Settings
-from tests.service.test_app import _model_bytes
+from tests.service.helpers import model_bytes
 
 ALICE = {"Authorization": "Bearer secret1"}
 MiB = 1 << 20
@@ -280,7 +280,7 @@ HOSTILE: list[tuple[str, Callable[[], bytes], int, str]] = [
     ("random-after-zip-magic", _random_after(b"PK\x03\x04"), 422, "corrupt"),
     ("random-after-pickle-magic", _random_after(b"\x80\x02"), 422, "corrupt"),
     ("random-after-onnx-magic", _random_after(b"\x08\x07"), 422, "corrupt"),
-    ("truncated-pt", lambda: _half(_model_bytes()), 422, "corrupt"),
+    ("truncated-pt", lambda: _half(model_bytes()), 422, "corrupt"),
     ("truncated-legacy-pt", lambda: _half(_legacy_pt()), 422, "corrupt"),
     ("truncated-safetensors", lambda: _half(_safetensors_model()), 422, "corrupt"),
     ("truncated-onnx", lambda: _half(_onnx_model()), 422, "corrupt"),
@@ -338,7 +338,7 @@ def client(data_dir: Path) -> Iterator[TestClient]:
         data_dir=data_dir, tokens="alice:secret1", workers=1, max_upload_bytes=8 * MiB
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-        assert _upload(c, _model_bytes()).status_code == 201  # imports torch first
+        assert _upload(c, model_bytes()).status_code == 201  # imports torch first
         yield c
 
 
@@ -373,7 +373,7 @@ def test_hostile_upload_is_refused(
     assert list((data_dir / "tmp").iterdir()) == []
     assert sorted((data_dir / "checkpoints").iterdir()) == stored
     assert growth[0] < MAX_GROWTH, f"peak RSS grew by {growth[0] / MiB:.0f} MiB"
-    assert _upload(client, _model_bytes()).status_code == 201  # still serving
+    assert _upload(client, model_bytes()).status_code == 201  # still serving
 
 
 def _prefix_bomb() -> bytes:
@@ -457,7 +457,7 @@ def test_many_depthwise_layers_scale_linearly(client: TestClient) -> None:
 
 
 def test_after_all_that_a_good_job_still_runs(client: TestClient) -> None:
-    ckpt = _upload(client, _model_bytes(3)).json()["id"]
+    ckpt = _upload(client, model_bytes(3)).json()["id"]
     r = client.post("/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]}, headers=ALICE)
     assert r.status_code == 201, r.text
     deadline = time.monotonic() + 60

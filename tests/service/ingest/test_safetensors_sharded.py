@@ -15,7 +15,7 @@ from graphs import analyze
 from graphs.errors import CheckpointError
 from service.ingest.checkpoint import read_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _state(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -21,8 +21,8 @@ from graphs.report import Report
 from service.main import create_app
 from tests.postgres import ENV, Cluster, fresh_database
 from tests.server_process import Server, wait_job
-from tests.service import test_app as api
-from tests.service.test_app import _settings
+from tests.service.api import test_routes as api
+from tests.service.helpers import app_settings
 
 # The API tests of test_app, run again here with this module's `client` (in test_app's order:
 # they share one server and see each other's checkpoints).
@@ -72,7 +72,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(data_dir: Path, pg_admin: str) -> Iterator[TestClient]:
-    cfg = _settings(data_dir, max_upload_bytes=1_000_000, database_url=fresh_database(pg_admin))
+    cfg = app_settings(data_dir, max_upload_bytes=1_000_000, database_url=fresh_database(pg_admin))
     with TestClient(create_app(cfg)) as c:
         yield c
 

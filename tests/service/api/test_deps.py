@@ -20,7 +20,7 @@ from service.settings import Settings
 from service.store import logins
 from service.store.db import LoginRow, init_db
 from service.store.logins import SESSION_COOKIE
-from tests.service.test_app import _model_bytes
+from tests.service.helpers import model_bytes
 
 TOKENS = "alice:secret1,bob:secret2"
 ALICE = {"Authorization": "Bearer secret1"}
@@ -83,7 +83,7 @@ def test_upload_errors_name_no_server_path(client: TestClient, data_dir: Path) -
 
 def test_job_errors_name_no_server_path(client: TestClient, data_dir: Path) -> None:
     """A job whose stored file went away fails with a message that names no server path."""
-    up = client.post("/v1/checkpoints", files={"file": ("m.pt", _model_bytes(7))}, headers=ALICE)
+    up = client.post("/v1/checkpoints", files={"file": ("m.pt", model_bytes(7))}, headers=ALICE)
     assert up.status_code == 201, up.text
     stored = data_dir / "checkpoints" / up.json()["id"]
     stored.write_bytes(b"PK\x03\x04 not a zip any more")  # replaced behind the service's back

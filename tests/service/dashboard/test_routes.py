@@ -25,7 +25,7 @@ from graphs.layout import spring_layout
 from service.dashboard.charts import community_colours
 from tests.server_process import Server
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 ALICE, BOB = "alice-dashboard-secret", "bob-dashboard-secret"

@@ -41,7 +41,7 @@ from schemathesis.checks import not_a_server_error
 
 from service.main import create_app
 from service.settings import Settings
-from tests.service.test_app import _model_bytes
+from tests.service.helpers import model_bytes
 
 TOKEN = "fuzz-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -84,7 +84,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         auth_failure_limit=0,
     )
     with TestClient(create_app(cfg), raise_server_exceptions=False) as client:
-        up = client.post("/v1/checkpoints", files={"file": ("m.pt", _model_bytes())}, headers=AUTH)
+        up = client.post("/v1/checkpoints", files={"file": ("m.pt", model_bytes())}, headers=AUTH)
         assert up.status_code == 201, up.text
         ckpt = up.json()["id"]
         job = client.post("/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]}, headers=AUTH)
@@ -218,7 +218,7 @@ def _onnx() -> bytes:
 
 
 SEEDS = {
-    "pt": _model_bytes(),
+    "pt": model_bytes(),
     "legacy.pt": _legacy_pt(),
     "safetensors": _safetensors(),
     "onnx": _onnx(),

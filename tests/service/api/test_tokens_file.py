@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.settings import Settings
-from tests.service.test_app import _model_bytes, _wait
+from tests.service.helpers import model_bytes, wait_for_job
 
 TOKENS_FILE = """\
 # prunegraph users, one user:token a line
@@ -50,13 +50,13 @@ def test_users_from_the_tokens_file(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         for text in ("# prunegraph users, one user:token a line", "alice", ""):
             assert c.get("/v1/jobs", headers={"Authorization": f"Bearer {text}"}).status_code == 401
 
-        up = c.post("/v1/checkpoints", files={"file": ("m.pt", _model_bytes(5))}, headers=ALICE)
+        up = c.post("/v1/checkpoints", files={"file": ("m.pt", model_bytes(5))}, headers=ALICE)
         assert up.status_code == 201, up.text
         ckpt = up.json()["id"]
         job = c.post("/v1/jobs", json={"checkpoint_id": ckpt, "methods": ["l1"]}, headers=ALICE)
         assert job.status_code == 201, job.text
         job_id = job.json()["id"]
-        assert _wait(c, job_id, ALICE)["status"] == "done"
+        assert wait_for_job(c, job_id, ALICE)["status"] == "done"
         assert c.get(f"/v1/jobs/{job_id}/report", headers=ALICE).status_code == 200
         # alice sees hers; bob sees nothing of alice's, and gets 404 (not 403) for it
         assert [j["id"] for j in c.get("/v1/jobs", headers=ALICE).json()["items"]] == [job_id]

@@ -18,7 +18,7 @@ import pytest
 
 from service.jobs.lifeline import exit_with_parent
 from tests.server_process import Server, wait_job
-from tests.service.test_app import _model_bytes
+from tests.service.helpers import model_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_kill_9_leaves_no_worker_and_no_temp_file(server: Server) -> None:
     its workers exit by themselves, and the next start removes the upload's temp file."""
     server.start()
     assert server.proc is not None
-    files = {"file": ("m.pt", _model_bytes())}
+    files = {"file": ("m.pt", model_bytes())}
     up = httpx.post(f"{server.url}/v1/checkpoints", files=files, timeout=120)
     assert up.status_code == 201, up.text
     req = {"checkpoint_id": up.json()["id"], "methods": ["l1"], "seed": 0}

@@ -40,7 +40,7 @@ from service.settings import Settings
 from service.store.cache import code_namespace
 from tests.server_process import Server, _free_port, wait_job
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 
 
