@@ -13,7 +13,7 @@ from graphs.features import Activations, group_features
 from graphs.grouping import build_groups
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.manifest import Manifest
-from graphs.options import AnalysisOptions, check_inputs, layer_seed
+from graphs.options import AnalysisOptions, check_inputs
 from graphs.recurrent import without_hidden
 from graphs.removable import removable
 from graphs.report import (
@@ -274,13 +274,11 @@ def summarize(
 
 
 __all__ = [
-    "AnalysisOptions",
     "Grouping",
     "Progress",
     "analyze",
     "analyze_group",
     "assemble_report",
     "group_layers",
-    "layer_seed",
     "summarize",
 ]

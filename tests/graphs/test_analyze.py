@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from graphs import AnalysisOptions, InvalidInputError, LayerWeights, analyze, build_groups
-from graphs.analyze import layer_seed
+from graphs.options import layer_seed
 from graphs.report import CheckpointInfo, Report
 from tests.graphs.planted import planted_layer, random_layer
 
