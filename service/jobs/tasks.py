@@ -32,13 +32,13 @@ from pydantic import TypeAdapter
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from graphs.analyze import AnalysisOptions, assemble_report, group_layers
+from graphs.analyze import assemble_report, group_layers
 from graphs.contracts.jobs import JobRequest
 from graphs.errors import PruneGraphError
 from graphs.features import Activations
 from graphs.layers import LayerWeights
 from graphs.manifest import Manifest
-from graphs.options import check_inputs
+from graphs.options import AnalysisOptions, check_inputs
 from graphs.planner import plan_layers
 from graphs.report import CheckpointInfo, MethodResult, Report, SkippedLayer
 from graphs.strategies import GRAPH_METHODS
