@@ -53,7 +53,7 @@ def figures(s: Setup, stats: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]
     error curve (relative consumer error after removing k channels, k = 0, 1, ...)."""
     from graphs.analyze import analyze
     from graphs.compensated import group_consumers
-    from graphs.functional import DEFAULT_EPSILON
+    from graphs.options import DEFAULT_EPSILON
 
     report = analyze(
         s.parsed.layers,

@@ -282,7 +282,7 @@ def consumer_models(
     Raises:
         ValueError: a consumer without statistics.
     """
-    from graphs.functional import Consumer, ConsumerStats, channel_gram, dense_weight
+    from graphs.consumers import Consumer, ConsumerStats, channel_gram, dense_weight
 
     modules = dict(model.named_modules())
     out = []

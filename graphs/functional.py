@@ -44,10 +44,7 @@ import scipy.linalg.blas
 
 from graphs.consumers import (
     Consumer,
-    ConsumerStats,
     Prepared,
-    channel_gram,
-    dense_weight,
     spd_inverse,
     spd_solve,
 )
@@ -55,11 +52,7 @@ from graphs.errors import InvalidInputError
 from graphs.options import DEFAULT_EPSILON, DEFAULT_RIDGE
 
 __all__ = [
-    "Consumer",
-    "ConsumerStats",
     "ErrorCurve",
-    "channel_gram",
-    "dense_weight",
     "error_curve",
     "functional_redundancy",
     "least_squares_fold",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from graphs.consumers import Consumer, ConsumerStats
 from graphs.datafree import moments_gram, rectified_moments
 from graphs.errors import InvalidInputError
-from graphs.functional import Consumer, ConsumerStats, error_curve, least_squares_fold
+from graphs.functional import error_curve, least_squares_fold
 
 
 @pytest.mark.parametrize("activation", ["relu", "relu6", "identity"])

@@ -5,19 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from graphs.consumers import Consumer, ConsumerStats, channel_gram, dense_weight
 from graphs.errors import InvalidInputError
 from graphs.fold import fold_weight
 from graphs.functional import (
-    DEFAULT_EPSILON,
-    Consumer,
-    ConsumerStats,
-    channel_gram,
-    dense_weight,
     error_curve,
     functional_redundancy,
     least_squares_fold,
     predicted_error,
 )
+from graphs.options import DEFAULT_EPSILON
 
 
 def gram(X: np.ndarray) -> np.ndarray:

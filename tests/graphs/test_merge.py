@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from graphs.consumers import Consumer, ConsumerStats
 from graphs.datafree import moments_gram, rectified_moments
 from graphs.errors import InvalidInputError
-from graphs.functional import Consumer, ConsumerStats, least_squares_fold
+from graphs.functional import least_squares_fold
 from graphs.merge import (
     DEFAULT_MERGE_THRESHOLD,
     cross_moments,

@@ -15,10 +15,10 @@ from graphs.plan import Target
 from graphs.planner import plan_layers
 from graphs.recurrent import GATES, NO_MAPS_REASON, Cell, gates_of, parse
 from graphs.report import CheckpointInfo
+from graphs.strategies import GRAPH_METHODS
 from tests.graphs.planted import same_partition
 
 INFO = CheckpointInfo(sha256="0" * 64, format="pytorch", size_bytes=1, n_tensors=1, n_params=1)
-GRAPH_METHODS = ("mrp", "srr", "hsc")
 
 
 def _labels(result: object) -> np.ndarray:
@@ -286,8 +286,8 @@ def test_without_a_manifest_units_are_analysed_but_kept_in_plans() -> None:
 
 
 def test_a_group_rebuilt_from_copies_counts_weight_hh_once() -> None:
-    """Tasks (service.jobs.executors.local) rebuild a group's members as new objects: weight_hh's two parts
-    are then two objects of one name, still one parameter."""
+    """Tasks (service.jobs.executors.local) rebuild a group's members as new objects:
+    weight_hh's two parts are then two objects of one name, still one parameter."""
     ih, hh, _ = recurrent_weights("gru", 8, 5, seed=0)
     (group,), _ = build_groups(_layers("rnn", "_l0", ih, hh))
     again = dataclasses.replace(group, members=tuple(dataclasses.replace(m) for m in group.members))
