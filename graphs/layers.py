@@ -5,10 +5,10 @@ the unit that is scored and pruned (one layer, or coupled layers that must lose 
 channels, such as a producer conv and the depthwise conv that follows it; or a transformer
 block's FFN neurons or attention heads, see :mod:`graphs.transformer`).
 
-Weights may be read-only views of a memory-mapped file (:mod:`service.ingest.safetensors_file`): they
-are read when a group's vectors are built, and :func:`release` then drops the mapped pages from
-the process's resident memory, so analysing a checkpoint holds about one group in memory at a
-time.
+Weights may be read-only views of a memory-mapped file (:mod:`service.ingest.safetensors_file`):
+they are read when a group's vectors are built, and :func:`release` then drops the mapped pages
+from the process's resident memory, so analysing a checkpoint holds about one group in memory at
+a time.
 """
 
 from __future__ import annotations
