@@ -1,24 +1,13 @@
-"""Per-group analysis as Dask tasks (service.jobs.executors.local, service.jobs.executors.dask).
-
-The slow tests run real processes on 127.0.0.1: a ``dask scheduler``, two ``dask worker``s
-(w1, w2; no nanny, so that a killed worker stays dead) and a ``prunegraph serve`` pointed at the
-scheduler with ``--dask-scheduler``. Which worker ran which task is read from the scheduler's own
-task stream, not from anything prunegraph reports.
-"""
+"""Per-group analysis as tasks (service.jobs.executors.local, the Dask executor's scheduling
+without a cluster): the library's report byte for byte, tasks that carry references to their
+tensors, errors named; a real cluster is tests/service/jobs/test_executors_dask.py."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -38,38 +27,14 @@ from service.jobs.executors.local import (
 from service.jobs.tasks import analyze_on, make_executor
 from service.settings import Settings
 from service.store.cache import code_namespace
-from tests.server_process import Server, _free_port, wait_job
+from tests.server_process import _free_port
+from tests.service.jobs.helpers import group_tasks, llama_checkpoint, random_layers
 
 ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 
 
 # --- the job logic without Dask: one code path, the same report as graphs.analyze ----------
-
-
-def _layers(seed: int) -> list[LayerWeights]:
-    rng = np.random.default_rng(seed)
-    base = rng.normal(size=(6, 27))
-    w1 = np.concatenate([base, base + 0.01 * rng.normal(size=(6, 27))]).reshape(12, 3, 3, 3)
-    return [
-        LayerWeights("conv1", "conv2d", w1.astype(np.float32), bn="bn1", extra_params=24),
-        LayerWeights("dw", "conv2d", rng.normal(size=(12, 1, 3, 3)), groups=12),
-        LayerWeights("conv2", "conv2d", rng.normal(size=(16, 12, 1, 1))),
-        LayerWeights("fc", "linear", rng.normal(size=(1, 16))),  # one filter: every method says so
-    ]
-
-
-def _tasks(layers: list[LayerWeights], methods: tuple[str, ...], **kw: Any) -> list[GroupTask]:
-    groups, _ = build_groups(layers)
-    base: dict[str, Any] = {
-        "methods": methods,
-        "options": AnalysisOptions(),
-        "seed": 3,
-        "activations": None,
-        "cache_dir": None,
-        "namespace": code_namespace(),
-    }
-    return [GroupTask.of(g, **{**base, **kw}) for g in groups]
 
 
 INFO = CheckpointInfo(sha256="ab" * 32, format="pytorch", size_bytes=1, n_tensors=5,
@@ -80,7 +45,7 @@ INFO = CheckpointInfo(sha256="ab" * 32, format="pytorch", size_bytes=1, n_tensor
 def test_local_tasks_give_the_library_report_byte_for_byte(
     methods: tuple[str, ...], tmp_path: Path
 ) -> None:
-    layers = _layers(0)[:3]
+    layers = random_layers(0)[:3]
     want = analyze(layers, checkpoint=INFO, methods=methods, seed=3).to_json()
     seen: list[tuple[int, int]] = []
     kw: dict[str, Any] = {"checkpoint": INFO, "skipped": [], "methods": methods, "seed": 3,
@@ -130,7 +95,7 @@ def test_local_tasks_with_a_manifest_and_feature_maps_give_the_library_report(
 
 
 def test_a_task_error_fails_the_map_with_its_own_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    tasks = _tasks(_layers(1), ("mrp",))
+    tasks = group_tasks(random_layers(1), ("mrp",))
     outcome = analyze_group_task(tasks[-1])  # fc has one filter
     assert isinstance(outcome.error, InvalidInputError) and not outcome.results
     with pytest.raises(InvalidInputError):
@@ -138,7 +103,7 @@ def test_a_task_error_fails_the_map_with_its_own_message(monkeypatch: pytest.Mon
     import service.jobs.executors.local as ex
 
     monkeypatch.setattr(ex, "_worker_name", lambda: "w9")  # as if on a Dask worker
-    other = analyze_group_task(_tasks(_layers(1), ("l1",), namespace="0" * 16)[0])
+    other = analyze_group_task(group_tasks(random_layers(1), ("l1",), namespace="0" * 16)[0])
     assert isinstance(other.error, TaskFailedError)
     assert "worker w9 runs other analysis code" in other.error.message
 
@@ -185,7 +150,7 @@ def test_no_scheduler_at_the_address_fails_with_the_reason(monkeypatch: pytest.M
     import service.jobs.executors.dask as dx
 
     monkeypatch.setattr(dx, "CONNECT_S", 1.0)
-    tasks = _tasks(_layers(0)[:1], ("l1",))
+    tasks = group_tasks(random_layers(0)[:1], ("l1",))
     with pytest.raises(TaskFailedError, match="cannot reach the Dask scheduler"):
         dx.DaskExecutor(f"tcp://127.0.0.1:{_free_port()}", "j").map_groups(
             analyze_group_task, tasks, lambda d, n: None
@@ -193,30 +158,6 @@ def test_no_scheduler_at_the_address_fails_with_the_reason(monkeypatch: pytest.M
 
 
 # --- tasks carry references to their tensors, not the tensors -----------------------------
-
-
-def _llama(folder: Path, hidden: int, inter: int, blocks: int = 2) -> Path:
-    """A Llama-shaped sharded safetensors checkpoint (one shard a block) with its config.json."""
-    import json
-
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(hidden)
-    weight_map: dict[str, str] = {}
-    for b in range(blocks):
-        p = f"model.layers.{b}"
-        shapes = {f"{p}.self_attn.{x}_proj.weight": (hidden, hidden) for x in "qkvo"}
-        shapes |= {f"{p}.mlp.{x}_proj.weight": (inter, hidden) for x in ("up", "gate")}
-        shapes[f"{p}.mlp.down_proj.weight"] = (hidden, inter)
-        tensors = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
-        file = f"model-{b + 1:05d}-of-{blocks:05d}.safetensors"
-        save_file(tensors, str(folder / file))
-        weight_map |= dict.fromkeys(tensors, file)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    config = {"model_type": "llama", "hidden_size": hidden, "num_attention_heads": 4}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 def _job_tasks(folder: Path, **kw: Any) -> tuple[Any, list[GroupTask]]:
@@ -237,8 +178,8 @@ def test_safetensors_tasks_carry_references_of_a_size_independent_of_the_layers(
 
     from service.ingest.safetensors_file import TensorRef
 
-    _, small = _job_tasks(_llama(tmp_path / "small", 16, 32))
-    ckpt, large = _job_tasks(_llama(tmp_path / "large", 128, 512))
+    _, small = _job_tasks(llama_checkpoint(tmp_path / "small", 16, 32))
+    ckpt, large = _job_tasks(llama_checkpoint(tmp_path / "large", 128, 512))
     assert [t.name for t in large] == [t.name for t in small]  # FFNs and attention, 2 blocks
     assert {t.group.fields["unit"] for t in large} == {"neurons", "heads"}
     tensor_bytes = [sum(r.nbytes for r in t.group.refs()) for t in large]
@@ -260,7 +201,7 @@ def test_safetensors_tasks_carry_references_of_a_size_independent_of_the_layers(
 
 
 def test_in_memory_layers_travel_inline() -> None:
-    task = _tasks(_layers(0), ("l1",))[0]
+    task = group_tasks(random_layers(0), ("l1",))[0]
     assert not task.group.refs()
     assert task.group.members[0]["weight"].shape == (12, 3, 3, 3)
 
@@ -275,7 +216,7 @@ def test_feature_maps_travel_as_references_and_give_the_library_report(tmp_path:
     from service.ingest.safetensors_file import TensorRef
 
     rng = np.random.default_rng(5)
-    layers = _layers(0)[:3]  # conv1 (with its depthwise dw: one group), conv2
+    layers = random_layers(0)[:3]  # conv1 (with its depthwise dw: one group), conv2
     save_file({layer.name + ".weight": np.ascontiguousarray(layer.weight, dtype=np.float32)
                for layer in layers}, str(tmp_path / "m.safetensors"))  # fmt: skip
     ckpt = read_checkpoint(tmp_path / "m.safetensors")
@@ -299,7 +240,7 @@ def test_feature_maps_travel_as_references_and_give_the_library_report(tmp_path:
 def test_a_task_whose_file_is_not_there_says_the_workers_must_share_the_data_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, tasks = _job_tasks(_llama(tmp_path / "ckpt", 16, 32))
+    _, tasks = _job_tasks(llama_checkpoint(tmp_path / "ckpt", 16, 32))
     (tmp_path / "ckpt").rename(tmp_path / "elsewhere")
     here = analyze_group_task(tasks[0])  # in the job's own process: the file went away
     assert isinstance(here.error, TaskFailedError) and "cannot read" in here.error.message
@@ -357,7 +298,7 @@ def test_the_dask_executor_submits_the_largest_first_and_a_bounded_window(
     monkeypatch.setattr(dx, "client_for", lambda address: client)
     layers = [LayerWeights(f"l{i}", "linear", np.eye(n + 2)[: n + 2]) for i, n in
               enumerate([3, 9, 1, 7, 5, 8, 2, 6, 4, 10])]  # fmt: skip
-    tasks = _tasks(layers, ("l1",))
+    tasks = group_tasks(layers, ("l1",))
     seen: list[tuple[int, int]] = []
     out = dx.DaskExecutor("tcp://x:1", "j").map_groups(
         analyze_group_task, tasks, lambda d, n: seen.append((d, n))
@@ -365,216 +306,3 @@ def test_the_dask_executor_submits_the_largest_first_and_a_bounded_window(
     assert client.submitted == [t.name for t in sorted(tasks, key=lambda t: -t.cost)]
     assert client.peak <= 4 and len(out) == 10 and seen[-1] == (10, 10)
     assert [o.results["l1"] for o in out] == [analyze_group_task(t).results["l1"] for t in tasks]
-
-
-# --- real processes: a scheduler, two workers, a service ----------------------------------
-
-
-def _raise(task: GroupTask) -> GroupOutcome:
-    """A task that always fails on the worker (retried, then the map fails)."""
-    raise RuntimeError(f"no luck with {task.name}")
-
-
-@dataclass
-class Cluster:
-    address: str
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    from distributed import Client
-
-    tmp = tmp_path_factory.mktemp("dask")
-    port = _free_port()
-    c = Cluster(f"tcp://127.0.0.1:{port}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "DASK_TEMPORARY_DIRECTORY": str(tmp)}  # fmt: skip
-    common = ["--host", "127.0.0.1", "--dashboard-address", ":0"]
-
-    def start(name: str, *cmd: str) -> None:
-        log = (tmp / f"{name}.log").open("wb")
-        c.procs[name] = subprocess.Popen(
-            [str(BIN / "dask"), *cmd, *common], cwd=ROOT, env=env, stdout=log, stderr=log,
-            start_new_session=True,
-        )  # fmt: skip
-        log.close()
-
-    try:
-        start("scheduler", "scheduler", "--port", str(port))
-        for name in ("w1", "w2"):
-            start(name, "worker", c.address, "--name", name, "--nthreads", "1", "--nworkers",
-                  "1", "--no-nanny", "--local-directory", str(tmp / name))  # fmt: skip
-        with Client(c.address, timeout=30, set_as_default=False) as client:
-            client.wait_for_workers(2, timeout=60)
-            client.get_task_stream()  # installs the scheduler's task-stream recorder
-        yield c
-    finally:
-        for name in ("w1", "w2", "scheduler"):
-            if name in c.procs:
-                c.kill(name)
-
-
-def _ran_on(cluster: Cluster, job: str) -> dict[str, list[str]]:
-    """Worker name -> keys of this job's tasks that completed there (the scheduler's record)."""
-    from distributed import Client
-
-    with Client(cluster.address, timeout=30, set_as_default=False) as client:
-        names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
-        stream = client.get_task_stream()
-    ran: dict[str, list[str]] = {}
-    for record in stream:
-        if job in str(record["key"]) and record.get("status") == "OK":
-            ran.setdefault(names.get(record["worker"], record["worker"]), []).append(
-                str(record["key"])
-            )
-    return ran
-
-
-@pytest.fixture(scope="module")
-def server(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    data = tmp_path_factory.mktemp("serve") / "data"
-    s = Server(data, args=("--dask-scheduler", cluster.address), log=data.parent / "serve.log")
-    try:
-        s.start()
-        yield s
-    finally:
-        s.kill()
-
-
-@pytest.fixture(scope="module")
-def mobilenet(server: Server, realdata: Path) -> str:
-    with (realdata / "mobilenet_v2_imagenet.pth").open("rb") as f:
-        up = httpx.post(f"{server.url}/v1/checkpoints", files={"file": f}, timeout=120)
-    assert up.status_code == 201, up.text
-    return str(up.json()["id"])
-
-
-@pytest.mark.real
-@pytest.mark.slow
-def test_a_job_runs_on_both_workers_with_the_embedded_report_and_plan(
-    cluster: Cluster, server: Server, mobilenet: str, realdata: Path
-) -> None:
-    from graphs.plan import Target
-    from graphs.planner import plan_layers
-    from service.ingest.checkpoint import read_checkpoint
-
-    req = {"checkpoint_id": mobilenet, "seed": 0, "target": {"params": 0.3}}
-    job = httpx.post(f"{server.url}/v1/jobs", json=req, timeout=30).json()["id"]
-    body = wait_job(server.url, job, {"done", "failed"}, poll=0.05)
-    assert body["status"] == "done", body
-    ran = _ran_on(cluster, job)
-    assert set(ran) == {"w1", "w2"}, ran  # the scheduler saw tasks of this job on both
-    assert sum(len(k) for k in ran.values()) == 36  # one task per group, none twice
-    # byte for byte what the embedded library computes, without any cache
-    ckpt = read_checkpoint(realdata / "mobilenet_v2_imagenet.pth")
-    want = analyze(ckpt.layers, checkpoint=ckpt.info, skipped=ckpt.skipped, seed=0)
-    assert httpx.get(f"{server.url}/v1/jobs/{job}/report").text == want.to_json()
-    plan = plan_layers(
-        ckpt.layers, method="mrp", target=Target(params=0.3), params_total=ckpt.info.n_params,
-        checkpoint_sha256=ckpt.info.sha256,
-    )  # fmt: skip
-    assert httpx.get(f"{server.url}/v1/jobs/{job}/plan").text == plan.to_json()
-    # the workers wrote every artifact into the shared cache: a re-plan computes nothing
-    again = {**req, "target": {"params": 0.5}}
-    job2 = httpx.post(f"{server.url}/v1/jobs", json=again, timeout=30).json()["id"]
-    body2 = wait_job(server.url, job2, {"done", "failed"}, poll=0.05)
-    assert body2["status"] == "done" and body2["cache_misses"] == 0 and body2["cache_hits"] > 0
-
-
-@pytest.mark.real
-@pytest.mark.slow
-def test_tasks_that_keep_failing_fail_the_map_with_the_reason(cluster: Cluster) -> None:
-    from service.jobs.executors.dask import DaskExecutor
-
-    tasks = _tasks(_layers(0)[:1], ("l1",))
-    with pytest.raises(TaskFailedError, match="failed on the Dask workers 3 times: RuntimeError"):
-        DaskExecutor(cluster.address, "failing").map_groups(_raise, tasks, lambda d, n: None)
-    assert sum(map(len, _ran_on(cluster, "failing").values())) == 0  # no task ever succeeded
-
-
-class _Recording:
-    """An executor that keeps the tasks it is given."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.tasks = inner, []
-
-    def map_groups(self, fn: Any, tasks: Any, on_done: Any) -> list[GroupOutcome]:
-        self.tasks = list(tasks)
-        return self.inner.map_groups(fn, tasks, on_done)  # type: ignore[no-any-return]
-
-
-@pytest.mark.slow
-def test_a_sharded_safetensors_job_on_dask_reads_the_shared_files(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    """The workers map the checkpoint's shards themselves: small tasks, the local report."""
-    import pickle
-    from dataclasses import replace
-
-    from service.ingest.checkpoint import read_checkpoint
-    from service.jobs.executors.dask import DaskExecutor
-
-    folder = _llama(tmp_path / "ckpt", 128, 512, blocks=3)
-    ckpt = read_checkpoint(folder)
-    kw: dict[str, Any] = {"checkpoint": ckpt.info, "skipped": ckpt.skipped, "seed": 0,
-                          "methods": ["mrp", "hsc", "l1"], "options": AnalysisOptions(),
-                          "manifest": None, "activations": None,
-                          "namespace": code_namespace()}  # fmt: skip
-    want = analyze_on(LocalExecutor(), ckpt.layers, cache_dir=None, **kw).report.to_json()
-    dask = _Recording(DaskExecutor(cluster.address, "sharded"))
-    got = analyze_on(dask, ckpt.layers, cache_dir=str(tmp_path / "cache"), job_id="sharded", **kw)
-    assert got.report.to_json() == want and got.misses > 0
-    assert len(dask.tasks) == 6 and max(len(pickle.dumps(t)) for t in dask.tasks) < 4096
-    ran = _ran_on(cluster, "sharded")
-    assert sum(map(len, ran.values())) == 6 and set(ran) <= {"w1", "w2"}, ran
-    # a worker that does not see the file at the job's path: the job fails saying why
-    task = dask.tasks[0]
-    gone = str(tmp_path / "not-shared" / "model-00001-of-00003.safetensors")
-    members = tuple({k: replace(v, path=gone) if hasattr(v, "path") else v for k, v in m.items()}
-                    for m in task.group.members)  # fmt: skip
-    moved = replace(task, group=replace(task.group, members=members))
-    with pytest.raises(TaskFailedError, match="must share it at the same path") as e:
-        DaskExecutor(cluster.address, "unshared").map_groups(
-            analyze_group_task, [moved], lambda d, n: None
-        )
-    assert "cannot read " + gone in e.value.message and "Dask worker w" in e.value.message
-
-
-@pytest.mark.real
-@pytest.mark.slow
-def test_a_worker_killed_mid_job_the_job_still_completes(
-    cluster: Cluster, server: Server, mobilenet: str
-) -> None:
-    """Runs last: w1 stays dead."""
-    from distributed import Client
-
-    req = {"checkpoint_id": mobilenet, "seed": 1, "methods": ["mrp", "srr", "hsc", "l1"]}
-    job = httpx.post(f"{server.url}/v1/jobs", json=req, timeout=30).json()["id"]
-    victim: list[str] = []
-    with Client(cluster.address, timeout=30, set_as_default=False) as client:
-        addr = {w["name"]: a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
-        deadline = time.monotonic() + 60
-        while not victim and time.monotonic() < deadline:
-            victim = [str(k) for k in client.processing([addr["w1"]])[addr["w1"]] if job in str(k)]
-            time.sleep(0.01)
-    assert victim, "w1 never got a task of the job"
-    cluster.kill("w1")
-    at_kill = httpx.get(f"{server.url}/v1/jobs/{job}", timeout=10).json()
-    assert at_kill["status"] == "running" and at_kill["progress"] < 0.9, at_kill
-    done = wait_job(server.url, job, {"done", "failed"}, poll=0.05)
-    assert done["status"] == "done", done
-    ran = _ran_on(cluster, job)
-    lost = [k for k in victim if k not in ran.get("w1", [])]  # w1 had not finished them
-    assert lost, "w1 finished its tasks before the kill: nothing was tested"
-    assert set(lost) <= set(ran["w2"]), (lost, ran)  # Dask re-ran them on w2
-    assert len({k for keys in ran.values() for k in keys}) == 36
-    report = httpx.get(f"{server.url}/v1/jobs/{job}/report").json()
-    assert report["summary"]["n_layers"] == 36 and report["seed"] == 1
