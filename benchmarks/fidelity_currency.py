@@ -18,7 +18,7 @@ images): top-1 agreement with the unpruned model [95 % bootstrap interval over s
 and mean KL. Nothing is tuned on them: the probe fractions are fixed before the run.
 
 Usage:  python -m benchmarks.fidelity_currency [--targets 0.1 0.2] [--probe 0.1 0.25]
-            [--threads 2] [--out-dir DIR] [--golden-stats FILE]
+            [--threads 2] [--out-dir DIR] [--golden-stats FILE] [--stats FILE]
 Writes DIR/currency.json, DIR/currency.md and the two sensitivity tables (reused when present
 and made with the same probe fractions) (default DIR: benchmarks/fidelity/currency/).
 """
@@ -193,7 +193,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     images = image_set(None, None)
     s = setup(a.realdata or realdata_dir())
     ref = log_probs(copy.deepcopy(s.model), images.eval_u8)
-    stats, capture_s = capture_stats(s, images.calib_u8)
+    if a.stats is not None:  # a file of these very statistics (checked once with --golden-stats)
+        from safetensors.numpy import load_file
+
+        stats = {k.removeprefix("gram/"): v for k, v in load_file(str(a.stats)).items()}
+        capture_s = 0.0
+    else:
+        stats, capture_s = capture_stats(s, images.calib_u8)
     golden = compare_golden(stats, a.golden_stats)
     print(f"statistics of {len(stats)} consumers in {capture_s:.1f} s; golden: {golden}")
     kl_table, top_table, sens_s = load_or_measure(a.out_dir, s, images, stats, a.probe)
@@ -249,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--realdata", type=Path, default=None)
-    p.add_argument("--golden-stats", type=Path, default=None)
+    p.add_argument("--golden-stats", type=Path, default=None, help="compare our statistics")
+    p.add_argument("--stats", type=Path, default=None, help="use these statistics (no capture)")
     p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "currency")
     a = p.parse_args(argv)
     result = run(a)
