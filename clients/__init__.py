@@ -14,7 +14,8 @@
   consumer's input that compensated plans fold with; :class:`PCCLoss`: the pixel-level
   cross-correlation loss that decorrelates channels during pre-training.
 - :func:`datafree_statistics` / :func:`datafree_activations`: the same consumer statistics
-  without data, from BatchNorm statistics (mean folds; γ ≈ 0 channels exactly redundant).
+  without data, from BatchNorm statistics (mean folds; γ ≈ 0 channels exactly redundant);
+  :func:`datafree_merges` lists the near-duplicate filters those statistics merge.
 - :func:`sensitivity`: prune one group at a time, with and without compensation, and measure a
   metric (:class:`SensitivityTable`, CSV/JSON); :func:`recalibrate_batchnorm` re-estimates BN
   statistics of a pruned model; :func:`refit` refits a pruned model's conv/linear layers in
@@ -52,7 +53,7 @@ from clients.errors import (
 if TYPE_CHECKING:
     from clients.activations import Activations, capture_activations
     from clients.apply import apply_plan
-    from clients.datafree import datafree_activations, datafree_statistics
+    from clients.datafree import datafree_activations, datafree_merges, datafree_statistics
     from clients.fold import recalibrate_batchnorm
     from clients.group_sensitivity import SensitivityTable, sensitivity
     from clients.http_client import PruneGraphClient
@@ -88,6 +89,7 @@ __all__ = [
     "build_manifest",
     "capture_activations",
     "datafree_activations",
+    "datafree_merges",
     "datafree_statistics",
     "manifest_from_factory",
     "pixel_correlation",
@@ -101,6 +103,7 @@ _LAZY: dict[str, str] = {
     "capture_activations": "clients.activations",
     "apply_plan": "clients.apply",
     "datafree_activations": "clients.datafree",
+    "datafree_merges": "clients.datafree",
     "datafree_statistics": "clients.datafree",
     "recalibrate_batchnorm": "clients.fold",
     "PruneGraphClient": "clients.http_client",
