@@ -11,11 +11,9 @@ What the pages draw is compared with the report and plan JSON fetched from the A
 from __future__ import annotations
 
 import io
-import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -24,38 +22,23 @@ import pytest
 from graphs.layout import spring_layout
 from service.dashboard.charts import community_colours
 from tests.server_process import Server
-
-ROOT = Path(__file__).resolve().parents[3]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-ALICE, BOB = "alice-dashboard-secret", "bob-dashboard-secret"
-RED = ("mrp", "srr", "hsc")
-
-try:
-    from playwright.sync_api import Browser, Page, sync_playwright
-except ImportError:  # pragma: no cover - the skip below says why
-    sync_playwright = None
-
-BROWSER_MARKS = (
-    pytest.mark.slow,
-    pytest.mark.real,
-    pytest.mark.skipif(
-        sync_playwright is None, reason="playwright is not installed (pip install playwright)"
-    ),
-    pytest.mark.skipif(
-        not CHROMIUM.is_file(), reason="Debian's chromium is not at /usr/bin/chromium"
-    ),
+from tests.service.dashboard.site import (
+    ALICE,
+    BOB,
+    RED,
+    api_get,
+    bearer,
+    browser_test,
+    data_attributes,
+    screenshot,
+    session_id,
+    submit,
+    upload,
+    wait_done,
 )
 
-
-def browser_test(test: Any) -> Any:
-    """Marks of a test that drives the real browser against the real service."""
-    for mark in BROWSER_MARKS:
-        test = mark(test)
-    return test
-
-
-# ---- pure parts (no browser) ----------------------------------------------------------------
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 
 def test_layout_is_seeded_and_deterministic() -> None:
@@ -78,154 +61,6 @@ def test_community_colours() -> None:
     assert colours[1] != colours[2] and colours[0] == colours[3] and colours[-1] != colours[0]
 
 
-# ---- the service and its jobs ---------------------------------------------------------------
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def _upload(server: Server, data: bytes, name: str) -> str:
-    r = httpx.post(
-        f"{server.url}/v1/checkpoints",
-        files={"file": (name, data)},
-        headers=_bearer(ALICE),
-        timeout=60,
-    )
-    assert r.status_code == 201, r.text
-    return str(r.json()["id"])
-
-
-def _submit(server: Server, **body: Any) -> str:
-    r = httpx.post(f"{server.url}/v1/jobs", json=body, headers=_bearer(ALICE), timeout=30)
-    assert r.status_code == 201, r.text
-    return str(r.json()["id"])
-
-
-def _wait(server: Server, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = httpx.get(
-            f"{server.url}/v1/jobs/{job_id}", headers=_bearer(ALICE), timeout=10
-        ).json()
-        if job["status"] in ("done", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish")
-
-
-def _get(server: Server, path: str) -> Any:
-    r = httpx.get(f"{server.url}{path}", headers=_bearer(ALICE), timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def _second_epoch(path: Path) -> bytes:
-    """The digit CNN after "another epoch": 32 of conv_layers.6's 128 filters become noisy copies
-    of 32 others (redundancy goes up by about 32/128), and the last layer is gone."""
-    import torch
-
-    sd = torch.load(path, weights_only=True)
-    w = sd["conv_layers.6.weight"].clone()
-    g = torch.Generator().manual_seed(0)
-    w[96:] = w[:32] * 1.5 + 0.01 * w[:32].std() * torch.randn(w[:32].shape, generator=g)
-    sd["conv_layers.6.weight"] = w
-    for key in [k for k in sd if k.startswith("fc_layers.2.")]:
-        del sd[key]
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, realdata: Path) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("dashboard")
-    s = Server(
-        root / "data",
-        env={"PRUNEGRAPH_TOKENS": f"alice:{ALICE},bob:{BOB}"},
-        log=root / "serve.log",
-    )
-    s.start()
-    try:
-        yield s
-    finally:
-        s.kill()
-
-
-@pytest.fixture(scope="module")
-def jobs(server: Server, realdata: Path) -> dict[str, str]:
-    """Job ids: a (digit CNN, manifest, plan), b (its second epoch), failed."""
-    import torch
-
-    from clients import build_manifest
-    from tests.clients import models
-
-    model = models.digit_cnn()
-    model.load_state_dict(torch.load(realdata / "digit_cnn.pth", weights_only=True))
-    manifest = build_manifest(model.eval(), torch.zeros(1, 1, 28, 28)).model_dump(mode="json")
-    first = _upload(server, (realdata / "digit_cnn.pth").read_bytes(), "digit_cnn.pth")
-    second = _upload(server, _second_epoch(realdata / "digit_cnn.pth"), "epoch2.pth")
-    ids = {
-        "a": _submit(server, checkpoint_id=first, manifest=manifest, target={"flops": 0.5}),
-        "b": _submit(server, checkpoint_id=second),
-        # a FLOPs target needs a manifest: the worker refuses it, so the job fails
-        "failed": _submit(server, checkpoint_id=first, target={"flops": 0.5}),
-    }
-    for name, job_id in ids.items():
-        assert _wait(server, job_id)["status"] == ("failed" if name == "failed" else "done")
-    return ids
-
-
-@pytest.fixture(scope="module")
-def browser(server: Server) -> Iterator[Browser]:
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:  # type: ignore[misc]
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-def _session(server: Server, token: str) -> str:
-    """The session id that POST /login puts in the dashboard's cookie for ``token``."""
-    r = httpx.post(f"{server.url}/login", data={"token": token, "next": "/"}, timeout=30)
-    return str(r.cookies["prunegraph_session"])
-
-
-@pytest.fixture
-def page(browser: Browser, server: Server) -> Iterator[Page]:
-    """A page of a browser that logged in as alice (a session id in the dashboard's cookie)."""
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    context.add_cookies(
-        [
-            {
-                "name": "prunegraph_session",
-                "value": _session(server, ALICE),
-                "url": server.url,
-                "httpOnly": True,
-                "sameSite": "Strict",
-            }
-        ]
-    )
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
-
-
-def _shot(page: Page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
-
-
-def _data(page: Page, selector: str) -> list[dict[str, str]]:
-    """The data-* attributes of every element matching ``selector``."""
-    return page.eval_on_selector_all(selector, "els => els.map(e => Object.assign({}, e.dataset))")
-
-
-# ---- pages ----------------------------------------------------------------------------------
-
-
 @browser_test
 def test_login_flow(browser: Browser, server: Server, jobs: dict[str, str]) -> None:
     context = browser.new_context()
@@ -238,7 +73,7 @@ def test_login_flow(browser: Browser, server: Server, jobs: dict[str, str]) -> N
         assert "/login" in page.url
         assert "not known" in page.inner_text("[data-role=login-error]")
         assert not context.cookies()
-        _shot(page, "login-error")
+        screenshot(page, "login-error")
         page.fill("input[name=token]", ALICE)
         page.click("form.login button")
         assert page.url == f"{server.url}/jobs/{jobs['a']}"
@@ -256,7 +91,7 @@ def test_login_flow(browser: Browser, server: Server, jobs: dict[str, str]) -> N
     finally:
         context.close()
     # a page asked for with a bearer header needs no cookie; a bad one is sent to the login
-    r = httpx.get(f"{server.url}/", headers=_bearer(BOB))
+    r = httpx.get(f"{server.url}/", headers=bearer(BOB))
     assert r.status_code == 200 and jobs["a"] not in r.text  # bob sees none of alice's jobs
     r = httpx.get(f"{server.url}/", cookies={"prunegraph_session": "nope"})
     assert r.status_code == 303 and r.headers["location"] == "/login?next=/"
@@ -265,23 +100,23 @@ def test_login_flow(browser: Browser, server: Server, jobs: dict[str, str]) -> N
 @browser_test
 def test_list_page(page: Page, server: Server, jobs: dict[str, str]) -> None:
     page.goto(f"{server.url}/")
-    rows = {d["job"]: d for d in _data(page, "#jobs tr[data-job]")}
+    rows = {d["job"]: d for d in data_attributes(page, "#jobs tr[data-job]")}
     assert set(jobs.values()) <= set(rows)
     for name, job_id in jobs.items():
         status = page.inner_text(f'#jobs tr[data-job="{job_id}"] [data-role=status]')
         assert status == ("failed" if name == "failed" else "done")
     assert page.locator("#checkpoints tr[data-checkpoint]").count() >= 2
-    _shot(page, "list")
+    screenshot(page, "list")
 
 
 @browser_test
 def test_report_page_matches_the_report_and_plan(
     page: Page, server: Server, jobs: dict[str, str]
 ) -> None:
-    report = _get(server, f"/v1/jobs/{jobs['a']}/report")
-    plan = _get(server, f"/v1/jobs/{jobs['a']}/plan")
+    report = api_get(server, f"/v1/jobs/{jobs['a']}/report")
+    plan = api_get(server, f"/v1/jobs/{jobs['a']}/plan")
     page.goto(f"{server.url}/jobs/{jobs['a']}")
-    bars = _data(page, "#redundancy-chart rect.bar")
+    bars = data_attributes(page, "#redundancy-chart rect.bar")
     drawn = {(d["layer"], d["method"]): float(d["value"]) for d in bars}
     expected = {
         (layer["name"], m): layer["methods"][m]["redundancy"]
@@ -293,7 +128,7 @@ def test_report_page_matches_the_report_and_plan(
     summary = report["summary"]
     assert summary["flops"] is not None  # the manifest gives FLOPs
     assert int(page.get_attribute("[data-role=flops]", "data-value") or 0) == summary["flops"]
-    for row in _data(page, "#method-summary tr[data-method]"):
+    for row in data_attributes(page, "#method-summary tr[data-method]"):
         ms = summary["methods"][row["method"]]
         if ms["redundancy_params_weighted"] is None:
             assert row["paramsWeighted"] == row["flopsWeighted"] == row["removableParams"] == ""
@@ -302,24 +137,24 @@ def test_report_page_matches_the_report_and_plan(
             assert float(row["flopsWeighted"]) == ms["redundancy_flops_weighted"]
             assert float(row["removableParams"]) == ms["removable"]["params"]
             assert float(row["removableFlops"]) == ms["removable"]["flops"]  # a manifest
-    section = _data(page, "#plan")[0]
+    section = data_attributes(page, "#plan")[0]
     assert section["targetKind"] == "flops" and float(section["target"]) == plan["target"]["flops"]
     assert float(section["achievedFlops"]) == plan["achieved"]["flops"]
     widths = {
         (d["role"], d["layer"]): (int(d["before"]), int(d["after"]))
-        for d in _data(page, "#plan-chart rect.bar")
+        for d in data_attributes(page, "#plan-chart rect.bar")
     }
     for g in plan["groups"]:
         for role in ("before", "after"):
             assert widths[(role, g["name"])] == (g["channels_before"], g["channels_after"])
     assert len(widths) == 2 * len(plan["groups"])
-    _shot(page, "report")
+    screenshot(page, "report")
 
 
 @browser_test
 def test_layer_graph_page(page: Page, server: Server, jobs: dict[str, str]) -> None:
     layer = "conv_layers.6"
-    report = _get(server, f"/v1/jobs/{jobs['b']}/report")
+    report = api_get(server, f"/v1/jobs/{jobs['b']}/report")
     entry = next(x for x in report["layers"] if x["name"] == layer)
     communities, clusters = (
         entry["methods"]["mrp"]["communities"],
@@ -351,12 +186,13 @@ def test_layer_graph_page(page: Page, server: Server, jobs: dict[str, str]) -> N
     )
     hsc_sizes = Counter(clusters)
     shown = {
-        int(d["cluster"]): int(d["size"]) for d in _data(page, "#cluster-sizes tr[data-cluster]")
+        int(d["cluster"]): int(d["size"])
+        for d in data_attributes(page, "#cluster-sizes tr[data-cluster]")
     }
     assert shown == {c: s for c, s in hsc_sizes.items() if s > 1 and c >= 0}
     singles = int(page.get_attribute("[data-role=singletons]", "data-value") or -1)
     assert singles == sum(1 for c, s in hsc_sizes.items() if s == 1 and c >= 0)
-    _shot(page, "layer-graph")
+    screenshot(page, "layer-graph")
     # the same graph as JSON, fetched by the page with its cookie
     graph = page.evaluate(
         "url => fetch(url).then(r => r.json())",
@@ -364,13 +200,13 @@ def test_layer_graph_page(page: Page, server: Server, jobs: dict[str, str]) -> N
     )
     assert [n["community"] for n in graph["nodes"]] == communities
     assert graph["note"] is None and len(graph["edges"]) == graph["n_edges"] == n_edges
-    assert graph == _get(server, f"/v1/jobs/{jobs['b']}/layers/{layer}/graph")
+    assert graph == api_get(server, f"/v1/jobs/{jobs['b']}/layers/{layer}/graph")
 
 
 @browser_test
 def test_compare_page(page: Page, server: Server, jobs: dict[str, str]) -> None:
-    ra = _get(server, f"/v1/jobs/{jobs['a']}/report")
-    rb = _get(server, f"/v1/jobs/{jobs['b']}/report")
+    ra = api_get(server, f"/v1/jobs/{jobs['a']}/report")
+    rb = api_get(server, f"/v1/jobs/{jobs['b']}/report")
     page.goto(f"{server.url}/")
     page.select_option("form.compare-form select[name=a]", jobs["a"])
     page.select_option("form.compare-form select[name=b]", jobs["b"])
@@ -385,13 +221,14 @@ def test_compare_page(page: Page, server: Server, jobs: dict[str, str]) -> None:
         for m in RED
     }
     drawn = {
-        (d["layer"], d["method"]): float(d["delta"]) for d in _data(page, "#delta-chart rect.bar")
+        (d["layer"], d["method"]): float(d["delta"])
+        for d in data_attributes(page, "#delta-chart rect.bar")
     }
     assert drawn == expected and len(drawn) == 3 * 4
     assert drawn[("conv_layers.6", "mrp")] > 0.2
-    only = {(d["only"], d["layer"]) for d in _data(page, "[data-only]")}
+    only = {(d["only"], d["layer"]) for d in data_attributes(page, "[data-only]")}
     assert only == {("a", "fc_layers.2")}
-    for row in _data(page, "#compare-summary tr[data-method]"):
+    for row in data_attributes(page, "#compare-summary tr[data-method]"):
         sa, sb = (r["summary"]["methods"][row["method"]] for r in (ra, rb))
         if row["figure"] == "removable":
             a, b = sa["removable"][row["weight"]], sb["removable"][row["weight"]]
@@ -399,7 +236,7 @@ def test_compare_page(page: Page, server: Server, jobs: dict[str, str]) -> None:
             a = sa[f"redundancy_{row['weight']}_weighted"]
             b = sb[f"redundancy_{row['weight']}_weighted"]
         assert row["delta"] == "" if a is None or b is None else float(row["delta"]) == b - a
-    _shot(page, "compare")
+    screenshot(page, "compare")
 
 
 @browser_test
@@ -408,14 +245,14 @@ def test_failed_unknown_and_others_jobs(page: Page, server: Server, jobs: dict[s
     assert page.get_attribute("[data-job-status]", "data-job-status") == "failed"
     assert "manifest" in page.inner_text("[data-role=error]")
     assert page.locator("#redundancy-chart").count() == 0
-    _shot(page, "failed")
+    screenshot(page, "failed")
     page.goto(f"{server.url}/jobs/{jobs['failed']}/layer?name=conv_layers.0")
     assert "failed" in page.inner_text("[data-role=error]")
     response = page.goto(f"{server.url}/jobs/{'0' * 32}")
     assert response is not None and response.status == 404
     response = page.goto(f"{server.url}/jobs/{jobs['a']}/layer?name=no.such.layer")
     assert response is not None and response.status == 404
-    bob = {"prunegraph_session": _session(server, BOB)}
+    bob = {"prunegraph_session": session_id(server, BOB)}
     for path in (f"/jobs/{jobs['a']}", f"/jobs/{jobs['a']}/layer?name=conv_layers.0",
                  f"/compare?a={jobs['a']}&b={jobs['b']}", f"/jobs/{jobs['a']}/part"):  # fmt: skip
         r = httpx.get(f"{server.url}{path}", cookies=bob)
@@ -428,8 +265,8 @@ def test_failed_unknown_and_others_jobs(page: Page, server: Server, jobs: dict[s
 def test_running_job_updates_without_reload(
     page: Page, server: Server, jobs: dict[str, str], realdata: Path
 ) -> None:
-    ckpt = _upload(server, (realdata / "mobilenet_v2_imagenet.pth").read_bytes(), "mnv2.pth")
-    job_id = _submit(server, checkpoint_id=ckpt, target={"params": 0.3})
+    ckpt = upload(server, (realdata / "mobilenet_v2_imagenet.pth").read_bytes(), "mnv2.pth")
+    job_id = submit(server, checkpoint_id=ckpt, target={"params": 0.3})
     page.goto(f"{server.url}/jobs/{job_id}")
     assert page.get_attribute("[data-job-status]", "data-job-status") in ("queued", "running")
     page.evaluate(
@@ -444,25 +281,25 @@ def test_running_job_updates_without_reload(
           {subtree: true, childList: true, attributes: true, characterData: true});
         }"""
     )
-    _shot(page, "running")
+    screenshot(page, "running")
     page.wait_for_selector('[data-job-status="done"]', timeout=60_000)
     assert page.evaluate("window.__pgMarker") == "same document"  # no navigation happened
     seen = page.evaluate("window.__pgSeen")  # progress values the page showed meanwhile
     assert any(0 < v < 1 for v in seen) and seen[-1] == 1.0
-    report = _get(server, f"/v1/jobs/{job_id}/report")
-    bars = _data(page, "#redundancy-chart rect.bar")
+    report = api_get(server, f"/v1/jobs/{job_id}/report")
+    bars = data_attributes(page, "#redundancy-chart rect.bar")
     assert len(bars) == 3 * len(report["layers"]) > 90
     assert page.locator("#plan-chart").count() == 1
-    _shot(page, "done-live")
+    screenshot(page, "done-live")
     # the widest layer is drawn capped, with a note
     wide = max(report["layers"], key=lambda x: x["n_filters"])
-    graph = _get(server, f"/v1/jobs/{job_id}/layers/{wide['name']}/graph")
+    graph = api_get(server, f"/v1/jobs/{job_id}/layers/{wide['name']}/graph")
     assert graph["n_filters"] == wide["n_filters"] > 400
     assert len(graph["nodes"]) == 400 and "400 of" in graph["note"]
     page.goto(f"{server.url}/jobs/{job_id}/layer?name={wide['name']}")
     assert page.locator("#layer-graph circle").count() == 400
     assert page.inner_text("[data-role=note]") == graph["note"]
-    _shot(page, "layer-capped")
+    screenshot(page, "layer-capped")
 
 
 @browser_test
@@ -474,9 +311,9 @@ def test_names_are_escaped(page: Page, server: Server) -> None:
     sd = {f"{evil}.weight": torch.randn(16, 8, 3, 3), "fc&<b>'q'</b>.weight": torch.randn(10, 16)}
     buf = io.BytesIO()
     torch.save(sd, buf)
-    ckpt = _upload(server, buf.getvalue(), "evil.pt")
-    job_id = _submit(server, checkpoint_id=ckpt, methods=["mrp", "hsc"])
-    assert _wait(server, job_id)["status"] == "done"
+    ckpt = upload(server, buf.getvalue(), "evil.pt")
+    job_id = submit(server, checkpoint_id=ckpt, methods=["mrp", "hsc"])
+    assert wait_done(server, job_id)["status"] == "done"
     response = page.goto(f"{server.url}/jobs/{job_id}")
     assert (
         response is not None and "script-src 'self'" in response.headers["content-security-policy"]
