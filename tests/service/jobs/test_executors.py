@@ -27,7 +27,7 @@ from service.jobs.executors.local import (
 from service.jobs.tasks import analyze_on, make_executor
 from service.settings import Settings
 from service.store.cache import code_namespace
-from tests.server_process import _free_port
+from tests.server_process import free_port
 from tests.service.jobs.helpers import group_tasks, llama_checkpoint, random_layers
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -152,7 +152,7 @@ def test_no_scheduler_at_the_address_fails_with_the_reason(monkeypatch: pytest.M
     monkeypatch.setattr(dx, "CONNECT_S", 1.0)
     tasks = group_tasks(random_layers(0)[:1], ("l1",))
     with pytest.raises(TaskFailedError, match="cannot reach the Dask scheduler"):
-        dx.DaskExecutor(f"tcp://127.0.0.1:{_free_port()}", "j").map_groups(
+        dx.DaskExecutor(f"tcp://127.0.0.1:{free_port()}", "j").map_groups(
             analyze_group_task, tasks, lambda d, n: None
         )
 

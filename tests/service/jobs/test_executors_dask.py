@@ -30,7 +30,7 @@ from service.jobs.executors.local import (
 )
 from service.jobs.tasks import analyze_on
 from service.store.cache import code_namespace
-from tests.server_process import Server, _free_port, wait_job
+from tests.server_process import Server, free_port, wait_job
 from tests.service.jobs.helpers import group_tasks, llama_checkpoint, random_layers
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -62,7 +62,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     from distributed import Client
 
     tmp = tmp_path_factory.mktemp("dask")
-    port = _free_port()
+    port = free_port()
     c = Cluster(f"tcp://127.0.0.1:{port}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
