@@ -13,7 +13,11 @@ is measured on the **calibration inputs only** (the ones the statistics come fro
 
 Every row is ``mrp`` with compensation (least-squares folds) at the same FLOPs target, in one
 run: ``uniform`` (a), ``functional`` (b, the default), ``marginal`` (c, w = 1) and the weighted
-currencies. Metrics on the evaluation inputs of ``benchmarks/fidelity.py`` (12 other source
+currencies; opt-in (``--rules``) ``marginal-cap`` and ``marginal-kl-cap``: the same with no group
+losing more than the largest probe fraction (``Constraints(max_ratio=...)``: no extrapolation of
+a weight beyond what was measured). Each row also records agreement and KL on the calibration
+inputs (in-sample: a diagnostic of the currency, not a result).
+Metrics on the evaluation inputs of ``benchmarks/fidelity.py`` (12 other source
 images): top-1 agreement with the unpruned model [95 % bootstrap interval over source images]
 and mean KL. Nothing is tuned on them: the probe fractions are fixed before the run.
 
@@ -45,6 +49,8 @@ from benchmarks.support.paths import BENCHMARKS, realdata_dir
 TARGETS = (0.1, 0.2)
 PROBE = (0.1, 0.25)
 RULES = ("uniform", "functional", "marginal", "marginal-kl", "marginal-top1")
+CAPPED = ("marginal-cap", "marginal-kl-cap")  # no group loses more than the largest probe
+ALL_RULES = (*RULES, *CAPPED)
 
 
 def compare_golden(stats: dict[str, np.ndarray], path: Path | None) -> dict[str, Any] | None:
@@ -123,8 +129,10 @@ def curves_of(s: Setup, stats: dict[str, np.ndarray]) -> dict[int, Any]:
     return found.curves(ids, max_ratio=c.max_ratio)
 
 
-def plan_for(s: Setup, stats: dict[str, np.ndarray], target: float, rule: str, w: Any) -> Any:
-    from graphs.plan import Target
+def plan_for(
+    s: Setup, stats: dict[str, np.ndarray], target: float, rule: str, w: Any, cap: float
+) -> Any:
+    from graphs.plan import Constraints, Target
     from graphs.planner import plan_layers
 
     return plan_layers(
@@ -137,7 +145,15 @@ def plan_for(s: Setup, stats: dict[str, np.ndarray], target: float, rule: str, w
         stats=stats,
         allocation="marginal" if rule.startswith("marginal") else rule,  # type: ignore[arg-type]
         group_weights=w,
+        constraints=Constraints(max_ratio=cap) if rule.endswith("-cap") else None,
     )
+
+
+def calib_fidelity(ref: torch.Tensor, lp: torch.Tensor) -> dict[str, float]:
+    """Agreement and mean KL on the calibration inputs (a diagnostic: in-sample)."""
+    kl = (ref.exp() * (ref - lp)).sum(1).clamp_min(0).mean()
+    same = (ref.argmax(1) == lp.argmax(1)).double().mean()
+    return {"calib_agreement": round(float(same), 4), "calib_kl": round(float(kl), 5)}
 
 
 def cell(r: dict[str, Any]) -> str:
@@ -148,19 +164,25 @@ def cell(r: dict[str, Any]) -> str:
 def markdown(rows: list[dict[str, Any]], targets: Sequence[float]) -> str:
     head = "| mrp · comp / allocation | " + " | ".join(f"−{100 * t:.0f} % FLOPs" for t in targets)
     out = [head + " |", "|---|" + "---:|" * len(targets)]
-    for rule in RULES:
+    for rule in ALL_RULES:
         got = {r["target"]: r for r in rows if r["rule"] == rule}
         if got:
             cells = [cell(got[t]) if t in got else "–" for t in targets]
             out.append(f"| {rule} | " + " | ".join(cells) + " |")
-    out += ["", "Achieved FLOPs / params reduction (%), planning time:", ""]
+    out += [
+        "",
+        "Achieved FLOPs / params reduction (%), planning time, agreement / KL on the "
+        "calibration inputs (in-sample diagnostic):",
+        "",
+    ]
     out += [head + " |", "|---|" + "---:|" * len(targets)]
-    for rule in RULES:
+    for rule in ALL_RULES:
         got = {r["target"]: r for r in rows if r["rule"] == rule}
         if got:
             cells = [
                 f"{100 * got[t]['flops_reduction']:.1f} / {100 * got[t]['params_reduction']:.1f}"
-                f" · {got[t]['plan_s']:.0f} s"
+                f" · {got[t]['plan_s']:.0f} s · calib {100 * got[t].get('calib_agreement', 0):.1f}"
+                f" % / {got[t].get('calib_kl', 0):.2f}"
                 if t in got
                 else "–"
                 for t in targets
@@ -193,6 +215,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     images = image_set(None, None)
     s = setup(a.realdata or realdata_dir())
     ref = log_probs(copy.deepcopy(s.model), images.eval_u8)
+    ref_cal = log_probs(copy.deepcopy(s.model), images.calib_u8)
     if a.stats is not None:  # a file of these very statistics (checked once with --golden-stats)
         from safetensors.numpy import load_file
 
@@ -215,13 +238,15 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     for target in a.targets:
         for rule in a.rules:
             t = time.perf_counter()
-            sw = weights.get(rule)
-            plan = plan_for(s, stats, target, rule, sw.weights if sw is not None else None)
+            sw = weights.get(rule.removesuffix("-cap"))
+            w = sw.weights if sw is not None else None
+            plan = plan_for(s, stats, target, rule, w, max(a.probe))
             plan_s = time.perf_counter() - t
             pruned = apply(s, plan, folds=True)
             row = {"target": target, "rule": rule, "plan_s": round(plan_s, 2)}
             row["removed"] = {g.name: len(g.remove) for g in plan.groups if g.remove}
             row.update(measure(s, pruned, images, ref, bn=False))
+            row.update(calib_fidelity(ref_cal, log_probs(pruned, images.calib_u8)))
             rows.append(row)
             print(f"{target} {rule:14s} FLOPs -{100 * row['flops_reduction']:.1f} % {cell(row)}")
     return {
@@ -252,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     p.add_argument("--probe", type=float, nargs="+", default=list(PROBE))
-    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=ALL_RULES)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--realdata", type=Path, default=None)
     p.add_argument("--golden-stats", type=Path, default=None, help="compare our statistics")
