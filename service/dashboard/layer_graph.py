@@ -27,7 +27,7 @@ from graphs.layout import spring_layout
 from graphs.report import LayerReport, Report
 from graphs.work import GroupWork
 from service.errors import NotFoundError, not_found, unfinished
-from service.jobs.inputs import load_inputs
+from service.jobs.inputs import load_job_inputs
 from service.store.cache import FileCache
 from service.store.db import DONE, JobRow
 
@@ -167,15 +167,7 @@ def _drawing(
 ) -> _Drawing:
     """Graph and layout of one group (pure function of its arguments, hence cached)."""
     request = JobRequest.model_validate_json(request_json)
-    inputs = load_inputs(
-        checkpoint_path,
-        manifest=request.manifest,
-        input_shapes=request.input_shape,
-        activations=activations_path,
-        checkpoint_name=f"checkpoint {request.checkpoint_id[:12]}",
-        activations_name=f"activations {request.activations_id}",
-        sha256=request.checkpoint_id,
-    )
+    inputs = load_job_inputs(request, checkpoint_path, activations_path)
     groups = build_groups(inputs.checkpoint.layers, inputs.manifest)[0]
     group = next((g for g in groups if g.name == layer), None)
     if group is None:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from graphs.contracts.jobs import JobRequest
 from graphs.features import Activations
 from graphs.manifest import Manifest
 from service.ingest.activations import Capture, check_capture, read_capture
 from service.ingest.checkpoint import ParsedCheckpoint, derived_manifest, read_checkpoint
 
-__all__ = ["JobInputs", "load_inputs"]
+__all__ = ["JobInputs", "load_inputs", "load_job_inputs"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,24 @@ def load_inputs(
     if manifest is None:
         manifest, notes = derived_manifest(Path(checkpoint), parsed, input_shapes=input_shapes)
     return JobInputs(checkpoint=parsed, manifest=manifest, notes=notes, capture=capture)
+
+
+def load_job_inputs(
+    request: JobRequest,
+    checkpoint: str | os.PathLike[str],
+    activations: str | os.PathLike[str] | None,
+) -> JobInputs:
+    """:func:`load_inputs` for a stored job: its manifest, input shapes and content addresses.
+
+    The checkpoint's id is its sha256 (not hashed again); errors name the checkpoint and the
+    activations file by their ids, never by their paths in the data directory.
+    """
+    return load_inputs(
+        checkpoint,
+        manifest=request.manifest,
+        input_shapes=request.input_shape,
+        activations=activations,
+        checkpoint_name=f"checkpoint {request.checkpoint_id[:12]}",
+        activations_name=f"activations {request.activations_id}",
+        sha256=request.checkpoint_id,
+    )

@@ -50,7 +50,7 @@ from service.jobs.executors.local import (
     OnDone,
     analyze_group_task,
 )
-from service.jobs.inputs import load_inputs
+from service.jobs.inputs import load_job_inputs
 from service.store.cache import FileCache, code_namespace
 from service.store.db import DONE, FAILED, QUEUED, RUNNING, JobRow, make_engine
 
@@ -203,15 +203,7 @@ def _compute(
     sidecar_dir: str = "",
 ) -> _Result:
     """Read the checkpoint, run one task per group on ``executor``, assemble the report, plan."""
-    inputs = load_inputs(
-        path,
-        manifest=request.manifest,
-        input_shapes=request.input_shape,
-        activations=activations_path,
-        checkpoint_name=f"checkpoint {request.checkpoint_id[:12]}",
-        activations_name=f"activations {request.activations_id}",
-        sha256=request.checkpoint_id,
-    )
+    inputs = load_job_inputs(request, path, activations_path)
     parsed, manifest, notes = inputs.checkpoint, inputs.manifest, inputs.notes
     acts, stats = inputs.maps, inputs.stats
 
