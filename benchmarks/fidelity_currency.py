@@ -9,7 +9,10 @@ alone is pruned at the probe fractions (compensated, channels in the greedy leas
 is measured on the **calibration inputs only** (the ones the statistics come from), as
 
 * ``marginal-kl``: mean KL(unpruned ‖ pruned) of the softmax outputs;
-* ``marginal-top1``: top-1 disagreement with the unpruned model.
+* ``marginal-top1``: top-1 disagreement with the unpruned model;
+* ``marginal-kl-xfit`` (opt-in): mean KL with the folds fitted on the first half of the
+  calibration source images and the KL measured on the other half (cross-fitted: in-sample
+  folds look nearly free in wide, low-resolution layers).
 
 Every row is ``mrp`` with compensation (least-squares folds) at the same FLOPs target, in one
 run: ``uniform`` (a), ``functional`` (b, the default), ``marginal`` (c, w = 1) and the weighted
@@ -50,7 +53,7 @@ TARGETS = (0.1, 0.2)
 PROBE = (0.1, 0.25)
 RULES = ("uniform", "functional", "marginal", "marginal-kl", "marginal-top1")
 CAPPED = ("marginal-cap", "marginal-kl-cap")  # no group loses more than the largest probe
-ALL_RULES = (*RULES, *CAPPED)
+ALL_RULES = (*RULES, *CAPPED, "marginal-kl-xfit")
 
 
 def compare_golden(stats: dict[str, np.ndarray], path: Path | None) -> dict[str, Any] | None:
@@ -75,19 +78,31 @@ def compare_golden(stats: dict[str, np.ndarray], path: Path | None) -> dict[str,
     }
 
 
+def split_calibration(images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration inputs of the first half of the calibration source images, and of the
+    second half (crops are in source order)."""
+    per = images.info["crops_per_source"]
+    names = images.info["calib_sources"]
+    cut = sum(per[n] for n in names[: len(names) // 2])
+    return images.calib_u8[:cut], images.calib_u8[cut:]
+
+
 def sensitivity_tables(
-    s: Setup, images: ImageSet, stats: dict[str, np.ndarray], probe: Sequence[float]
+    s: Setup,
+    stats: dict[str, np.ndarray],
+    probe: Sequence[float],
+    score_u8: torch.Tensor,
 ) -> tuple[dict[str, Any], dict[str, Any], float]:
-    """Two tables from one ``clients.sensitivity`` pass on the calibration inputs: delta =
-    mean KL and delta = top-1 disagreement (same rows, same pruned models)."""
+    """Two tables from one ``clients.sensitivity`` pass (folds from ``stats``, metric on
+    ``score_u8``): delta = mean KL and delta = top-1 disagreement (same pruned models)."""
     from clients import sensitivity
 
     t = time.perf_counter()
-    ref = log_probs(copy.deepcopy(s.model), images.calib_u8)
+    ref = log_probs(copy.deepcopy(s.model), score_u8)
     top1: dict[float, float] = {}
 
     def evaluate(model: torch.nn.Module) -> float:
-        lp = log_probs(model, images.calib_u8)
+        lp = log_probs(model, score_u8)
         kl = float((ref.exp() * (ref - lp)).sum(1).clamp_min(0).mean())
         top1[kl] = float((ref.argmax(1) != lp.argmax(1)).double().mean())
         return kl
@@ -192,13 +207,27 @@ def markdown(rows: list[dict[str, Any]], targets: Sequence[float]) -> str:
 
 
 def load_or_measure(
-    out_dir: Path, s: Setup, images: ImageSet, stats: dict[str, np.ndarray], probe: Any
+    out_dir: Path,
+    s: Setup,
+    images: ImageSet,
+    stats: dict[str, np.ndarray],
+    probe: Any,
+    *,
+    xfit: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any], float | None]:
-    paths = out_dir / "sensitivity_kl.json", out_dir / "sensitivity_top1.json"
-    meta = out_dir / "sensitivity_probe.json"
+    """The tables of the whole calibration set (folds and metric on the same inputs) or, with
+    ``xfit``, cross-fitted: folds from the first half of the calibration sources, metric on the
+    other half."""
+    end = "_xfit" if xfit else ""
+    paths = out_dir / f"sensitivity_kl{end}.json", out_dir / f"sensitivity_top1{end}.json"
+    meta = out_dir / f"sensitivity_probe{end}.json"
     if all(p.exists() for p in (*paths, meta)) and json.loads(meta.read_text()) == list(probe):
         return json.loads(paths[0].read_text()), json.loads(paths[1].read_text()), None
-    kl, top, sec = sensitivity_tables(s, images, stats, probe)
+    if xfit:
+        fit_u8, score_u8 = split_calibration(images)
+        kl, top, sec = sensitivity_tables(s, capture_stats(s, fit_u8)[0], probe, score_u8)
+    else:
+        kl, top, sec = sensitivity_tables(s, stats, probe, images.calib_u8)
     paths[0].write_text(json.dumps(kl, indent=1) + "\n")
     paths[1].write_text(json.dumps(top, indent=1) + "\n")
     meta.write_text(json.dumps(list(probe)) + "\n")
@@ -234,6 +263,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "marginal-kl": sensitivity_weights(kl_table, curves, channels=channels),
         "marginal-top1": sensitivity_weights(top_table, curves, channels=channels),
     }
+    if "marginal-kl-xfit" in a.rules:
+        xkl, _, xs = load_or_measure(a.out_dir, s, images, stats, a.probe, xfit=True)
+        print(f"cross-fitted sensitivity table in {xs} s")
+        weights["marginal-kl-xfit"] = sensitivity_weights(xkl, curves, channels=channels)
     rows = []
     for target in a.targets:
         for rule in a.rules:
