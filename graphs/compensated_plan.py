@@ -8,13 +8,17 @@ does when it is given ``stats`` (:func:`prepare_stats` before :func:`graphs.plan
    inputs (:func:`graphs.compensated.stat_features`), not their weights; a group without
    consumer statistics looks like independent channels (no evidence of redundancy).
 3. How many channels each group loses: the method's own rule (``allocation="method"``) or one of
-   :mod:`graphs.error_allocation`, default ``functional``: picked by a decision rule fixed before
-   the run, on MNIST validation digits (benchmarks/fidelity/mnist/allocation.md: functional
-   83.8 %, marginal 83.7 %, uniform 83.0 % mean over 12 cells, no cell worse by > 1 point).
+   :mod:`graphs.error_allocation`, default ``functional`` (with a measured sensitivity table:
+   ``marginal`` priced by :func:`graphs.error_allocation.sensitivity_weights`); ``functional``
+   was picked by a decision rule fixed before the run, on MNIST validation digits
+   (benchmarks/fidelity/mnist/allocation.md: functional 83.8 %, marginal 83.7 %, uniform
+   83.0 % mean over 12 cells, no cell worse by > 1 point).
    First measurement on MobileNetV2 at −10 % FLOPs without fine-tuning (196
    calibration crops, 292 evaluation inputs from other images, mrp's choice): top-1 agreement
    52 % (KL 0.69) with ``functional``, 54 % (KL 0.75) with ``marginal``, 34 % (KL 1.21) with
    ``uniform`` — ``functional`` and ``marginal`` are within noise, ``uniform`` far behind.
+   ``marginal`` priced by a cross-fitted sensitivity table (benchmarks/fidelity/currency/):
+   64.0 % at −10 % and 39.7 % at −20 % FLOPs (``functional`` 51.7 / 24.7 %).
 4. Which channels: the method's choice, as without statistics, except mrp
    (``least_squares_choice`` of its :mod:`graphs.strategies` entry), which removes the
    channels the rest of the group predicts best at its consumers: the first ones of the
@@ -29,13 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from graphs.allocation import group_limit
 from graphs.compensated import GroupConsumers, compensate, group_consumers, stat_features
 from graphs.cost import CostModel
-from graphs.error_allocation import Counts, allocate
+from graphs.error_allocation import Counts, allocate, sensitivity_weights
 from graphs.errors import InvalidInputError
 from graphs.functional import ErrorCurve, error_curve
 from graphs.layers import LayerGroup, LayerWeights
@@ -127,20 +132,21 @@ def prepare_stats(
     epsilon: float = DEFAULT_EPSILON,
     ridge: float = DEFAULT_RIDGE,
     weights: Mapping[int, float] | None = None,
+    sensitivity: Mapping[str, Any] | None = None,
 ) -> StatsPlanning:
     """Steps 1–3 above for ``groups`` (manifest groups, ids set) of ``layers``; ``stats``:
     consumer module name → input second moment (c + 1, c + 1); ``weights``: per-group currency
-    of the ``marginal`` allocation. Run it, the plan and :meth:`StatsPlanning.finish` with one
-    BLAS thread (``threadpoolctl.threadpool_limits(1)``): the same bits on any machine.
+    of the ``marginal`` allocation; ``sensitivity``: a parsed ``clients.sensitivity`` JSON
+    table whose :func:`graphs.error_allocation.sensitivity_weights` are that currency (implies
+    ``marginal``). Run it, the plan and :meth:`StatsPlanning.finish` with one BLAS thread
+    (``threadpoolctl.threadpool_limits(1)``): the same bits on any machine.
 
     Raises:
-        InvalidInputError: an unknown allocation, or epsilon/ridge not finite and >= 0.
+        InvalidInputError: an unknown allocation, a sensitivity table with another allocation
+            or with ``weights``, a table that does not fit the model, or epsilon/ridge not
+            finite and >= 0.
     """
-    rule = allocation or DEFAULT_ALLOCATION
-    if rule not in ALLOCATION_RULES:
-        raise InvalidInputError(
-            f"unknown allocation {rule!r}", hint=f"Use one of {', '.join(ALLOCATION_RULES)}."
-        )
+    rule = choose_rule(allocation, sensitivity=sensitivity is not None, weights=weights is not None)
     for name, v in (("epsilon", epsilon), ("ridge", ridge)):
         if not (np.isfinite(v) and v >= 0):
             raise InvalidInputError(f"{name} must be a finite number >= 0, got {v}")
@@ -170,16 +176,50 @@ def prepare_stats(
                 continue
             maps = stat_features(specs) if specs else _independent(g.n_filters)
             acts.update({m.name: maps for m in g.producers})
+    note = ""
+    if sensitivity is not None:
+        measured = sensitivity_weights(sensitivity, curves, channels=cost.channels)
+        weights = measured.weights
+        note = (
+            f"; weights from a sensitivity table ({len(measured.measured)} groups measured, "
+            f"{len(measured.filled)} given their median)"
+        )
     counts = None
     if rule != "method":
         counts = allocate(
             rule, cost=cost, target=target, limit=limit, curves=curves,
             round_to=constraints.round_to, weights=weights,
         )  # fmt: skip
+        counts = Counts(counts.removed, counts.rule + note)
     return StatsPlanning(
         options=opts, activations=acts, counts=counts, found=found, curves=curves, rule=rule,
         epsilon=epsilon, ridge=ridge, compensation=compensation,
     )  # fmt: skip
+
+
+def choose_rule(allocation: str | None, *, sensitivity: bool, weights: bool) -> AllocationRule:
+    """The allocation rule: ``allocation`` or the default; ``marginal`` with a sensitivity
+    table (``sensitivity``), which gives that rule's weights.
+
+    Raises:
+        InvalidInputError: an unknown rule, or a table with another rule or with ``weights``.
+    """
+    if sensitivity and weights:
+        raise InvalidInputError(
+            "both a sensitivity table and group weights were given",
+            hint="Pass one: the table's weights are computed from it.",
+        )
+    if sensitivity and allocation not in (None, "marginal"):
+        raise InvalidInputError(
+            f"a sensitivity table weights the marginal allocation, not {allocation!r}",
+            hint="Leave the allocation out (the table implies marginal) or choose marginal.",
+        )
+    rule = allocation or ("marginal" if sensitivity else DEFAULT_ALLOCATION)
+    if rule not in ALLOCATION_RULES:
+        raise InvalidInputError(
+            f"unknown allocation {rule!r}", hint=f"Use one of {', '.join(ALLOCATION_RULES)}."
+        )
+    return rule
 
 
 def _independent(n: int) -> np.ndarray:

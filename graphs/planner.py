@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -248,6 +249,7 @@ def plan_layers(
     epsilon: float = DEFAULT_EPSILON,
     ridge: float = DEFAULT_RIDGE,
     group_weights: Mapping[int, float] | None = None,
+    sensitivity: Mapping[str, Any] | None = None,
 ) -> PruningPlan:
     """Plan for a checkpoint's layers: groups from the manifest (exact params and MACs, its
     stem/classifier/ignored groups kept whole) or, without one, from the layers alone (params
@@ -255,7 +257,16 @@ def plan_layers(
     and every layer no other layer reads are kept whole as stem and outputs).
 
     With ``stats`` (consumer module name → input second moment; needs a manifest) see
-    :mod:`graphs.compensated_plan` (``group_weights``: the ``marginal`` allocation's currency)."""
+    :mod:`graphs.compensated_plan` (``group_weights``: the ``marginal`` allocation's currency;
+    ``sensitivity``: a parsed ``clients.sensitivity`` JSON table that gives it, which needs
+    ``stats``)."""
+    if sensitivity is not None and stats is None:
+        raise InvalidInputError(
+            "a sensitivity table weights the allocation of compensated plans: it needs "
+            "activation statistics",
+            hint="Pass second moments of the consumers' inputs (--activations from "
+            "clients.capture_activations(model, batches, maps=False)) and the manifest.",
+        )
     if manifest is not None:
         manifest = adapt_manifest(layers, manifest)  # transformer blocks: one group of vertices
     groups, _ = build_groups(layers, manifest)
@@ -285,7 +296,7 @@ def plan_layers(
             layers, groups, manifest, stats, method=method, target=target, cost=cost,
             constraints=c, prunable=prunable, options=options, activations=activations,
             compensation=compensation, allocation=allocation, epsilon=epsilon, ridge=ridge,
-            weights=group_weights,
+            weights=group_weights, sensitivity=sensitivity,
         )  # fmt: skip
         plan = make_plan(
             groups, method=method, target=target, cost=cost, constraints=c, options=stat.options,

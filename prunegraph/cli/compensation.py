@@ -9,14 +9,15 @@ has its sidecar written next to it (``plan.fold.safetensors``, pinned by sha256 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-from graphs import PruneGraphError, Report
+from graphs import InvalidInputError, PruneGraphError, Report
 from graphs.manifest import Manifest
 from graphs.options import DEFAULT_EPSILON
 from graphs.plan import PruningPlan
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 ALLOCATION_HELP = (
     "compensated plans: how many channels each group loses: functional (SRP on functional "
     "redundancy: one common error; the default, chosen on MNIST validation digits), uniform (the "
-    "same fraction of each group), marginal (equal error per FLOP) or method (the method's own "
+    "same fraction of each group), marginal (equal error per FLOP; priced by --sensitivity when "
+    "given) or method (the method's own "
     "rule)"
 )
 NO_MANIFEST = (
@@ -44,6 +46,57 @@ def usable_stats(
         err.print(f"[yellow]note:[/] {escape(NO_MANIFEST.format(what=what))}", highlight=False)
         return None
     return stats or None
+
+
+SENSITIVITY_HINT = (
+    "Write it with clients.sensitivity(model, example_inputs, evaluate, order='functional', "
+    "compensation=(True,), stats=...).to_json() on the model this plan is for."
+)
+
+
+def read_sensitivity(
+    path: Path | None, activations: Path | None, server: str | None, allocation: str | None
+) -> dict[str, Any] | None:
+    """``--sensitivity``: the parsed table (a JSON object with compensated rows); None when
+    not given. Refused before any work without ``--activations``, with ``--server`` or with
+    an ``--allocation`` other than marginal (the table's weights are marginal's currency)."""
+    if path is None:
+        return None
+    if allocation not in (None, "marginal"):
+        raise InvalidInputError(
+            f"--sensitivity weights the marginal allocation, not --allocation {allocation}",
+            hint="Leave out --allocation (--sensitivity implies marginal) or pass "
+            "--allocation marginal.",
+        )
+    if activations is None:
+        raise InvalidInputError(
+            "--sensitivity weights the allocation of compensated plans: it needs --activations",
+            hint="Pass --activations with second-moment statistics "
+            "(clients.capture_activations(model, batches, maps=False).save(...)) and --manifest.",
+        )
+    if server is not None:
+        raise InvalidInputError(
+            "--sensitivity is not sent to a service", hint="Plan embedded: leave out --server."
+        )
+    try:
+        table = json.loads(path.read_bytes())
+    except OSError as e:
+        raise InvalidInputError(
+            f"cannot read the sensitivity table {path}: {e.strerror or e}", hint="Check the path."
+        ) from None
+    except ValueError as e:
+        raise InvalidInputError(f"{path} is not JSON ({e})", hint=SENSITIVITY_HINT) from None
+    rows = table.get("rows") if isinstance(table, dict) else None
+    if not isinstance(rows, list):
+        raise InvalidInputError(
+            f"{path} is not a sensitivity table (a JSON object with a 'rows' list)",
+            hint=SENSITIVITY_HINT,
+        )
+    if not any(isinstance(r, dict) and r.get("compensated") is True for r in rows):
+        raise InvalidInputError(
+            f"the sensitivity table {path} has no compensated rows", hint=SENSITIVITY_HINT
+        )
+    return table
 
 
 def add_functional(

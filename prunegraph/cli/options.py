@@ -50,6 +50,15 @@ EpsilonOpt = Annotated[
         min=0.0,
     ),
 ]
+SensitivityOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="a sensitivity table (JSON of clients.sensitivity(..., order='functional', "
+        "compensation=(True,)), measured cross-fitted): its per-group weights price the marginal "
+        "allocation of a compensated plan (needs --activations; implies --allocation marginal)",
+        show_default=False,
+    ),
+]
 TokenOpt = Annotated[
     str | None,
     typer.Option(help="bearer token for --server", envvar="PRUNEGRAPH_TOKEN", show_default=False),

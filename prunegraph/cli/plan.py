@@ -24,6 +24,7 @@ from prunegraph.cli.options import (
     ManifestOpt,
     MinExplainedOpt,
     SeedOpt,
+    SensitivityOpt,
     ServerOpt,
     TokenOpt,
     VectorsOpt,
@@ -91,9 +92,11 @@ def plan_here(
     activations: Path | None,
     input_shape: str | None,
     err: Console,
+    sensitivity: dict[str, Any] | None = None,
     **job: Any,
 ) -> PruningPlan:
-    """The embedded plan (``job``: the planner's method, target, constraints, options, ...)."""
+    """The embedded plan (``job``: the planner's method, target, constraints, options, ...;
+    ``sensitivity``: the parsed ``--sensitivity`` table)."""
     from graphs.planner import plan_layers
 
     inputs = read_inputs(checkpoint, manifest, input_shape, activations)
@@ -106,6 +109,7 @@ def plan_here(
         checkpoint_sha256=parsed.info.sha256,
         activations=inputs.maps,
         stats=comp.usable_stats(inputs.stats, inputs.manifest, "planned", err),
+        sensitivity=sensitivity,
         **job,
     )
 
@@ -147,6 +151,7 @@ def plan_cmd(
         str | None, typer.Option(help=comp.ALLOCATION_HELP, show_default=False)
     ] = None,
     epsilon: EpsilonOpt = DEFAULT_EPSILON,
+    sensitivity: SensitivityOpt = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -160,6 +165,7 @@ def plan_cmd(
             target_flops, target_params, min_channels, max_ratio, round_to, ignore
         )
         check_choices(method, allocation)
+        table = comp.read_sensitivity(sensitivity, activations, server, allocation)
         options = analysis_options(
             alpha=alpha,
             min_explained=min_explained,
@@ -185,7 +191,9 @@ def plan_cmd(
                 **job,
             )
         else:
-            plan = plan_here(checkpoint, manifest, activations, input_shape, err, **job)
+            plan = plan_here(
+                checkpoint, manifest, activations, input_shape, err, sensitivity=table, **job
+            )
         emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
         comp.write_sidecar(plan, output, err)
     except PruneGraphError as e:
