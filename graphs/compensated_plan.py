@@ -40,6 +40,7 @@ import numpy as np
 from graphs.allocation import group_limit
 from graphs.compensated import GroupConsumers, compensate, group_consumers, stat_features
 from graphs.cost import CostModel
+from graphs.crossfit import crossfit_curves
 from graphs.error_allocation import Counts, allocate, sensitivity_weights
 from graphs.errors import InvalidInputError
 from graphs.functional import ErrorCurve, error_curve
@@ -133,18 +134,23 @@ def prepare_stats(
     ridge: float = DEFAULT_RIDGE,
     weights: Mapping[int, float] | None = None,
     sensitivity: Mapping[str, Any] | None = None,
+    holdout_stats: Mapping[str, np.ndarray] | None = None,
 ) -> StatsPlanning:
     """Steps 1–3 above for ``groups`` (manifest groups, ids set) of ``layers``; ``stats``:
     consumer module name → input second moment (c + 1, c + 1); ``weights``: per-group currency
     of the ``marginal`` allocation; ``sensitivity``: a parsed ``clients.sensitivity`` JSON
     table whose :func:`graphs.error_allocation.sensitivity_weights` are that currency (implies
-    ``marginal``). Run it, the plan and :meth:`StatsPlanning.finish` with one BLAS thread
-    (``threadpoolctl.threadpool_limits(1)``): the same bits on any machine.
+    ``marginal``); ``holdout_stats``: the statistics of a part of the same data (same keys and
+    shapes, e.g. the second half of the source images): the error curves are then
+    cross-fitted (:func:`graphs.crossfit.crossfit_curves`: folds fitted on one part, their error
+    measured on the other), the folds still fitted on ``stats``. Run it, the plan and
+    :meth:`StatsPlanning.finish` with one BLAS thread (``threadpoolctl.threadpool_limits(1)``):
+    the same bits on any machine.
 
     Raises:
         InvalidInputError: an unknown allocation, a sensitivity table with another allocation
             or with ``weights``, a table that does not fit the model, or epsilon/ridge not
-            finite and >= 0.
+            finite and >= 0, held-out statistics missing a consumer or not a part of ``stats``.
     """
     rule = choose_rule(allocation, sensitivity=sensitivity is not None, weights=weights is not None)
     for name, v in (("epsilon", epsilon), ("ridge", ridge)):
@@ -163,8 +169,12 @@ def prepare_stats(
         [gid for gid in ids if limit[gid]],
         ridge=ridge,
         max_ratio=constraints.max_ratio,
-        stop_above=epsilon if rule in ("uniform", "method") else None,
+        stop_above=epsilon if rule in ("uniform", "method") and holdout_stats is None else None,
     )
+    note = ""
+    if holdout_stats is not None:
+        curves = crossfit_curves(found, holdout_stats, curves, ridge=ridge)
+        note = f"; cross-fitted error curves ({len(holdout_stats)} held-out statistics)"
     opts = options or AnalysisOptions()
     acts = activations
     if strategy_for(method).graph:
@@ -176,11 +186,10 @@ def prepare_stats(
                 continue
             maps = stat_features(specs) if specs else _independent(g.n_filters)
             acts.update({m.name: maps for m in g.producers})
-    note = ""
     if sensitivity is not None:
         measured = sensitivity_weights(sensitivity, curves, channels=cost.channels)
         weights = measured.weights
-        note = (
+        note += (
             f"; weights from a sensitivity table ({len(measured.measured)} groups measured, "
             f"{len(measured.filled)} given their median)"
         )

@@ -250,6 +250,7 @@ def plan_layers(
     ridge: float = DEFAULT_RIDGE,
     group_weights: Mapping[int, float] | None = None,
     sensitivity: Mapping[str, Any] | None = None,
+    holdout_stats: Mapping[str, np.ndarray] | None = None,
 ) -> PruningPlan:
     """Plan for a checkpoint's layers: groups from the manifest (exact params and MACs, its
     stem/classifier/ignored groups kept whole) or, without one, from the layers alone (params
@@ -259,7 +260,14 @@ def plan_layers(
     With ``stats`` (consumer module name → input second moment; needs a manifest) see
     :mod:`graphs.compensated_plan` (``group_weights``: the ``marginal`` allocation's currency;
     ``sensitivity``: a parsed ``clients.sensitivity`` JSON table that gives it, which needs
-    ``stats``)."""
+    ``stats``; ``holdout_stats``: the statistics of a part of the same data, for cross-fitted
+    error curves, which needs ``stats``)."""
+    if holdout_stats is not None and stats is None:
+        raise InvalidInputError(
+            "held-out statistics cross-fit the error curves of compensated plans: they need "
+            "the statistics of all the calibration data",
+            hint="Pass stats (all the data) and holdout_stats (a part of it).",
+        )
     if sensitivity is not None and stats is None:
         raise InvalidInputError(
             "a sensitivity table weights the allocation of compensated plans: it needs "
@@ -296,7 +304,7 @@ def plan_layers(
             layers, groups, manifest, stats, method=method, target=target, cost=cost,
             constraints=c, prunable=prunable, options=options, activations=activations,
             compensation=compensation, allocation=allocation, epsilon=epsilon, ridge=ridge,
-            weights=group_weights, sensitivity=sensitivity,
+            weights=group_weights, sensitivity=sensitivity, holdout_stats=holdout_stats,
         )  # fmt: skip
         plan = make_plan(
             groups, method=method, target=target, cost=cost, constraints=c, options=stat.options,

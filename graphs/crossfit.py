@@ -1,0 +1,214 @@
+"""Cross-fitted error curves: the error of a fold measured on data it was not fitted on.
+
+The predicted error of :mod:`graphs.functional` is in-sample (times a Gaussian out-of-sample
+factor). In deep, wide, low-resolution layers a least-squares fold of many channels looks nearly
+free in-sample and is not. Cross-fitting measures it instead: split the calibration data in two
+halves A and B with second moments ``S_A`` and ``S_B`` ((c+1, c+1), constant last, as
+:class:`graphs.consumers.ConsumerStats`); fit the fold on A and evaluate it exactly on B — the
+squared consumer-output error of a fixed linear fold is a quadratic form in ``S_B`` — and vice
+versa, and average the two.
+
+* **Which channels.** The removal order is the greedy path of the pooled statistics
+  ``S_A + S_B`` (:func:`graphs.functional.error_curve`): the channels a plan removes and folds
+  (the fold itself is fitted on the pooled statistics, as without cross-fitting).
+* **Fold** on the fit half: the ridge least squares of :func:`graphs.functional.least_squares_fold`
+  (the half's own standardization and ridge), intercept included.
+* **Error** on the other half: the residual's second moment under it — its mean included (the
+  fold's shift was fitted on the other half) — weighted by the pooled output metric, i.e.
+  relative to each output channel's pooled variance as in :mod:`graphs.functional`. No
+  out-of-sample factor: the measurement is out-of-sample already (for a fold fitted on half the
+  data, so slightly pessimistic for the pooled fold).
+* Along the order, removing channel j from the kept set K updates the fold by rank one (the
+  precision-matrix identity of :func:`graphs.functional.error_curve`, exact with the ridge), so a
+  whole curve costs O(c²) per step per consumer and direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from graphs.compensated import GroupConsumers
+from graphs.consumers import Consumer, ConsumerStats, Prepared, channel_gram, spd_inverse
+from graphs.errors import InvalidInputError
+from graphs.functional import ErrorCurve, error_curve
+from graphs.options import DEFAULT_RIDGE
+
+__all__ = ["crossfit_curve", "crossfit_curves", "direction_errors", "split_stats"]
+
+_HINT = (
+    "Pass the statistics of a part of the calibration data (e.g. the second half of the source "
+    "images) captured exactly like the statistics of all of it."
+)
+
+
+def _moments_about(evaluate: ConsumerStats, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """E[(x − mu)(x − mu)ᵀ] / (sd sdᵀ) under ``evaluate``'s rows, (c, c)."""
+    S, n = evaluate.gram, evaluate.count
+    m = S[:-1, -1] / n
+    raw = S[:-1, :-1] / n - np.outer(mu, m) - np.outer(m, mu) + np.outer(mu, mu)
+    return (raw + raw.T) / (2 * np.outer(sd, sd))
+
+
+def direction_errors(
+    fit: Consumer, evaluate: Consumer, pooled: Prepared, order: np.ndarray, *, ridge: float
+) -> np.ndarray:
+    """Output error (pooled metric) on ``evaluate``'s statistics of the folds fitted on
+    ``fit``'s, after removing ``order[:k]`` for k = 0..m: (m+1,), raw (may be non-monotone)."""
+    pf = fit.prepared
+    c = pf.sd.size
+    sd = np.where(pf.sd > 0, pf.sd, np.where(pooled.sd > 0, pooled.sd, 1.0))  # scale-free
+    d = sd / np.where(pooled.sd > 0, pooled.sd, 1.0)
+    M = pooled.metric * np.outer(d, d)  # the pooled metric in fit's standardized coordinates
+    G = _moments_about(evaluate.stats, pf.mu, sd)
+    base = float(np.sum(M * G))
+    C = pf.corr
+    gone: list[int] = []
+    errors = [0.0]
+    basis = np.zeros(0, dtype=np.int64)  # kept channels at the last rebuild: columns of L, N, H, Q
+    pos = np.zeros(c, dtype=np.int64)
+    live = 0
+    for j_ch in (int(v) for v in order):
+        if basis.size == 0 or (live < 0.5 * basis.size and basis.size > 32):
+            removed = np.asarray(gone, dtype=np.int64)
+            basis = np.setdiff1d(np.arange(c), removed)
+            live = basis.size
+            pos[basis] = np.arange(basis.size)
+            Q = spd_inverse(C[np.ix_(basis, basis)] + ridge * np.eye(basis.size))
+            L = np.zeros((c, basis.size))  # lift: x̂ = L x_K (identity on K, the fold on R)
+            L[basis, np.arange(basis.size)] = 1.0
+            L[removed] = C[np.ix_(removed, basis)] @ Q
+            N = L.T @ M
+            H = N @ L
+            Gk, Gkk = G[basis], G[np.ix_(basis, basis)]
+        j = int(pos[j_ch])
+        q = Q[:, j] / Q[j, j]
+        h = H[:, j].copy()
+        L -= np.outer(L[:, j], q)
+        N -= np.outer(q, N[j])
+        H += H[j, j] * np.outer(q, q) - np.outer(q, h) - np.outer(h, q)
+        Q -= np.outer(Q[:, j], Q[:, j]) / Q[j, j]
+        gone.append(j_ch)
+        live -= 1
+        # tr(M (I − L S_K) G (I − L S_K)ᵀ); removed columns of L, N, H are exactly zero
+        errors.append(base - 2.0 * float(np.sum(N * Gk)) + float(np.sum(H * Gkk)))
+    return np.asarray(errors)
+
+
+def _check_pair(a: Sequence[Consumer], b: Sequence[Consumer]) -> None:
+    if not a or len(a) != len(b):
+        raise InvalidInputError(
+            f"cross-fitting needs the same consumers in both halves, got {len(a)} and {len(b)}",
+            hint="Pass one Consumer per consumer of the group for each half (at least one).",
+        )
+    c = a[0].stats.channels
+    for x, y in zip(a, b, strict=True):
+        same_w = (x.weight is None and y.weight is None) or (
+            x.weight is not None and y.weight is not None and np.array_equal(x.weight, y.weight)
+        )
+        if x.stats.channels != c or y.stats.channels != c or not same_w or x.groups != y.groups:
+            raise InvalidInputError(
+                f"consumer {x.name}/{y.name}: the two halves must describe the same consumer "
+                f"(same weight, groups and {c} channels)",
+                hint="Build both halves from the same layer, only the statistics differ.",
+            )
+
+
+def crossfit_curve(
+    half_a: Sequence[Consumer],
+    half_b: Sequence[Consumer],
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    max_remove: int | None = None,
+    pooled: ErrorCurve | None = None,
+) -> ErrorCurve:
+    """A group's cross-fitted error curve.
+
+    ``half_a``, ``half_b``: the group's consumers (same order, weights and groups) with the
+    statistics of each half, S (c+1, c+1). The order is ``pooled.order`` when given (the
+    :func:`graphs.functional.error_curve` of ``S_A + S_B``, as the planner has it), else that
+    curve up to ``max_remove`` (default c − 1). ``errors`` (m+1,): mean over the two directions
+    of the relative output error of folds fitted on one half, measured on the other, summed over
+    consumers, clipped at 0 and kept non-decreasing (as :func:`graphs.functional.error_curve`).
+
+    Raises:
+        InvalidInputError: halves that do not describe the same consumers, a bad ``max_remove``
+            or ridge.
+    """
+    _check_pair(half_a, half_b)
+    both = [
+        Consumer(x.name, ConsumerStats(x.stats.gram + y.stats.gram), x.weight, x.groups)
+        for x, y in zip(half_a, half_b, strict=True)
+    ]
+    if pooled is None:
+        pooled = error_curve(both, ridge=ridge, max_remove=max_remove)
+    elif pooled.channels != half_a[0].stats.channels:
+        raise InvalidInputError("the pooled curve is of another group (channel count differs)")
+    order = np.asarray(pooled.order, dtype=np.int64)
+    total = np.zeros(order.size + 1)
+    for x, y, p in zip(half_a, half_b, both, strict=True):
+        total += direction_errors(x, y, p.prepared, order, ridge=ridge)
+        total += direction_errors(y, x, p.prepared, order, ridge=ridge)
+    errors = np.maximum.accumulate(np.maximum(total / 2.0, 0.0))
+    return ErrorCurve(order=order, errors=errors, channels=pooled.channels)
+
+
+def split_stats(pooled: np.ndarray, part: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(S_A, S_B) = (pooled − part, part) for one consumer, both (c+1, c+1) float64.
+
+    Raises:
+        InvalidInputError: shapes differ, or ``part`` is not a strict part of ``pooled``.
+    """
+    S = np.asarray(pooled, dtype=np.float64)
+    B = np.asarray(part, dtype=np.float64)
+    if B.shape != S.shape:
+        raise InvalidInputError(
+            f"the held-out statistics of {name} have shape {B.shape}, not {S.shape}", hint=_HINT
+        )
+    A = S - B
+    scale = float(np.abs(S).max()) if S.size else 0.0
+    if not (B[-1, -1] > 0 and A[-1, -1] > 0) or np.any(np.diag(A) < -1e-9 * scale):
+        raise InvalidInputError(
+            f"the held-out statistics of {name} are not a part of its statistics "
+            f"(rows {B[-1, -1]:g} of {S[-1, -1]:g})",
+            hint=_HINT,
+        )
+    return A, B
+
+
+def crossfit_curves(
+    found: GroupConsumers,
+    holdout: Mapping[str, np.ndarray],
+    pooled: Mapping[int, ErrorCurve],
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    ids: Iterable[int] | None = None,
+) -> dict[int, ErrorCurve]:
+    """Cross-fitted curves of the groups of ``pooled`` (or ``ids``) that have consumers.
+
+    ``found``: the groups' consumers with the statistics of all the calibration data;
+    ``holdout``: consumer module name → the statistics of a part of it (B; A = all − B), raw
+    shape as ``found`` was built from; ``pooled``: group id → the curve of all the data (its
+    order is kept).
+
+    Raises:
+        InvalidInputError: a consumer without held-out statistics, or statistics that are not a
+            part of the pooled ones.
+    """
+    out: dict[int, ErrorCurve] = {}
+    for gid in pooled if ids is None else ids:
+        specs = found.consumers.get(gid)
+        if not specs or gid not in pooled:
+            continue
+        half_a, half_b = [], []
+        for s in specs:
+            if s.consumer not in holdout:
+                raise InvalidInputError(f"no held-out statistics for {s.consumer}", hint=_HINT)
+            raw_b = channel_gram(np.asarray(holdout[s.consumer], np.float64), s.per_channel)
+            A, B = split_stats(s.data.stats.gram, raw_b, s.consumer)
+            d = s.data
+            half_a.append(Consumer(d.name, ConsumerStats(A), d.weight, d.groups))
+            half_b.append(Consumer(d.name, ConsumerStats(B), d.weight, d.groups))
+        out[gid] = crossfit_curve(half_a, half_b, ridge=ridge, pooled=pooled[gid])
+    return out
