@@ -13,6 +13,11 @@ is measured on the **calibration inputs only** (the ones the statistics come fro
 * ``marginal-kl-xfit`` (opt-in): mean KL with the folds fitted on the first half of the
   calibration source images and the KL measured on the other half (cross-fitted: in-sample
   folds look nearly free in wide, low-resolution layers).
+* ``functional-xfit``, ``marginal-xfit`` (opt-in): no sensitivity run; the error curves
+  themselves cross-fitted (``plan_layers(holdout_stats=...)``, :mod:`graphs.crossfit`): folds
+  fitted on the statistics of one half of the calibration source images, their error measured
+  exactly on the other half's statistics, both ways, averaged (the folds of the plan are still
+  fitted on all the calibration statistics).
 
 Every row is ``mrp`` with compensation (least-squares folds) at the same FLOPs target, in one
 run: ``uniform`` (a), ``functional`` (b, the default), ``marginal`` (c, w = 1) and the weighted
@@ -53,7 +58,8 @@ TARGETS = (0.1, 0.2)
 PROBE = (0.1, 0.25)
 RULES = ("uniform", "functional", "marginal", "marginal-kl", "marginal-top1")
 CAPPED = ("marginal-cap", "marginal-kl-cap")  # no group loses more than the largest probe
-ALL_RULES = (*RULES, *CAPPED, "marginal-kl-xfit")
+XFIT_CURVES = ("functional-xfit", "marginal-xfit")  # cross-fitted error curves, no table
+ALL_RULES = (*RULES, *CAPPED, "marginal-kl-xfit", *XFIT_CURVES)
 
 
 def compare_golden(stats: dict[str, np.ndarray], path: Path | None) -> dict[str, Any] | None:
@@ -145,7 +151,13 @@ def curves_of(s: Setup, stats: dict[str, np.ndarray]) -> dict[int, Any]:
 
 
 def plan_for(
-    s: Setup, stats: dict[str, np.ndarray], target: float, rule: str, w: Any, cap: float
+    s: Setup,
+    stats: dict[str, np.ndarray],
+    target: float,
+    rule: str,
+    w: Any,
+    cap: float,
+    holdout: dict[str, np.ndarray] | None = None,
 ) -> Any:
     from graphs.plan import Constraints, Target
     from graphs.planner import plan_layers
@@ -158,8 +170,9 @@ def plan_for(
         manifest=s.manifest,
         checkpoint_sha256=s.parsed.info.sha256,
         stats=stats,
-        allocation="marginal" if rule.startswith("marginal") else rule,  # type: ignore[arg-type]
+        allocation="marginal" if rule.startswith("marginal") else rule.removesuffix("-xfit"),  # type: ignore[arg-type]
         group_weights=w,
+        holdout_stats=holdout if rule in XFIT_CURVES else None,
         constraints=Constraints(max_ratio=cap) if rule.endswith("-cap") else None,
     )
 
@@ -267,13 +280,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         xkl, _, xs = load_or_measure(a.out_dir, s, images, stats, a.probe, xfit=True)
         print(f"cross-fitted sensitivity table in {xs} s")
         weights["marginal-kl-xfit"] = sensitivity_weights(xkl, curves, channels=channels)
+    holdout = None
+    if any(r in XFIT_CURVES for r in a.rules):
+        holdout, hold_s = capture_stats(s, split_calibration(images)[1])
+        print(f"held-out statistics (second half of the sources) in {hold_s:.1f} s")
     rows = []
     for target in a.targets:
         for rule in a.rules:
             t = time.perf_counter()
             sw = weights.get(rule.removesuffix("-cap"))
             w = sw.weights if sw is not None else None
-            plan = plan_for(s, stats, target, rule, w, max(a.probe))
+            plan = plan_for(s, stats, target, rule, w, max(a.probe), holdout)
             plan_s = time.perf_counter() - t
             pruned = apply(s, plan, folds=True)
             row = {"target": target, "rule": rule, "plan_s": round(plan_s, 2)}
