@@ -19,7 +19,7 @@ take tens of GB); each is reported in ``skipped`` with the reason, like consumer
 run.
 
 This module also holds the byte encoder of the activations file (float32 maps, float64 Grams;
-the file's names and metadata are :mod:`graphs.contracts.activations`').
+the file's names and metadata are in :mod:`graphs.contracts.activations`).
 """
 
 from __future__ import annotations

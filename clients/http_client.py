@@ -367,12 +367,14 @@ class PruneGraphClient:
         progress: bool,
         **job: Any,
     ) -> str:
-        """Upload ``source`` (and ``activations``), submit the job (``job``: :meth:`submit`'s
-        keywords; the options made data-aware), wait for it; returns its id."""
+        """Check ``job`` (:meth:`submit`'s keywords), upload, submit, wait; returns the job id."""
+        options = data_aware_options(options, has_feature_maps(activations))
+        job = {"methods": DEFAULT_METHODS, "seed": 0, "target": None, "plan_method": "mrp", **job}
+        job_request("0" * 64, options=options, activations_id="0" if activations else None, **job)
         checkpoint_id = self._upload_any(source)
         job_id = self.submit(
             checkpoint_id,
-            options=data_aware_options(options, has_feature_maps(activations)),
+            options=options,
             activations_id=(
                 self.upload_activations(checkpoint_id, activations) if activations else None
             ),
@@ -380,8 +382,6 @@ class PruneGraphClient:
         )
         self.wait(job_id, timeout=timeout, progress=progress)
         return job_id
-
-    # -- lifetime
 
     def close(self) -> None:
         """Close the HTTP client if this object created it (an injected one stays open)."""

@@ -110,8 +110,13 @@ def job_request(
 
 def wire_body(request: JobRequest) -> dict[str, Any]:
     """The JSON body of ``POST /v1/jobs``: the fields the caller gave (the server's defaults
-    apply to the others), each in full (a manifest always says its ``schema_version``)."""
-    return request.model_dump(mode="json", include=set(request.model_fields_set))
+    apply to the others, nested options and constraints included); a manifest goes in full
+    (it always says its ``schema_version``)."""
+    body = request.model_dump(mode="json", include=set(request.model_fields_set))
+    for name in ("options", "constraints"):
+        if name in body:
+            body[name] = getattr(request, name).model_dump(mode="json", exclude_unset=True)
+    return body
 
 
 def multipart_body(body: Mapping[str, Any]) -> dict[str, Any] | None:

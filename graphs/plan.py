@@ -7,7 +7,7 @@ JSON from :meth:`PruningPlan.to_json` is byte-identical for the same input, conf
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, PrivateAttr, model_validator
 
@@ -17,7 +17,7 @@ from graphs.manifest import Heads, ParamAxis, Unit
 
 PLAN_VERSION = "1.0"
 PlanMethod = Literal["mrp", "srr", "hsc", "l1", "fpgm", "random", "ci"]
-PLAN_METHODS: tuple[PlanMethod, ...] = ("mrp", "srr", "hsc", "l1", "fpgm", "random", "ci")
+PLAN_METHODS: tuple[PlanMethod, ...] = get_args(PlanMethod)
 AllocationRule = Literal["method", "uniform", "functional", "marginal"]
 """How a plan with activation statistics counts each group's removals
 (:mod:`graphs.error_allocation`)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from clients import (
     AuthenticationError,
     ConnectionFailedError,
+    InvalidRequestError,
     JobFailedError,
     JobTimeoutError,
     PruneGraphClient,
@@ -37,6 +38,8 @@ def translated(server: str) -> Iterator[None]:
             f"the server {server} refused the token: {e.error}",
             hint="Pass --token (or PRUNEGRAPH_TOKEN) with a token the server knows.",
         ) from None
+    except InvalidRequestError as e:  # refused by the client's check or by the server
+        raise PruneGraphError(f"the request is invalid: {e.error}", hint=e.hint) from None
     except PruneGraphHTTPError as e:
         raise PruneGraphError(f"the server said: {e.error}", hint=e.hint) from None
     except ConnectionFailedError as e:

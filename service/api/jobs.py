@@ -22,7 +22,7 @@ from graphs.plan import PruningPlan
 from service.api import limits, pagination
 from service.api.errors import ApiError
 from service.api.schemas import JobPage, JobSummary, job_status, request_summary, summary_of
-from service.errors import not_found
+from service.errors import not_found, unfinished
 from service.store.db import QUEUED, ActivationsRow, CheckpointRow, JobRow
 
 if TYPE_CHECKING:
@@ -198,14 +198,7 @@ def recent_jobs(state: State, user: str, n: int = 200) -> list[JobSummary]:
 def job_result(state: State, job_id: str, user: str, kind: str) -> Response:
     row = own_job(state, job_id, user)
     if row.status != "done":
-        why = f": {row.error}" if row.error else ""
-        raise ApiError(
-            409 if row.status != "failed" else 422,
-            f"job {job_id} is {row.status}{why}",
-            "Poll GET /v1/jobs/{id} until its status is done."
-            if row.status != "failed"
-            else "Fix the input named in the error and submit a new job.",
-        )
+        raise unfinished(job_id, row.status, row.error)
     text = row.report_json if kind == "report" else row.plan_json
     if text is None:
         raise ApiError(

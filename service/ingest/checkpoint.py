@@ -33,29 +33,11 @@ from graphs.manifest import Manifest
 from graphs.report import CheckpointInfo, SkippedLayer
 from service.ingest import detect, onnx_file, torch_file
 from service.ingest.detect import CHUNK, RawCheckpoint
-from service.ingest.layers import (
-    DEAD_REASON,
-    NAN_REASON,
-    ONE_FILTER_REASON,
-    OTHER_TENSOR_REASON,
-    WEIGHT_NORM_REASON,
-    extract_layers,
-)
+from service.ingest.layers import extract_layers
 from service.ingest.model_config import with_config_heads
 from service.ingest.safetensors_file import find_index, read_safetensors, read_sharded
 
-__all__ = [
-    "DEAD_REASON",
-    "NAN_REASON",
-    "ONE_FILTER_REASON",
-    "OTHER_TENSOR_REASON",
-    "WEIGHT_NORM_REASON",
-    "ParsedCheckpoint",
-    "derived_manifest",
-    "extract_layers",
-    "read_checkpoint",
-    "sha256_file",
-]
+__all__ = ["ParsedCheckpoint", "derived_manifest", "read_checkpoint", "sha256_file"]
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,8 @@ class OnnxReader:
                 for a in node.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         self.protos[node.output[0]] = a.t
-            elif node.op_type == "Identity" and node.input and self._const(node.input[0]):
-                self.alias[node.output[0]] = self._resolve(node.input[0])
+            elif node.op_type == "Identity" and node.input and self.is_const(node.input[0]):
+                self.alias[node.output[0]] = self.resolve(node.input[0])
             elif node.input and all(self._fixed(i) for i in node.input):
                 self.derived.update((o, node) for o in node.output)  # computed from constants
         self.tensors: dict[str, np.ndarray] = {}
@@ -156,8 +156,8 @@ class OnnxReader:
         layer = self.layer_of.get(node.output[0])
         if layer is not None:
             return self._trace(node.input[0], steps + 1) if layer in self.depthwise else layer
-        inputs = [i for i in node.input if i and not self._const(i)]
-        if node.op_type in UNARY_OPS and node.input and not self._const(node.input[0]):
+        inputs = [i for i in node.input if i and not self.is_const(i)]
+        if node.op_type in UNARY_OPS and node.input and not self.is_const(node.input[0]):
             return self._trace(node.input[0], steps + 1)
         if node.op_type in _ELEMENTWISE and inputs:
             found = {self._trace(i, steps + 1) for i in inputs}
@@ -166,17 +166,17 @@ class OnnxReader:
 
     def _fixed(self, name: str) -> bool:
         """An absent optional input, a constant, or a tensor computed from constants only."""
-        return not name or self._const(name) or name in self.derived
+        return not name or self.is_const(name) or name in self.derived
 
-    def _resolve(self, name: str) -> str:
+    def resolve(self, name: str) -> str:
         return self.alias.get(name, name)
 
-    def _const(self, name: str) -> bool:
-        return bool(name) and self._resolve(name) in self.protos
+    def is_const(self, name: str) -> bool:
+        return bool(name) and self.resolve(name) in self.protos
 
-    def _array(self, name: str) -> np.ndarray:
+    def array(self, name: str) -> np.ndarray:
         """The constant's array, decoded once: many nodes may name one large initializer."""
-        key = self._resolve(name)
+        key = self.resolve(name)
         if key not in self.arrays:
             self.arrays[key] = self._decode(key)
         return self.arrays[key]
@@ -195,7 +195,7 @@ class OnnxReader:
         return as_float(np.asarray(arr))
 
     def _name(self, weight: str, node: Any) -> str:
-        weight = self._resolve(weight)
+        weight = self.resolve(weight)
         base = weight[: -len(".weight")] if weight.endswith(".weight") else node.name or weight
         name, i = base, 2
         while name in self.names:
@@ -203,7 +203,7 @@ class OnnxReader:
         self.names.add(name)
         return name
 
-    def _attr(self, node: Any, name: str, default: float) -> float:
+    def attr(self, node: Any, name: str, default: float) -> float:
         for a in node.attribute:
             if a.name == name:
                 return float(self.onnx.helper.get_attribute_value(a))
@@ -218,8 +218,8 @@ class OnnxReader:
         transposed: bool = False,
     ) -> str:
         name = self._name(weight_input, node)
-        self.used.add(self._resolve(weight_input))
-        self.weight_of[name] = (self._resolve(weight_input), transposed)
+        self.used.add(self.resolve(weight_input))
+        self.weight_of[name] = (self.resolve(weight_input), transposed)
         if node.output:
             self.layer_of[node.output[0]] = name
         self.tensors[f"{name}.weight"] = w
@@ -229,23 +229,23 @@ class OnnxReader:
 
     def _new_weight(self, node: Any) -> np.ndarray | None:
         """The node's constant second input not yet taken by another layer, else None."""
-        if len(node.input) < 2 or not self._const(node.input[1]):
+        if len(node.input) < 2 or not self.is_const(node.input[1]):
             return None
-        if self._resolve(node.input[1]) in self.used:
+        if self.resolve(node.input[1]) in self.used:
             return None
-        return self._array(node.input[1])
+        return self.array(node.input[1])
 
     def _on_conv(self, node: Any) -> None:
         w = self._new_weight(node)
         if w is None or w.ndim not in (3, 4, 5):
             return
         bias = (
-            self._array(node.input[2])
-            if len(node.input) > 2 and self._const(node.input[2])
+            self.array(node.input[2])
+            if len(node.input) > 2 and self.is_const(node.input[2])
             else None
         )
         name = self._add_layer(node, node.input[1], w, bias)
-        g = self.groups[name] = int(self._attr(node, "group", 1))
+        g = self.groups[name] = int(self.attr(node, "group", 1))
         if g > 1 and g == w.shape[0] and w.shape[1] == 1 and node.input[0]:
             self.depthwise[name] = node
 
@@ -253,51 +253,51 @@ class OnnxReader:
         b = self._new_weight(node)
         if b is None or b.ndim != 2:
             return
-        w = b if self._attr(node, "transB", 0) else b.T
-        alpha, beta = self._attr(node, "alpha", 1.0), self._attr(node, "beta", 1.0)
+        w = b if self.attr(node, "transB", 0) else b.T
+        alpha, beta = self.attr(node, "alpha", 1.0), self.attr(node, "beta", 1.0)
         w = w * np.asarray(alpha, dtype=w.dtype) if alpha != 1.0 else w
         bias = None
-        if len(node.input) > 2 and self._const(node.input[2]):
-            c = self._array(node.input[2])
+        if len(node.input) > 2 and self.is_const(node.input[2]):
+            c = self.array(node.input[2])
             bias = c * np.asarray(beta, dtype=c.dtype) if beta != 1.0 else c
         self._add_layer(node, node.input[1], np.ascontiguousarray(w), bias)
 
     def _on_matmul(self, node: Any) -> None:
-        if len(node.input) < 2 or self._const(node.input[0]):
+        if len(node.input) < 2 or self.is_const(node.input[0]):
             return
         flip = self._transposed(node.input[1])  # MatMul(x, Transpose(W)): W is (out, in)
-        b = self._array(flip).T if flip is not None else self._new_weight(node)
+        b = self.array(flip).T if flip is not None else self._new_weight(node)
         if b is None or b.ndim != 2:
             return
         bias = None
         adds = self.consumers.get(node.output[0], [])
         if len(adds) == 1 and adds[0].op_type == "Add":
             other = [i for i in adds[0].input if i != node.output[0]]
-            if len(other) == 1 and self._const(other[0]):
-                bias = self._array(other[0])
+            if len(other) == 1 and self.is_const(other[0]):
+                bias = self.array(other[0])
         weight = flip if flip is not None else node.input[1]
         self._add_layer(node, weight, np.ascontiguousarray(b.T), bias, flip is not None)
 
     def _transposed(self, name: str) -> str | None:
         """The unused 2-D constant that ``name`` is the plain transpose of, else None."""
         node = self.derived.get(name)
-        if node is None or node.op_type != "Transpose" or not self._const(node.input[0]):
+        if node is None or node.op_type != "Transpose" or not self.is_const(node.input[0]):
             return None
-        src = self._resolve(node.input[0])
+        src = self.resolve(node.input[0])
         perm = [int(p) for a in node.attribute if a.name == "perm" for p in a.ints]
         if len(self.protos[src].dims) != 2 or perm not in ([], [1, 0]) or src in self.used:
             return None
         return src
 
     def _on_batchnormalization(self, node: Any) -> None:
-        if len(node.input) < 5 or not all(self._const(i) for i in node.input[1:5]):
+        if len(node.input) < 5 or not all(self.is_const(i) for i in node.input[1:5]):
             return
         bn = self._name(node.input[1], node)
         for suffix, name in zip(
             ("weight", "bias", "running_mean", "running_var"), node.input[1:5], strict=True
         ):
-            self.tensors[f"{bn}.{suffix}"] = self._array(name)
-        self.buffers.update(self._resolve(i) for i in node.input[3:5])
+            self.tensors[f"{bn}.{suffix}"] = self.array(name)
+        self.buffers.update(self.resolve(i) for i in node.input[3:5])
 
     def _leftovers(self) -> list[SkippedLayer]:
         """Floating constants of 2+ dimensions that no Conv/Gemm/MatMul uses as a weight, then
@@ -307,7 +307,7 @@ class OnnxReader:
             if name in self.used or proto.data_type not in ONNX_FLOAT_TYPES or len(proto.dims) < 2:
                 continue
             ops = sorted({n.op_type for n in self._users(name)})
-            prep, ends = self._prepared(name)
+            prep, ends = self.prepared(name)
             end_ops = {n.op_type for n in ends}
             weighted = [n for n in ends if n.op_type in _WEIGHT_OPS]
             if _ONNX_RECURRENT_OPS.intersection(end_ops):
@@ -332,7 +332,7 @@ class OnnxReader:
             skipped.append(SkippedLayer(name=layer_name(name), reason=reason))
         return skipped + self._computed_weights()
 
-    def _prepared(self, name: str) -> tuple[list[str], list[Any]]:
+    def prepared(self, name: str) -> tuple[list[str], list[Any]]:
         """(op types of the constant-only nodes that the constant flows through, the nodes that
         take the result: its users when it is used as it is)."""
         prep: list[str] = []
@@ -383,8 +383,8 @@ class OnnxReader:
         todo, seen = [tensor], 0
         while todo and seen < _MAX_TRACE:
             t, seen = todo.pop(), seen + 1
-            if self._const(t):
-                sources.add(self._resolve(t))
+            if self.is_const(t):
+                sources.add(self.resolve(t))
             elif t in self.derived:
                 ops.add(self.derived[t].op_type)
                 todo.extend(i for i in self.derived[t].input if i)

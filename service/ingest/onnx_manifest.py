@@ -175,7 +175,7 @@ class _Builder:
 
     def _param(self, flow: _Flow, name: str, axis: int) -> bool:
         """Add (tensor, axis) to the flow's group if its size fits; False (and blocked) if not."""
-        name = self.reader._resolve(name)
+        name = self.reader.resolve(name)
         shape = self.param_shapes.get(name)
         g = self.groups[self._find(flow.group)]
         if shape is None or not 0 <= axis < len(shape) or shape[axis] != g.channels * flow.per:
@@ -186,7 +186,7 @@ class _Builder:
 
     def _const(self, flow: _Flow, name: str) -> None:
         """A constant operand broadcast against the flow: scalars are free, per-channel shrinks."""
-        dims = [int(d) for d in self.reader.protos[self.reader._resolve(name)].dims]
+        dims = [int(d) for d in self.reader.protos[self.reader.resolve(name)].dims]
         if math.prod(dims) > 1:
             axis = flow.axis - flow.rank + len(dims)
             if 0 <= axis and math.prod(dims) == dims[axis]:
@@ -239,7 +239,7 @@ class _Builder:
         out = self._shape(node.output[0], node)
         conv, groups = node.op_type == "Conv", r.groups.get(name, 1)
         kind: Kind = _KINDS[len(w)] if conv else "linear"
-        trans = int(r._attr(node, "transB", 0)) if node.op_type == "Gemm" else int(transposed)
+        trans = int(r.attr(node, "transB", 0)) if node.op_type == "Gemm" else int(transposed)
         out_axis, in_axis = (0, 1) if conv else (1 - trans, trans)
         positions = out[0] * math.prod(out[2:]) if conv else math.prod(out[:-1])
         spatial = max(round(positions / self.batch), 1)  # per sample
@@ -254,14 +254,14 @@ class _Builder:
             if flow_in:
                 layout = (1, 1) if conv else (flow_in.rank - 1, flow_in.per)
                 ok = (flow_in.axis, flow_in.per) == layout and groups == 1
-                if ok and not r._attr(node, "transA", 0) and self._param(flow_in, weight, in_axis):
+                if ok and not r.attr(node, "transA", 0) and self._param(flow_in, weight, in_axis):
                     in_group = flow_in.group
                 else:
                     self._block(flow_in.group, f"feeds {node.op_type} {name!r} in another layout")
         self.group_of[name] = g
         flow = _Flow(g, 1 if conv else len(out) - 1, len(out), 1)
         self._param(flow, weight, out_axis)
-        if len(node.input) > 2 and node.input[2] and r._const(node.input[2]):
+        if len(node.input) > 2 and node.input[2] and r.is_const(node.input[2]):
             if conv:
                 self._param(flow, node.input[2], 0)
             else:
@@ -301,7 +301,7 @@ class _Builder:
         (sequence, batch) positions of its input X."""
         r, x = self.reader, self._shape(node.input[0], node, "input")
         sizes = [
-            [int(d) for d in r.protos[r._resolve(i)].dims] if r._const(i) else self._shape(i, node)
+            [int(d) for d in r.protos[r.resolve(i)].dims] if r.is_const(i) else self._shape(i, node)
             for i in node.input[1:3]
         ]
         return round(sum(math.prod(s) for s in sizes) * math.prod(x[:-1]) / self.batch)
@@ -318,7 +318,7 @@ class _Builder:
                 return
             for name in node.input[1:3]:
                 self._param(flow, name, 0)
-        elif node.op_type == "PRelu" and len(node.input) > 1 and self.reader._const(node.input[1]):
+        elif node.op_type == "PRelu" and node.input[1:] and self.reader.is_const(node.input[1]):
             self._const(flow, node.input[1])
         self.flows[node.output[0]] = flow
 
@@ -326,7 +326,7 @@ class _Builder:
         flows = [self.flows[i] for i in node.input if i in self.flows]
         head = flows[0]
         for name in node.input:
-            if name and name not in self.flows and self.reader._const(name):
+            if name and name not in self.flows and self.reader.is_const(name):
                 self._const(head, name)
             elif name and name not in self.flows:
                 self._block(

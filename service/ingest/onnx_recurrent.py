@@ -46,17 +46,17 @@ def recurrent_weights(reader: Any) -> dict[str, np.ndarray]:
     for node in reader.graph.node:
         if node.op_type not in RECURRENT_OPS:
             continue
-        if len(node.input) > 2 and all(reader._const(i) for i in node.input[1:3]):
-            module = _module(node, reader._resolve(node.input[1]))
+        if len(node.input) > 2 and all(reader.is_const(i) for i in node.input[1:3]):
+            module = _module(node, reader.resolve(node.input[1]))
             k = layer_of[module] = layer_of.get(module, -1) + 1
             out.update(_node_weights(reader, node, module, k))
     for name in reader.protos:  # unfolded exports: the module's own initializers
         parsed = parse(name)
         if name in reader.used or parsed is None or parsed[2] == "hr":
             continue
-        _, ends = reader._prepared(name)
+        _, ends = reader.prepared(name)
         if any(n.op_type in RECURRENT_OPS for n in ends):
-            out[name] = reader._array(name)
+            out[name] = reader.array(name)
             reader.used.add(name)
     return out
 
@@ -70,17 +70,17 @@ def _module(node: Any, w: str) -> str:
 
 
 def _node_weights(reader: Any, node: Any, module: str, k: int) -> dict[str, np.ndarray]:
-    w, r = reader._array(node.input[1]), reader._array(node.input[2])
+    w, r = reader.array(node.input[1]), reader.array(node.input[2])
     b = (
-        reader._array(node.input[3])
-        if len(node.input) > 3 and reader._const(node.input[3])
+        reader.array(node.input[3])
+        if len(node.input) > 3 and reader.is_const(node.input[3])
         else None
     )
     gates = _TORCH_ORDER[node.op_type]
     if w.ndim != 3 or r.ndim != 3 or w.shape[:2] != r.shape[:2]:
         return {}
     dirs, gh, h = w.shape[0], w.shape[1], r.shape[2]
-    if gh != len(gates) * h or any(n in reader.used for n in map(reader._resolve, node.input[1:3])):
+    if gh != len(gates) * h or any(n in reader.used for n in map(reader.resolve, node.input[1:3])):
         return {}
     rows = np.concatenate([np.arange(g * h, (g + 1) * h) for g in gates])
     out: dict[str, np.ndarray] = {}
@@ -91,7 +91,7 @@ def _node_weights(reader: Any, node: Any, module: str, k: int) -> dict[str, np.n
         if b is not None and b.shape == (dirs, 2 * gh):
             out[f"{module}.bias_ih{suffix}"] = np.ascontiguousarray(b[d, :gh][rows])
             out[f"{module}.bias_hh{suffix}"] = np.ascontiguousarray(b[d, gh:][rows])
-    taken = {reader._resolve(i) for i in node.input[1:4] if i and reader._const(i)}
+    taken = {reader.resolve(i) for i in node.input[1:4] if i and reader.is_const(i)}
     reader.used |= taken
     reader.converted |= taken  # the manifest lists the PyTorch-named tensors instead
     return out

@@ -20,12 +20,18 @@ import graphs
 _LIBRARIES = ("numpy", "scipy", "igraph", "leidenalg")
 
 
+def graphs_sources() -> list[Path]:
+    """Every source file of ``graphs``, its subpackages included, in a fixed order."""
+    root = Path(graphs.__file__).parent
+    return sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix())
+
+
 def code_namespace() -> str:
     """Digest of the ``graphs`` sources and the numeric libraries' versions (16 hex digits)."""
     h = hashlib.sha256()
     root = Path(graphs.__file__).parent
-    for path in sorted(root.glob("*.py")):
-        h.update(path.name.encode())
+    for path in graphs_sources():
+        h.update(path.relative_to(root).as_posix().encode())
         h.update(path.read_bytes())
     for lib in _LIBRARIES:
         try:

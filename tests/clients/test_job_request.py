@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
 import clients.job_request
-from clients import InvalidRequestError, build_manifest, capture_activations
+from clients import InvalidRequestError, PruneGraphClient, build_manifest, capture_activations
 from clients.job_request import (
     data_aware_options,
     has_feature_maps,
@@ -101,6 +102,28 @@ def test_the_server_reads_what_is_sent_as_the_same_request(given: dict[str, Any]
     assert received.model_dump_json() == request.model_dump_json()  # what it stores
     sent = {"checkpoint_id", "methods", "seed", "target", "plan_method", *given}
     assert set(body) <= sent  # the server's defaults apply to the rest
+    for name in ("options", "constraints"):  # nested too: only what the caller gave
+        value = given.get(name)
+        if value is not None:
+            keys = value.model_fields_set if hasattr(value, "model_fields_set") else set(value)
+            assert set(body[name]) == keys
+
+
+def test_a_bad_request_is_refused_before_anything_is_uploaded() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(500)
+
+    http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://x")
+    client = PruneGraphClient("http://x", http=http, retries=1)
+    with pytest.raises(InvalidRequestError) as e:
+        client.plan_for(b"not even read", target={"flops": 1.5})
+    assert "target" in e.value.error
+    with pytest.raises(InvalidRequestError):
+        client.analyze(b"not even read", options={"alpha": 2})
+    assert seen == []  # nothing was sent: no upload, no job
 
 
 def test_a_large_manifest_goes_as_a_file(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,14 +42,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-import graphs
 from graphs.errors import PruneGraphError
 from graphs.features import Activations, group_features, group_maps
 from graphs.layers import LayerGroup, LayerWeights
 from graphs.options import AnalysisOptions
 from graphs.work import GroupWork
 from service.ingest.safetensors_file import TensorRef, open_tensor, tensor_ref
-from service.store.cache import FileCache, code_namespace
+from service.store.cache import FileCache, code_namespace, graphs_sources
 
 OnDone = Callable[[int, int], None]
 """Called as ``on_done(done, total)`` each time a group's task completes."""
@@ -210,8 +209,7 @@ _namespaces: dict[tuple[tuple[str, int, int], ...], str] = {}
 def _namespace() -> str:
     """:func:`service.store.cache.code_namespace` as the sources are now (recomputed when a file of
     ``graphs`` changed since the last task, like the job's own, which reads them per job)."""
-    files = sorted(Path(graphs.__file__).parent.glob("*.py"))
-    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in graphs_sources())
     if stamp not in _namespaces:
         _namespaces.clear()
         _namespaces[stamp] = code_namespace()

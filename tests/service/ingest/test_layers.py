@@ -15,13 +15,8 @@ from graphs.errors import (
     InvalidInputError,
     NoPrunableLayersError,
 )
-from service.ingest.checkpoint import (
-    DEAD_REASON,
-    NAN_REASON,
-    ONE_FILTER_REASON,
-    ParsedCheckpoint,
-    read_checkpoint,
-)
+from service.ingest.checkpoint import ParsedCheckpoint, read_checkpoint
+from service.ingest.layers import DEAD_REASON, NAN_REASON, ONE_FILTER_REASON
 from tests.service.ingest.helpers import by_name, message, save, skip_reasons, state_dict
 
 Tensors = dict[str, torch.Tensor]
