@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import scipy.linalg.blas
 
 from graphs.compensated import GroupConsumers
 from graphs.consumers import Consumer, ConsumerStats, Prepared, channel_gram, spd_inverse
@@ -36,6 +37,8 @@ from graphs.functional import ErrorCurve, error_curve
 from graphs.options import DEFAULT_RIDGE
 
 __all__ = ["crossfit_curve", "crossfit_curves", "direction_errors", "split_stats"]
+
+_ger = scipy.linalg.blas.dger
 
 _HINT = (
     "Pass the statistics of a part of the calibration data (e.g. the second half of the source "
@@ -79,20 +82,29 @@ def direction_errors(
             L = np.zeros((c, basis.size))  # lift: x̂ = L x_K (identity on K, the fold on R)
             L[basis, np.arange(basis.size)] = 1.0
             L[removed] = C[np.ix_(removed, basis)] @ Q
-            N = L.T @ M
-            H = N @ L
+            N = L.T @ M  # (K, c)
             Gk, Gkk = G[basis], G[np.ix_(basis, basis)]
+            H = N @ L  # (K, K)
+            cross, quad = float(np.sum(N * Gk)), float(np.sum(H * Gkk))
+            # Fortran order: BLAS ger updates in place (no temporaries)
+            Q, H, N = (np.asfortranarray(x) for x in (Q, H, N))
+        # removing position j: L ← L − L_j qᵀ with q = Q_j / Q_jj (the refitted fold), so
+        # N ← N − q N_j, H ← H + u qᵀ + q uᵀ, and the two traces change by rank one
         j = int(pos[j_ch])
-        q = Q[:, j] / Q[j, j]
-        h = H[:, j].copy()
-        L -= np.outer(L[:, j], q)
-        N -= np.outer(q, N[j])
-        H += H[j, j] * np.outer(q, q) - np.outer(q, h) - np.outer(h, q)
-        Q -= np.outer(Q[:, j], Q[:, j]) / Q[j, j]
+        qj = Q[:, j].copy()
+        q = qj / qj[j]
+        u = 0.5 * H[j, j] * q - H[:, j]
+        nj = N[j].copy()
+        cross -= float(q @ (Gk @ nj))
+        quad += 2.0 * float(u @ (Gkk @ q))
+        _ger(-1.0, q, nj, a=N, overwrite_a=1)
+        _ger(1.0, u, q, a=H, overwrite_a=1)
+        _ger(1.0, q, u, a=H, overwrite_a=1)
+        _ger(-1.0 / qj[j], qj, qj, a=Q, overwrite_a=1)
         gone.append(j_ch)
         live -= 1
-        # tr(M (I − L S_K) G (I − L S_K)ᵀ); removed columns of L, N, H are exactly zero
-        errors.append(base - 2.0 * float(np.sum(N * Gk)) + float(np.sum(H * Gkk)))
+        # tr(M (I − L S_K) G (I − L S_K)ᵀ) = tr(MG) − 2 tr(N G_K:ᵀ) + tr(H G_KK)
+        errors.append(base - 2.0 * cross + quad)
     return np.asarray(errors)
 
 
