@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from clients.errors import InvalidRequestError
 from graphs.contracts import activations as activations_file
-from graphs.contracts.jobs import JobRequest
+from graphs.contracts.jobs import INVALID_REQUEST_HINT, JobRequest, invalid_request_message
 from graphs.manifest import Manifest
 from graphs.options import AnalysisOptions
 from graphs.plan import Constraints
@@ -100,12 +100,8 @@ def job_request(
     try:
         return JobRequest.model_validate(given)
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        msg = str(first.get("msg", "invalid request")).replace("Value error, ", "")
-        raise InvalidRequestError(
-            422, f"invalid request at {where}: {msg}", "See the request schema at /docs."
-        ) from None
+        message = invalid_request_message(e.errors(include_url=False))
+        raise InvalidRequestError(422, message, INVALID_REQUEST_HINT) from None
 
 
 def wire_body(request: JobRequest) -> dict[str, Any]:

@@ -9,7 +9,7 @@ the client parses it into.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,6 +22,7 @@ from graphs.report import ALL_METHODS
 
 __all__ = [
     "FINISHED",
+    "INVALID_REQUEST_HINT",
     "MAX_INPUTS",
     "MAX_INPUT_DIM",
     "MAX_INPUT_ELEMENTS",
@@ -30,6 +31,7 @@ __all__ = [
     "JobRequest",
     "JobStatus",
     "check_input_shapes",
+    "invalid_request_message",
 ]
 
 MAX_INPUTS = 16
@@ -200,3 +202,15 @@ class JobStatus(BaseModel):
     def finished(self) -> bool:
         """Whether the job is done or failed (it will not change any more)."""
         return self.status in FINISHED
+
+
+INVALID_REQUEST_HINT = "See the request schema at /docs."
+
+
+def invalid_request_message(errors: Sequence[Mapping[str, Any]]) -> str:
+    """The 422 message for a request that fails validation (pydantic's ``errors()``): where and
+    what of the first error, in the same words on the server and in the client."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    msg = str(first.get("msg", "invalid request")).replace("Value error, ", "")
+    return f"invalid request at {where}: {msg}"

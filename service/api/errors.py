@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from graphs.contracts.jobs import INVALID_REQUEST_HINT, invalid_request_message
 from graphs.errors import (
     CheckpointError,
     InvalidInputError,
@@ -101,13 +102,8 @@ async def _service(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    msg = str(first.get("msg", "invalid request")).replace("Value error, ", "")
-    return JSONResponse(
-        body(f"invalid request at {where}: {msg}", "See the request schema at /docs."),
-        status_code=422,
-    )
+    message = invalid_request_message(list(exc.errors()))
+    return JSONResponse(body(message, INVALID_REQUEST_HINT), status_code=422)
 
 
 async def _http(_: Request, exc: Exception) -> JSONResponse:
