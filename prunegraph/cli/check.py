@@ -1,4 +1,4 @@
-"""``prunegraph check``: the CI gate on model bloat (the checks are :mod:`prunegraph.check`)."""
+"""``prunegraph check``: the CI gate on model bloat (the checks are :mod:`prunegraph.gate`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from rich.console import Console
 
 from graphs import AnalysisOptions, InvalidInputError, PruneGraphError, Report
 from graphs.options import check_features
-from prunegraph.check import CheckConfig, CheckResult
 from prunegraph.cli.analyze import analyze_here
 from prunegraph.cli.console import fail, make_console, output_error, print_notes
 from prunegraph.cli.options import (
@@ -29,6 +28,7 @@ from prunegraph.cli.options import (
     load_manifest,
     maps_given,
 )
+from prunegraph.gate import CheckConfig, CheckResult
 
 CHECK_HELP = (
     "Fail a build on model bloat: exit 0 within the thresholds, 1 beyond, 2 on bad input."
@@ -88,7 +88,7 @@ def gate_config(
     layer_max: list[str] | None,
 ) -> CheckConfig:
     """The thresholds: ``--config`` (or the nearest pyproject.toml) overridden by the flags."""
-    from prunegraph.check import find_config, parse_config, parse_layer_max
+    from prunegraph.gate import find_config, parse_config, parse_layer_max
 
     if config is not None:
         try:
@@ -162,7 +162,7 @@ def check_cmd(
     token: TokenOpt = None,
 ) -> None:
     """Fail a build on model bloat: exit 0 within the thresholds, 1 beyond, 2 on bad input."""
-    from prunegraph.check import evaluate, junit_xml
+    from prunegraph.gate import evaluate, junit_xml
 
     out = make_console()
     err = make_console(stderr=True)
