@@ -10,6 +10,7 @@ has its sidecar written next to it (``plan.fold.safetensors``, pinned by sha256 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,10 @@ from graphs import InvalidInputError, PruneGraphError, Report
 from graphs.manifest import Manifest
 from graphs.options import DEFAULT_EPSILON
 from graphs.plan import PruningPlan
+from prunegraph.cli.options import existing
 
 if TYPE_CHECKING:
+    from graphs.layers import LayerWeights
     from service.ingest.checkpoint import ParsedCheckpoint
 
 ALLOCATION_HELP = (
@@ -97,6 +100,74 @@ def read_sensitivity(
             f"the sensitivity table {path} has no compensated rows", hint=SENSITIVITY_HINT
         )
     return table
+
+
+HOLDOUT_HINT = (
+    "Capture it like the file of --activations, on a part of the same calibration data (best "
+    "whole source images): clients.capture_activations(model, part_of_the_batches, "
+    "maps=False).save(...)."
+)
+
+
+def check_holdout(
+    path: Path | None, activations: Path | None, server: str | None, compensation: bool
+) -> None:
+    """``--holdout-activations``: refused before any work without ``--activations``, with
+    ``--server`` (not sent to a service) or with ``--no-compensation`` (nothing to cross-fit)."""
+    if path is None:
+        return
+    if activations is None:
+        raise InvalidInputError(
+            "--holdout-activations cross-fits the error curves of compensated plans: it needs "
+            "--activations (the statistics of all the calibration data)",
+            hint="Pass --activations with second-moment statistics of all the calibration data "
+            "(clients.capture_activations(model, batches, maps=False).save(...)) and --manifest.",
+        )
+    if server is not None:
+        raise InvalidInputError(
+            "--holdout-activations is not sent to a service",
+            hint="Plan embedded: leave out --server.",
+        )
+    if not compensation:
+        raise InvalidInputError(
+            "--holdout-activations cross-fits the error curves of compensated plans, and "
+            "--no-compensation plans without them",
+            hint="Leave out --no-compensation, or leave out --holdout-activations.",
+        )
+    existing(path)
+
+
+def read_holdout(
+    path: Path | None, layers: Sequence[LayerWeights], stats: dict[str, np.ndarray] | None
+) -> dict[str, np.ndarray] | None:
+    """The held-out statistics of ``--holdout-activations`` (consumer module name → S (c + 1,
+    c + 1) float64), read and checked against the checkpoint's ``layers`` like
+    ``--activations``; None when not given. ``stats``: the usable statistics of
+    ``--activations`` (None: refused, there is nothing to cross-fit). Whether they are a part of
+    ``stats`` is checked by the planner.
+
+    Raises:
+        CheckpointError: not an activations file.
+        InvalidInputError: no statistics in it, or none usable in ``--activations``.
+    """
+    if path is None:
+        return None
+    from service.ingest.activations import check_capture, read_capture
+
+    if not stats:
+        raise InvalidInputError(
+            "--holdout-activations cross-fits the error curves of compensated plans: it needs "
+            "second-moment statistics in --activations and the model's --manifest",
+            hint="Pass --activations written by clients.capture_activations(model, batches, "
+            "maps=False).save(...) and --manifest, or leave out --holdout-activations.",
+        )
+    capture = read_capture(path)
+    check_capture(capture, layers)
+    if not capture.statistics:
+        raise InvalidInputError(
+            f"{path} holds no second-moment statistics (feature maps only)", hint=HOLDOUT_HINT
+        )
+    return dict(capture.statistics)
 
 
 def add_functional(

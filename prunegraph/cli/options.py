@@ -59,6 +59,17 @@ SensitivityOpt = Annotated[
         show_default=False,
     ),
 ]
+HoldoutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="second-moment statistics of a part of the calibration data of --activations "
+        "(clients.capture_activations(model, part_of_the_batches, maps=False).save(...), best "
+        "whole source images): the error curves of the compensated plan are cross-fitted (folds "
+        "fitted on one part, their error measured on the other), which predicts the harm of "
+        "pruning better; planning takes about 3x longer (needs --activations)",
+        show_default=False,
+    ),
+]
 TokenOpt = Annotated[
     str | None,
     typer.Option(help="bearer token for --server", envvar="PRUNEGRAPH_TOKEN", show_default=False),

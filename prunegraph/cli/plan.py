@@ -20,6 +20,7 @@ from prunegraph.cli.options import (
     ActivationsOpt,
     AlphaOpt,
     EpsilonOpt,
+    HoldoutOpt,
     InputShapeOpt,
     ManifestOpt,
     MinExplainedOpt,
@@ -93,23 +94,27 @@ def plan_here(
     input_shape: str | None,
     err: Console,
     sensitivity: dict[str, Any] | None = None,
+    holdout: Path | None = None,
     **job: Any,
 ) -> PruningPlan:
     """The embedded plan (``job``: the planner's method, target, constraints, options, ...;
-    ``sensitivity``: the parsed ``--sensitivity`` table)."""
+    ``sensitivity``: the parsed ``--sensitivity`` table; ``holdout``: the
+    ``--holdout-activations`` file)."""
     from graphs.planner import plan_layers
 
     inputs = read_inputs(checkpoint, manifest, input_shape, activations)
     print_notes(inputs.notes, err)
     parsed = inputs.checkpoint
+    stats = comp.usable_stats(inputs.stats, inputs.manifest, "planned", err)
     return plan_layers(
         parsed.layers,
         params_total=parsed.info.n_params,
         manifest=inputs.manifest,
         checkpoint_sha256=parsed.info.sha256,
         activations=inputs.maps,
-        stats=comp.usable_stats(inputs.stats, inputs.manifest, "planned", err),
+        stats=stats,
         sensitivity=sensitivity,
+        holdout_stats=comp.read_holdout(holdout, parsed.layers, stats),
         **job,
     )
 
@@ -152,6 +157,7 @@ def plan_cmd(
     ] = None,
     epsilon: EpsilonOpt = DEFAULT_EPSILON,
     sensitivity: SensitivityOpt = None,
+    holdout_activations: HoldoutOpt = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -166,6 +172,7 @@ def plan_cmd(
         )
         check_choices(method, allocation)
         table = comp.read_sensitivity(sensitivity, activations, server, allocation)
+        comp.check_holdout(holdout_activations, activations, server, compensation)
         options = analysis_options(
             alpha=alpha,
             min_explained=min_explained,
@@ -192,8 +199,9 @@ def plan_cmd(
             )
         else:
             plan = plan_here(
-                checkpoint, manifest, activations, input_shape, err, sensitivity=table, **job
-            )
+                checkpoint, manifest, activations, input_shape, err,
+                sensitivity=table, holdout=holdout_activations, **job,
+            )  # fmt: skip
         emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
         comp.write_sidecar(plan, output, err)
     except PruneGraphError as e:
