@@ -61,7 +61,11 @@ def read_capture(path: str | os.PathLike[str], *, name: str | None = None) -> Ca
     p = Path(path)
     display = name or os.fspath(path)
     try:
-        if detect.detect_format(p, display, p.stat().st_size) != "safetensors":
+        try:
+            kind = detect.detect_format(p, display, p.stat().st_size)
+        except CheckpointError as e:  # with the checkpoint reader's hint, which misleads here
+            raise CheckpointError(e.message, hint=WRITE_HINT) from None
+        if kind != "safetensors":
             raise CheckpointError(f"{display} is not a safetensors file", hint=WRITE_HINT)
         meta = read_header(p, display=display).metadata
         raw = read_safetensors(p, display)

@@ -95,7 +95,7 @@ def test_a_sensitive_group_loses_fewer_channels(files: Files) -> None:
         code, out, err = plan(files, *acts, "--sensitivity", str(table))
         assert code == 0, err
         again = plan(files, *acts, "--sensitivity", str(table), "--allocation", "marginal")
-        assert again == (0, out, err)  # deterministic; marginal is what the table implies
+        assert again[:2] == (0, out)  # deterministic (stderr has timings); marginal is implied
         p = PruningPlan.model_validate_json(out)
         assert p.parameters["allocation"] == "marginal" and p.achieved["flops"] >= 0.4
         assert "weights from a sensitivity table (2 groups measured" in p.rule

@@ -122,6 +122,7 @@ def test_mismatched_and_foreign_activations_are_refused(
     for data in (plain, b"\x00" * 100, _bytes(model.state_dict())):
         r = _post(client, url, data)
         assert 400 <= r.status_code < 500 and r.json()["hint"], r.text
+        assert "capture_activations" in r.json()["hint"], r.text  # not the checkpoint's hint
     nan = capture_activations(model, [torch.randn(2, 1, 28, 28)])
     nan.tensors[nan.layers["conv_layers.0"]][0, 0, 0] = float("nan")
     r = _post(client, url, nan.save(tmp_path / "nan.safetensors").read_bytes())
