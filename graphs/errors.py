@@ -36,6 +36,11 @@ class CheckpointError(PruneGraphError):
     )
 
 
+def corrupt(display: str, what: str) -> CheckpointError:
+    """The error for a file of a known format whose content is damaged."""
+    return CheckpointError(f"{display} is truncated or corrupt: {what}.")
+
+
 class UnsupportedFormatError(CheckpointError):
     pass
 

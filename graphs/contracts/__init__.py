@@ -7,7 +7,9 @@ Both sides import these (``graphs`` is the pure layer either may use); neither r
   :class:`JobStatus`);
 - :mod:`graphs.contracts.activations`: the activations file (``clients.capture_activations``
   writes it, the service reads it): format and version, tensor and metadata names, and a
-  header reader that checks them.
+  header reader that checks them;
+- :mod:`graphs.contracts.safetensors`: decoding the JSON header of any safetensors file
+  (checkpoints and activations files), hardened against hostile bytes.
 
 The modules import pydantic, numpy and graphs' light models only: no igraph, leidenalg,
 hypernetx or scipy.

@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphs.errors import CheckpointError
+from graphs.contracts.safetensors import decode_header
+from graphs.errors import CheckpointError, corrupt
 
 __all__ = [
     "FORMAT",
@@ -113,10 +114,6 @@ class ActivationsHeader:
         return any(name.startswith(GRAM_PREFIX) for name in self.tensors)
 
 
-def _corrupt(display: str, what: str) -> CheckpointError:
-    return CheckpointError(f"{display} is truncated or corrupt: {what}.")
-
-
 def parse_header(raw: bytes, *, display: str) -> ActivationsHeader:
     """The header of an activations file from its JSON bytes (after the 8-byte length).
 
@@ -124,13 +121,7 @@ def parse_header(raw: bytes, *, display: str) -> ActivationsHeader:
         CheckpointError: not a JSON object, not a prunegraph activations file (``format``), or
             a version this code does not read.
     """
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError, MemoryError) as e:  # JSONDecodeError, UnicodeDecodeError
-        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
-        raise _corrupt(display, f"its safetensors header is not valid JSON ({what})") from None
-    if not isinstance(header, dict):
-        raise _corrupt(display, "its safetensors header is not a JSON object")
+    header = decode_header(raw, display=display)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(
@@ -168,7 +159,7 @@ def read_header(path: str | os.PathLike[str], *, display: str | None = None) -> 
     except OSError as e:
         raise CheckpointError(f"{shown} cannot be read: {e.strerror or e}.") from e
     if len(raw) < n:
-        raise _corrupt(shown, f"its safetensors header is cut short ({len(raw)} of {n} bytes)")
+        raise corrupt(shown, f"its safetensors header is cut short ({len(raw)} of {n} bytes)")
     return parse_header(raw, display=shown)
 
 

@@ -29,7 +29,7 @@ from typing import IO, Literal
 
 import numpy as np
 
-from graphs.errors import CheckpointError, UnsafeCheckpointError, UnsupportedFormatError
+from graphs.errors import UnsafeCheckpointError, UnsupportedFormatError, corrupt
 from graphs.report import SkippedLayer
 
 Format = Literal["pytorch", "safetensors", "onnx"]
@@ -137,11 +137,6 @@ def as_float(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind == "f" or "float" in str(arr.dtype):  # ml_dtypes bfloat16/float8 are kind V
         return np.asarray(arr, dtype=np.float32)
     return arr
-
-
-def corrupt(display: str, what: str) -> CheckpointError:
-    """The error for a file of a known format whose content is damaged."""
-    return CheckpointError(f"{display} is truncated or corrupt: {what}.")
 
 
 def not_supported(display: str, head: bytes) -> UnsupportedFormatError:

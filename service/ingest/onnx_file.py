@@ -25,14 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from graphs.errors import CheckpointError
+from graphs.errors import CheckpointError, corrupt
 from graphs.report import SkippedLayer
 from service.ingest.detect import (
     EMBEDDING_REASON,
     RECURRENT_REASON,
     RawCheckpoint,
     as_float,
-    corrupt,
     layer_name,
     not_supported,
 )

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from graphs.errors import CheckpointError, InvalidInputError
+from graphs.errors import CheckpointError, InvalidInputError, corrupt
 from graphs.manifest import ChannelGroup, Manifest, ManifestLayer, ModuleCost, ParamAxis
-from service.ingest.detect import corrupt, detect_format
+from service.ingest.detect import detect_format
 from service.ingest.onnx_file import ONNX_FLOAT_TYPES, UNARY_OPS, OnnxReader
 from service.ingest.onnx_recurrent import RECURRENT_OPS, hidden_groups
 from service.ingest.onnx_shapes import (

@@ -37,11 +37,11 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from graphs.errors import CheckpointError, UnsupportedFormatError
+from graphs.contracts.safetensors import decode_header
+from graphs.errors import CheckpointError, UnsupportedFormatError, corrupt
 from graphs.report import SkippedLayer
 from service.ingest.detect import (
     RawCheckpoint,
-    corrupt,
     count_params,
     layer_name,
     natural_key,
@@ -290,7 +290,7 @@ def _read_file(
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         if not 2 <= n <= min(size - 8, MAX_HEADER):
             raise corrupt(display, f"its safetensors header length {n} does not fit {size} bytes")
-        header = _st_header(display, f.read(n))
+        header = decode_header(f.read(n), display=display)
         start, data_len = 8 + n, size - 8 - n
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
         checked = {k: _st_entry(display, k, v, data_len) for k, v in entries.items()}
@@ -372,14 +372,3 @@ def _st_entry(display: str, key: str, entry: object, data_len: int) -> Entry:
         if end - begin != expected:
             raise corrupt(display, f"tensor {key!r} has {end - begin} bytes for shape {shape}")
     return dtype, shape, begin, end
-
-
-def _st_header(display: str, raw: bytes) -> dict[str, object]:
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError, MemoryError) as e:  # JSONDecodeError, UnicodeDecodeError
-        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
-        raise corrupt(display, f"its safetensors header is not valid JSON ({what})") from None
-    if not isinstance(header, dict):
-        raise corrupt(display, "its safetensors header is not a JSON object")
-    return header

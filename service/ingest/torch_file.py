@@ -18,11 +18,10 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from graphs.errors import CheckpointError, UnsafeCheckpointError, UnsupportedFormatError
+from graphs.errors import CheckpointError, UnsafeCheckpointError, UnsupportedFormatError, corrupt
 from graphs.report import SkippedLayer
 from service.ingest.detect import (
     RawCheckpoint,
-    corrupt,
     count_params,
     layer_name,
     strip_wrapper_prefixes,
