@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from clients.activations import capture_activations
-from clients.manifest import build_manifest
 from graphs import AnalysisOptions
 from graphs.manifest import Manifest
 from graphs.plan import Constraints, PruningPlan, Target
@@ -21,25 +19,9 @@ from graphs.planner import plan_layers
 from prunegraph.cli import app
 from service.ingest.activations import read_capture
 from service.jobs.inputs import load_inputs
+from tests.prunegraph.stats_net import save_net
 
 runner = CliRunner()
-
-
-class Net(nn.Module):
-    """stem (kept) → a (12 channels) → b (12 channels) → flatten → fc (classifier)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.a = nn.Conv2d(8, 12, 3, padding=1)
-        self.b = nn.Conv2d(12, 12, 3, padding=1)
-        self.fc = nn.Linear(12 * 4 * 4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.stem(x))
-        x = torch.relu(self.a(x))
-        x = torch.relu(self.b(x))
-        return self.fc(torch.flatten(x, 1))
 
 
 @dataclass(frozen=True)
@@ -55,12 +37,7 @@ class Files:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     root = tmp_path_factory.mktemp("holdout")
-    torch.manual_seed(0)
-    net = Net().eval()
-    torch.save(net.state_dict(), root / "net.pt")
-    (root / "manifest.json").write_text(
-        build_manifest(net, torch.zeros(1, 3, 4, 4)).model_dump_json()
-    )
+    net, _ = save_net(root)
     batches = [torch.randn(32, 3, 4, 4) for _ in range(4)]
     every = capture_activations(net, batches, maps=False).save(root / "all.safetensors")
     part = capture_activations(net, batches[:2], maps=False).save(root / "part.safetensors")

@@ -9,34 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from clients.activations import capture_activations
 from clients.group_sensitivity import SensitivityRow, SensitivityTable
-from clients.manifest import build_manifest
 from graphs.plan import PruningPlan
 from prunegraph.cli import app
+from tests.prunegraph.stats_net import save_net
 
 runner = CliRunner()
 PRUNED = {1: "a", 2: "b"}  # the prunable groups of Net's manifest: id → producer
-
-
-class Net(nn.Module):
-    """stem (kept) → a (12 channels) → b (12 channels) → flatten → fc (classifier)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.a = nn.Conv2d(8, 12, 3, padding=1)
-        self.b = nn.Conv2d(12, 12, 3, padding=1)
-        self.fc = nn.Linear(12 * 4 * 4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.stem(x))
-        x = torch.relu(self.a(x))
-        x = torch.relu(self.b(x))
-        return self.fc(torch.flatten(x, 1))
 
 
 @dataclass(frozen=True)
@@ -50,12 +32,8 @@ class Files:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     root = tmp_path_factory.mktemp("sensitivity")
-    torch.manual_seed(0)
-    net = Net().eval()
-    torch.save(net.state_dict(), root / "net.pt")
-    manifest = build_manifest(net, torch.zeros(1, 3, 4, 4))
+    net, manifest = save_net(root)
     assert {g.id: g.producers[0] for g in manifest.groups if g.prunable} == PRUNED
-    (root / "manifest.json").write_text(manifest.model_dump_json())
     stats = capture_activations(net, [torch.randn(64, 3, 4, 4)], maps=False)
     return Files(root / "net.pt", root / "manifest.json", stats.save(root / "s.safetensors"), root)
 
