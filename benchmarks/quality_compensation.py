@@ -19,9 +19,17 @@ give the statistics and from the test digits); written to ``allocation.{md,json}
 verdict of ``DECISION_RULE``, fixed before the first run. Without ``--allocations`` the plans use
 the library's default allocation and the output (``mnist.{md,json}``) is what it always was.
 
+Cross-fitted study (``--allocations functional functional-xfit marginal-xfit``): ``*-xfit`` plans
+pass ``holdout_stats=`` to ``plan_layers`` — the second moments of the odd-numbered calibration
+batches (0-based batch index 1, 3, … of the capture, what ``holdout_every=2`` holds) — so their
+error curves are cross-fitted (``graphs.crossfit``); verdict of ``XFIT_DECISION_RULE`` against
+``functional`` (pre-registered in ``fidelity/mnist/allocation-xfit.md``), written to
+``allocation-xfit-results.{md,json}``.
+
 Usage:  python -m benchmarks.quality_compensation [--models resnet20 vgg_bn digit_cnn]
             [--targets 0.5 0.7] [--methods mrp l1] [--threads 1] [--out-dir DIR]
-            [--allocations uniform functional marginal] [--eval-split test|val]
+            [--allocations uniform functional marginal functional-xfit marginal-xfit]
+            [--eval-split test|val]
             [--variants stats comp] [--no-tp]
 """
 
@@ -53,6 +61,50 @@ DECISION_RULE = (
     "(a tie: keep uniform). Otherwise keep uniform. Accuracy after BN re-estimation and the "
     "`stats` rows are reported, not used by the rule."
 )
+XFIT = ("functional-xfit", "marginal-xfit")  # cross-fitted error curves (holdout_stats)
+XFIT_DECISION_RULE = (
+    "Metric as in `allocation.md`: accuracy before fine-tuning of the compensated plan (`comp`: "
+    "planned with the statistics, applied with its folds) on the **validation** digits (the "
+    "harness's 500 val digits), one cell per (model, target, method): 3 models (resnet20, "
+    "vgg_bn, digit_cnn) x 2 targets (50 / 70 % fewer FLOPs) x 2 methods (mrp, l1) = 12 cells. "
+    "Candidates: functional (current default, in-sample curves), functional-xfit, "
+    "marginal-xfit. Switch the default allocation to X (functional-xfit or marginal-xfit) if X's "
+    "mean over the 12 cells beats functional's AND X is not worse than functional by more than "
+    "1 point in any cell; if both qualify, the one with the higher mean (a tie: keep "
+    "functional). Otherwise keep functional. Accuracy after BN re-estimation and the `stats` "
+    "rows are reported, not used by the rule."
+)
+CALIB_BATCH = 64  # the harness's capture batches: torch.split(calibration digits, 64)
+
+
+def study(allocations: Sequence[str]) -> dict[str, str]:
+    """Baseline, decision rule, output stem and title of an allocation study: the cross-fitted
+    one when an ``*-xfit`` allocation is asked for, else the first (against uniform)."""
+    if any(a in XFIT for a in allocations):
+        return {"baseline": "functional", "rule": XFIT_DECISION_RULE,
+                "stem": "allocation-xfit-results",
+                "title": "Default allocation with cross-fitted error curves, MNIST models "
+                         "before fine-tuning"}  # fmt: skip
+    return {"baseline": "uniform", "rule": DECISION_RULE, "stem": "allocation",
+            "title": "Allocation rule of compensated plans on the MNIST models (before "
+                     "fine-tuning)"}  # fmt: skip
+
+
+def capture_stats(
+    net: torch.nn.Module, calib: torch.Tensor, holdout: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Second moments of every consumer input over all ``calib`` digits (batches of
+    ``CALIB_BATCH`` in order, as the harness always captured them) and, with ``holdout``, over
+    the odd-numbered batches only (0-based index 1, 3, …): the held-out part of cross-fitting."""
+    from clients import capture_activations
+
+    batches = torch.split(calib, CALIB_BATCH)
+    n = calib.shape[0]
+    stats = capture_activations(net, batches, max_samples=n, maps=False).stats()
+    if not holdout:
+        return stats, None
+    part = capture_activations(net, batches[1::2], max_samples=n, maps=False).stats()
+    return stats, part
 
 
 def prune(
@@ -62,12 +114,16 @@ def prune(
     target: float,
     stats: Any,
     allocation: str | None = None,
+    holdout: Any = None,
 ) -> tuple[Any, Any]:
+    """``allocation`` ``*-xfit``: the rule without the suffix, with ``holdout`` (the held-out
+    part's statistics) as ``holdout_stats``; other allocations never get it."""
     from clients import build_manifest
     from graphs.plan import Constraints, Target
     from graphs.planner import plan_layers
     from service.ingest.checkpoint import read_checkpoint
 
+    rule = None if allocation is None else allocation.removesuffix("-xfit")
     parsed = read_checkpoint(path)
     plan = plan_layers(
         parsed.layers,
@@ -79,7 +135,8 @@ def prune(
         seed=0,
         checkpoint_sha256=parsed.info.sha256,
         stats=stats,
-        allocation=allocation,  # type: ignore[arg-type]
+        allocation=rule,  # type: ignore[arg-type]
+        holdout_stats=holdout if allocation in XFIT else None,
     )
     return plan, parsed
 
@@ -114,25 +171,21 @@ def run(
     variants: Sequence[str] = ("stats", "comp"),
     tp: bool = True,
 ) -> list[dict[str, Any]]:
-    from clients import capture_activations
-
     split = qd.load_split("mnist", None)
+    xfit = any(a in XFIT for a in allocations or ())
     rows: list[dict[str, Any]] = []
     for model in models:
         t = time.perf_counter()
         meta = qd.ensure_base(cache, "mnist", model, qd.TrainConfig(6, lr=2e-3), None)
         path = Path(meta["path"])
         net = qd.load_cached(model, path)
-        calib = qr.calibration(split, 256, 0)
-        stats = capture_activations(
-            net, torch.split(calib, 64), max_samples=256, maps=False
-        ).stats()
+        stats, holdout = capture_stats(net, qr.calibration(split, 256, 0), xfit)
         print(f"{model}: base test {meta['test_acc']:.4f} ({time.perf_counter() - t:.0f} s)")
         allocs: list[str | None] = [*allocations] if allocations else [None]
         for target in targets:
             for method, alloc in [(m, a) for m in methods for a in allocs]:
                 t = time.perf_counter()
-                plan, _ = prune(net, path, method, target, stats, alloc)
+                plan, _ = prune(net, path, method, target, stats, alloc, holdout)
                 plan_s = time.perf_counter() - t
                 extra: dict[str, Any] = {}
                 if alloc is not None:
@@ -190,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--cache-dir", type=Path, default=BENCHMARKS / ".cache" / "quality")
     p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "mnist")
     p.add_argument("--allocations", nargs="+", default=None,
-                   choices=["method", "uniform", "functional", "marginal"])  # fmt: skip
+                   choices=["method", "uniform", "functional", "marginal", *XFIT])  # fmt: skip
     p.add_argument("--eval-split", choices=["test", "val"], default="test")
     p.add_argument("--variants", nargs="+", choices=["stats", "comp"], default=["stats", "comp"])
     p.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning rows")
@@ -209,11 +262,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         from benchmarks.quality_allocation import allocation_markdown, decide
 
-        verdict = decide([r for r in rows if r["variant"] == "comp"])
-        md = allocation_markdown(rows, meta, DECISION_RULE, verdict)
-        doc = {"meta": meta, "decision_rule": DECISION_RULE, "verdict": verdict, "rows": rows}
-        (a.out_dir / "allocation.json").write_text(json.dumps(doc, indent=2))
-        (a.out_dir / "allocation.md").write_text(md + "\n")
+        st = study(a.allocations)
+        verdict = decide([r for r in rows if r["variant"] == "comp"], st["baseline"])
+        md = allocation_markdown(rows, meta, st["rule"], verdict, st["baseline"], st["title"])
+        doc = {"meta": meta, "decision_rule": st["rule"], "verdict": verdict, "rows": rows}
+        (a.out_dir / f"{st['stem']}.json").write_text(json.dumps(doc, indent=2))
+        (a.out_dir / f"{st['stem']}.md").write_text(md + "\n")
     print(md)
 
 
