@@ -8,6 +8,13 @@ relative consumer-output error ≤ ε after least-squares folds, and the whole g
 (:func:`graphs.functional.error_curve`: the error after removing k channels, k = 0 … n − 1).
 The figures are computed here from the layers, the manifest and the statistics alone, after the
 analysis, so the embedded report and the service's are the same bytes.
+
+With ``holdout`` (the statistics of a part of the same calibration data, as the activations file
+holds them under ``holdout/<name>``) the curves are cross-fitted
+(:func:`graphs.crossfit.crossfit_curves`: folds fitted on one part, their error measured on the
+other; the order is still the pooled greedy path), and the figure is read from them;
+:func:`with_functional` then adds :data:`CROSSFIT_NOTE` to the report's notes. Without it the
+figures and the report are as before, byte for byte.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from graphs.compensated import group_consumers
+from graphs.crossfit import crossfit_curves
 from graphs.errors import InvalidInputError
 from graphs.grouping import build_groups
 from graphs.layers import LayerWeights
@@ -26,7 +34,13 @@ from graphs.options import DEFAULT_EPSILON, DEFAULT_RIDGE
 from graphs.report import FunctionalFigure, Report
 from graphs.transformer import adapt_manifest
 
-__all__ = ["functional_figures", "with_functional"]
+__all__ = ["CROSSFIT_NOTE", "functional_figures", "with_functional"]
+
+CROSSFIT_NOTE = (
+    "functional redundancy: cross-fitted error curves (folds fitted on one part of the "
+    "calibration data, their error measured on the held-out part)"
+)
+"""The report's note when its functional figures are cross-fitted."""
 
 
 @threadpool_limits.wrap(limits=1)  # one BLAS thread: the same curves on any machine
@@ -37,6 +51,7 @@ def functional_figures(
     *,
     epsilon: float = DEFAULT_EPSILON,
     ridge: float = DEFAULT_RIDGE,
+    holdout: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, FunctionalFigure]:
     """Group name (its producer, as in the report) → its functional figure.
 
@@ -46,9 +61,12 @@ def functional_figures(
         stats: consumer module name → S, shape (F+1, F+1), constant column last.
         epsilon: the relative consumer-output error allowed by the figure.
         ridge: the folds' ridge, relative to each kept channel's variance.
+        holdout: consumer module name → S of a part of the same data (same shapes): the
+            curves (and the figure) are cross-fitted; None: in-sample.
 
     Raises:
-        InvalidInputError: no manifest, a bad epsilon or ridge, or statistics that do not fit.
+        InvalidInputError: no manifest, a bad epsilon or ridge, statistics that do not fit, or
+            held-out statistics missing a consumer or not a part of ``stats``.
     """
     if manifest is None:
         raise InvalidInputError(
@@ -64,6 +82,8 @@ def functional_figures(
     name_of = {g.group_id: g.name for g in groups if g.group_id is not None}
     found = group_consumers(layers, adapted, stats)
     curves = found.curves(sorted(gid for gid in found.consumers if gid in name_of), ridge=ridge)
+    if holdout is not None:  # the whole pooled path: the cross-fitted ε crossing may be anywhere
+        curves = crossfit_curves(found, holdout, curves, ridge=ridge)
     out: dict[str, FunctionalFigure] = {}
     for gid, curve in curves.items():
         out[name_of[gid]] = FunctionalFigure(
@@ -75,8 +95,12 @@ def functional_figures(
     return out
 
 
-def with_functional(report: Report, figures: Mapping[str, FunctionalFigure]) -> Report:
-    """``report`` with each layer's functional figure (layers without one are unchanged)."""
+def with_functional(
+    report: Report, figures: Mapping[str, FunctionalFigure], *, crossfit: bool = False
+) -> Report:
+    """``report`` with each layer's functional figure (layers without one are unchanged);
+    ``crossfit``: the figures are cross-fitted, which :data:`CROSSFIT_NOTE` in the report's
+    notes says (once)."""
     if not figures:
         return report
     layers = [
@@ -85,4 +109,7 @@ def with_functional(report: Report, figures: Mapping[str, FunctionalFigure]) -> 
         else layer
         for layer in report.layers
     ]
-    return report.model_copy(update={"layers": layers})
+    update: dict[str, object] = {"layers": layers}
+    if crossfit and CROSSFIT_NOTE not in report.notes:
+        update["notes"] = [*report.notes, CROSSFIT_NOTE]
+    return report.model_copy(update=update)

@@ -91,6 +91,14 @@ class CompensationOptions(BaseModel):
         exclude_if=lambda v: v == DEFAULT_EPSILON,
         description="functional redundancy: the relative consumer-output error allowed",
     )
+    crossfit: bool = Field(
+        True,
+        exclude_if=lambda v: v is True,
+        description="with held-out statistics in the activations file (a part of the "
+        "calibration data, clients.capture_activations(..., holdout_every=...)): cross-fit the "
+        "error curves of plans and of functional redundancy (folds fitted on one part, their "
+        "error measured on the other); false: in-sample",
+    )
 
 
 class JobRequest(CompensationOptions):

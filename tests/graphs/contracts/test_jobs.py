@@ -45,7 +45,8 @@ def test_defaults_and_their_serialization() -> None:
     assert request.methods == list(ALL_METHODS) and request.plan_method == "mrp"
     data = json.loads(request.model_dump_json())
     # the planning options and input_shape are left out at their defaults (older requests)
-    assert not {"compensation", "allocation", "epsilon", "input_shape"} & set(data)
+    assert not {"compensation", "allocation", "epsilon", "crossfit", "input_shape"} & set(data)
+    assert request.crossfit is True
     assert data["checkpoint_id"] == "abc" and data["step"] == 0.05 and data["target"] is None
 
 
@@ -63,6 +64,7 @@ def test_request_round_trip_keeps_every_field() -> None:
             "compensation": False,
             "allocation": "uniform",
             "epsilon": 0.02,
+            "crossfit": False,
             "options": {"vectors": "activations"},
             "constraints": {"min_channels": 2},
         }
@@ -75,6 +77,10 @@ def test_request_round_trip_keeps_every_field() -> None:
     data = json.loads(text)
     assert data["compensation"] is False and data["allocation"] == "uniform"
     assert data["epsilon"] == 0.02 != DEFAULT_EPSILON
+    assert data["crossfit"] is False
+    assert "crossfit" not in json.loads(
+        request.model_copy(update={"crossfit": True}).model_dump_json()
+    )
 
 
 def test_a_manifest_travels_in_the_request() -> None:
@@ -109,6 +115,7 @@ def test_a_manifest_travels_in_the_request() -> None:
         ({"epsilon": float("inf")}, "finite number"),
         ({"epsilon": -0.1}, "greater than or equal to 0"),
         ({"allocation": "greedy"}, "allocation"),
+        ({"crossfit": "sometimes"}, "crossfit"),
         ({"plan_method": "magic"}, "plan_method"),
         ({"target": {"flops": 0.5, "params": 0.5}}, "target"),
         ({"surprise": 1}, "Extra inputs are not permitted"),
