@@ -17,13 +17,19 @@ the N inputs.
 It also records, for every channel-mixing consumer (a conv that is not depthwise, or a linear
 layer), the second moment S = Σ [x, 1]ᵀ[x, 1] of its input over every position of every sample
 read (:mod:`clients.gram`): what compensated pruning folds with. ``maps=False`` records only
-those statistics (the maps are the large part of the file).
+those statistics (the maps are the large part of the file). By default every second batch is
+also held out: its rows go into a second S per consumer, so the planner can measure each fold's
+error on data it was not fitted on (cross-fitted error curves, :mod:`graphs.crossfit`). The split
+is by batch, so the held-out part is an independent sample only if the batches are: shuffle
+them, or let each batch come from other source images than the others (never crops of one image
+spread over every batch).
 
 The result saves to the activations file the service reads, defined once in
-:mod:`graphs.contracts.activations` (safetensors, format version 2): one float32 tensor (samples,
-channels, pixels) per capture point, one float64 tensor ``gram/<module>`` per consumer and, in
-the metadata, which layer reads which tensor, its original shape, the consumers without
-statistics (``gram_skipped``) and the number of samples read::
+:mod:`graphs.contracts.activations` (safetensors, format version 3): one float32 tensor (samples,
+channels, pixels) per capture point, one float64 tensor ``gram/<module>`` per consumer, its
+held-out part ``holdout/<module>`` and, in the metadata, which layer reads which tensor, its
+original shape, the consumers without statistics (``gram_skipped``) and the numbers of samples
+read (``samples``, ``holdout_samples``)::
 
     acts = capture_activations(model, loader, max_samples=256, seed=0)
     acts.save("acts.safetensors")                 # upload with PruneGraphClient.upload_activations
@@ -62,6 +68,9 @@ class Activations:
         statistics: consumer module name -> its input's S, float64 (c + 1, c + 1), constant last.
         statistics_skipped: consumer module name -> why it has no S.
         samples: how many samples were read from the batches.
+        holdout: consumer module name -> the S of the held-out batches only, float64
+            (c + 1, c + 1), for every consumer of ``statistics``, or empty (none held out).
+        holdout_samples: how many of the samples were held out (0 without ``holdout``).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -72,6 +81,8 @@ class Activations:
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)
     statistics_skipped: dict[str, str] = field(default_factory=dict)
     samples: int = 0
+    holdout: dict[str, torch.Tensor] = field(default_factory=dict)
+    holdout_samples: int = 0
 
     def metadata(self) -> dict[str, str]:
         """The file's header metadata (:func:`graphs.contracts.activations.metadata`)."""
@@ -82,6 +93,7 @@ class Activations:
             seed=self.seed,
             skipped=self.statistics_skipped,
             samples=self.samples,
+            holdout_samples=self.holdout_samples if self.holdout else None,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -94,7 +106,10 @@ class Activations:
         grams = {
             activations_file.gram_key(n): s.to(torch.float64) for n, s in self.statistics.items()
         }
-        out.write_bytes(safetensors_bytes({**self.tensors, **grams}, self.metadata()))
+        held = {
+            activations_file.holdout_key(n): s.to(torch.float64) for n, s in self.holdout.items()
+        }
+        out.write_bytes(safetensors_bytes({**self.tensors, **grams, **held}, self.metadata()))
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -107,6 +122,11 @@ class Activations:
         """Consumer module name -> S as float64 numpy (c + 1, c + 1): what the planner takes as
         ``stats``."""
         return {name: s.numpy() for name, s in self.statistics.items()}
+
+    def holdout_stats(self) -> dict[str, np.ndarray]:
+        """Consumer module name -> the held-out S as float64 numpy (c + 1, c + 1): what the
+        planner takes as ``holdout_stats`` (empty: nothing held out)."""
+        return {name: s.numpy() for name, s in self.holdout.items()}
 
     def __getitem__(self, layer: str) -> torch.Tensor:
         """The (samples, channels, pixels) maps of a prunable layer."""
@@ -143,7 +163,8 @@ def capture_activations(
     maps: bool = True,
     statistics: bool = True,
     max_linear_inputs: int = MAX_LINEAR_INPUTS,
-    max_statistics_bytes: int = MAX_BYTES,
+    max_statistics_bytes: int | None = None,
+    holdout_every: int = 2,
 ) -> Activations:
     """Post-activation feature maps of the prunable layers of ``model``, and the second moments
     of the inputs of its channel-mixing consumers.
@@ -161,15 +182,37 @@ def capture_activations(
         maps: keep feature maps (needed by ``ci`` and ``vectors="activations"``).
         statistics: record S = Σ [x, 1]ᵀ[x, 1] of every consumer input (compensation).
         max_linear_inputs: linear consumers with more inputs get no S (see ``statistics_skipped``).
-        max_statistics_bytes: budget of all S together; in module order, a consumer whose S would
-            exceed it gets none (see ``statistics_skipped``).
+        max_statistics_bytes: budget of all S together, the held-out copies included (with a
+            holdout each consumer takes twice its S); in module order, a consumer whose S would
+            exceed it gets none (see ``statistics_skipped``). Default: ``clients.gram.MAX_BYTES``
+            per copy (twice it with a holdout), so the same consumers get statistics either way.
+        holdout_every: batch i (from 0, counting the batches that contribute samples) is also
+            added to a held-out S of every consumer when ``i % holdout_every ==
+            holdout_every - 1`` (2: every second batch); 0: no held-out part. Nothing is held out
+            (no error) when fewer than 2 batches contribute or the held-out part has no rows or
+            every row of a consumer: the plan is then not cross-fitted. The split is by batch:
+            shuffle the batches, or let each hold other source images than the others.
 
     Returns:
         :class:`Activations`; maps are float32 (samples, channels, pixels), statistics float64
         (c + 1, c + 1), on the CPU.
+
+    Raises:
+        ValueError: bad limits, nothing to capture, ``holdout_every`` not an int >= 0 or 1
+            (the held-out part would be all the data), layers that are not Conv/Linear or did
+            not run, no batch.
     """
     if max_samples < 1 or max_pixels < 1:
         raise ValueError("max_samples and max_pixels must be at least 1")
+    if isinstance(holdout_every, bool) or not isinstance(holdout_every, int) or holdout_every < 0:
+        raise ValueError(
+            f"holdout_every must be an int >= 0 (0: no held-out part), got {holdout_every!r}"
+        )
+    if holdout_every == 1:
+        raise ValueError(
+            "holdout_every=1 would hold out every batch: the held-out part must be a strict part "
+            "of the data; use 2 (every second batch, the default) or more, or 0 for none"
+        )
     if not maps and not statistics:
         raise ValueError("nothing to capture: set maps=True, statistics=True or both")
     named = dict(model.named_modules())
@@ -179,20 +222,30 @@ def capture_activations(
     unknown = [n for n in wanted if not isinstance(named.get(n), _PRUNABLE)]
     if unknown:
         raise ValueError(f"not Conv/Linear layers of the model: {', '.join(unknown[:5])}")
+    copies = 2 if holdout_every else 1
+    budget = MAX_BYTES * copies if max_statistics_bytes is None else max_statistics_bytes
     gram = (
-        GramAccumulator(model, max_linear_inputs=max_linear_inputs, max_bytes=max_statistics_bytes)
+        GramAccumulator(
+            model, max_linear_inputs=max_linear_inputs, max_bytes=budget, holdout=copies == 2
+        )
         if statistics
         else None
     )
     was_training = model.training
     model.eval()
     try:
-        acts = _capture(model, batches, wanted if maps else [], max_samples, max_pixels, seed, gram)
+        acts, held = _capture(
+            model, batches, wanted if maps else [], max_samples, max_pixels, seed, gram,
+            holdout_every,
+        )  # fmt: skip
     finally:
         model.train(was_training)
     if gram is not None:
         acts.statistics = gram.grams()
         acts.statistics_skipped = dict(sorted(gram.skipped.items()))
+        if held[0] >= 1 and held[1] >= 2:  # some batch held out, some not
+            acts.holdout = gram.held_out_grams(acts.statistics)
+            acts.holdout_samples = held[2] if acts.holdout else 0
     return acts
 
 
@@ -284,10 +337,13 @@ def _capture(
     max_pixels: int,
     seed: int,
     gram: GramAccumulator | None,
-) -> Activations:
+    holdout_every: int,
+) -> tuple[Activations, tuple[int, int, int]]:
+    """The capture and (held-out batches, contributing batches, held-out samples)."""
     sink: _Sink | None = None
     points: dict[str, str] = {}
     taken = 0
+    batch_no = held_batches = held_samples = 0
     for batch in batches:
         if taken >= max_samples:
             break
@@ -303,7 +359,9 @@ def _capture(
         if sink is not None:
             sink.n_take = n_take
             handles = _hooks(model, sink)
+        held = bool(holdout_every) and n_take > 0 and batch_no % holdout_every == holdout_every - 1
         if gram is not None:
+            gram.held_out = held
             gram.__enter__()
         try:
             model(x[:n_take] if n_take < x.shape[0] else x)
@@ -313,6 +371,10 @@ def _capture(
             if gram is not None:
                 gram.__exit__()
         taken += n_take
+        if n_take > 0:
+            batch_no += 1
+            held_batches += held
+            held_samples += n_take if held else 0
     if taken == 0:
         raise ValueError("no calibration batch was given")
     return Activations(
@@ -322,4 +384,4 @@ def _capture(
         shapes=sink.shapes if sink is not None else {},
         seed=seed,
         samples=taken,
-    )
+    ), (held_batches, batch_no, held_samples)

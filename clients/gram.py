@@ -18,6 +18,12 @@ take the total beyond ``max_bytes`` (a transformer's many wide linear layers wou
 take tens of GB); each is reported in ``skipped`` with the reason, like consumers that did not
 run.
 
+With ``holdout=True`` it also keeps, per consumer, the S of a held-out part of the rows: the
+batches run while :attr:`GramAccumulator.held_out` is True are folded into both S and the
+held-out S (each with the same float64 update, so S is bit for bit what it is without a
+held-out part, and ``S − held-out S`` is the S of the other batches up to rounding). The budget
+then counts both copies.
+
 This module also holds the byte encoder of the activations file (float32 maps, float64 Grams;
 the file's names and metadata are in :mod:`graphs.contracts.activations`).
 """
@@ -77,7 +83,9 @@ class GramAccumulator:
 
     Usage: ``acc = GramAccumulator(model)``; per batch, set ``acc.n_take`` (samples of the batch
     to use, batch first; None: all), run the model inside ``with acc:``; ``acc.grams()`` gives
-    module name -> S (CPU float64), ``acc.skipped`` module name -> why it has none.
+    module name -> S (CPU float64), ``acc.skipped`` module name -> why it has none. With
+    ``holdout=True``, set ``acc.held_out`` per batch too (True: the batch is also part of the
+    held-out S); after :meth:`grams`, :meth:`held_out_grams` gives the held-out S.
     """
 
     def __init__(
@@ -86,9 +94,11 @@ class GramAccumulator:
         *,
         max_linear_inputs: int = MAX_LINEAR_INPUTS,
         max_bytes: int = MAX_BYTES,
+        holdout: bool = False,
     ) -> None:
         if max_linear_inputs < 1 or max_bytes < 0:
             raise ValueError("max_linear_inputs must be at least 1 and max_bytes at least 0")
+        copies = 2 if holdout else 1
         self.consumers: dict[str, nn.Module] = {}
         self.skipped: dict[str, str] = {}
         total = 0
@@ -96,7 +106,7 @@ class GramAccumulator:
             if not is_mixing_consumer(module):
                 continue
             width = input_width(module)
-            size = (width + 1) ** 2 * 8
+            size = (width + 1) ** 2 * 8 * copies
             if isinstance(module, nn.Linear) and width > max_linear_inputs:
                 self.skipped[name] = (
                     f"linear layer with {width} inputs (more than max_linear_inputs="
@@ -105,13 +115,21 @@ class GramAccumulator:
             elif total + size > max_bytes:
                 self.skipped[name] = (
                     f"the Grams of the consumers before it take {total} bytes; with its "
-                    f"{size} they would exceed max_statistics_bytes={max_bytes} (raise it)"
+                    f"{size} they would exceed max_statistics_bytes={max_bytes} (raise it"
+                    + (
+                        ", or capture with holdout_every=0: the held-out copy counts)"
+                        if holdout
+                        else ")"
+                    )
                 )
             else:
                 self.consumers[name] = module
                 total += size
         self.n_take: int | None = None
+        self.holdout = holdout
+        self.held_out = False
         self._sums: dict[str, torch.Tensor] = {}
+        self._held: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> GramAccumulator:
@@ -148,12 +166,20 @@ class GramAccumulator:
                 f"{name} was called with inputs of {c} and {total.shape[0] - 1} channels in one "
                 "capture; capture models whose layers always see the same width"
             )
+        targets = [total]
+        if self.holdout and self.held_out:
+            held = self._held.get(name)
+            if held is None:
+                held = self._held[name] = torch.zeros_like(total)
+            targets.append(held)
         step = max(1, _CHUNK_VALUES // max(c, 1))
         for start in range(0, rows.shape[0], step):
             chunk = rows[start : start + step].to(device=device, dtype=torch.float64)
-            total[:c, :c].addmm_(chunk.T, chunk)
-            total[:c, c] += chunk.sum(dim=0)
-            total[c, c] += chunk.shape[0]
+            sums = chunk.sum(dim=0)
+            for t in targets:  # the same update in each: S stays what it is without a holdout
+                t[:c, :c].addmm_(chunk.T, chunk)
+                t[:c, c] += sums
+                t[c, c] += chunk.shape[0]
 
     def grams(self) -> dict[str, torch.Tensor]:
         """Module name -> S, symmetric (c + 1, c + 1) float64 on the CPU; consumers that never
@@ -164,11 +190,29 @@ class GramAccumulator:
             if total is None or float(total[-1, -1]) == 0:
                 self.skipped[name] = "did not run in the forward pass on the calibration batches"
                 continue
-            c = total.shape[0] - 1
-            s = total.cpu().clone()
-            s[c, :c] = s[:c, c]
-            out[name] = (s + s.T) / 2  # exactly symmetric
+            out[name] = _symmetric(total)
         return out
+
+    def held_out_grams(self, grams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Module name -> the held-out S, as :meth:`grams` gives S, for every consumer of
+        ``grams`` (its result); empty when the held-out part of some consumer has no rows or all
+        of its rows (it is not a strict part: nothing to cross-fit) or without ``holdout``."""
+        out: dict[str, torch.Tensor] = {}
+        for name, s in grams.items():
+            held = self._held.get(name)
+            rows = float(held[-1, -1]) if held is not None else 0.0
+            if held is None or rows <= 0 or rows >= float(s[-1, -1]):
+                return {}
+            out[name] = _symmetric(held)
+        return out
+
+
+def _symmetric(total: torch.Tensor) -> torch.Tensor:
+    """The accumulated S on the CPU, its constant row copied from its column, exactly symmetric."""
+    c = total.shape[0] - 1
+    s = total.cpu().clone()
+    s[c, :c] = s[:c, c]
+    return (s + s.T) / 2
 
 
 def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:

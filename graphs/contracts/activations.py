@@ -3,15 +3,21 @@ service (or the CLI) reads.
 
 A safetensors file: an 8-byte little-endian header length, a JSON header, the tensor bytes.
 
-- Tensors: one float32 (samples, channels, pixels) per capture point (any name), and one
-  float64 (c + 1, c + 1) second moment per channel-mixing consumer, named
-  ``gram/<module>`` (:func:`gram_key`).
+- Tensors: one float32 (samples, channels, pixels) per capture point (any name), one
+  float64 (c + 1, c + 1) second moment S = Σ [x, 1]ᵀ[x, 1] per channel-mixing consumer, named
+  ``gram/<module>`` (:func:`gram_key`), and, for cross-fitting, the second moment of a
+  held-out part of the same rows (every ``holdout_every``-th batch), same shape, named
+  ``holdout/<module>`` (:func:`holdout_key`): ``gram − holdout`` is the rest of the data.
+  A file holds a ``holdout/`` tensor for every ``gram/`` tensor or none.
 - Header metadata (all strings): ``format`` = :data:`FORMAT`; ``version`` (:data:`VERSION`
   is written, :data:`VERSIONS` are read; a file without one is version 1); ``layers`` (JSON:
   prunable layer name -> capture tensor name; may be empty: a capture with statistics only);
   ``sources``, ``shapes`` (JSON, per capture tensor); ``seed``; ``gram_skipped`` (JSON:
-  consumer name -> why it has no statistics); ``samples`` (samples read).
-  Version 2 added the statistics, ``gram_skipped`` and ``samples``.
+  consumer name -> why it has no statistics); ``samples`` (samples read);
+  ``holdout_samples`` (samples in the held-out part; only with ``holdout/`` tensors).
+  Version 2 added the statistics, ``gram_skipped`` and ``samples``; version 3 the held-out
+  statistics and ``holdout_samples`` (a version 3 file may have none: older files read as
+  before).
 
 :func:`metadata` writes the header metadata, :func:`read_header` reads and checks it (without
 reading a tensor), :func:`has_maps` tells from the header alone whether a file holds feature maps.
@@ -32,6 +38,7 @@ from graphs.errors import CheckpointError, corrupt
 __all__ = [
     "FORMAT",
     "GRAM_PREFIX",
+    "HOLDOUT_PREFIX",
     "MAX_HEADER_BYTES",
     "VERSION",
     "VERSIONS",
@@ -39,6 +46,7 @@ __all__ = [
     "ActivationsHeader",
     "gram_key",
     "has_maps",
+    "holdout_key",
     "metadata",
     "parse_header",
     "read_header",
@@ -46,12 +54,15 @@ __all__ = [
 
 FORMAT = "prunegraph-activations"
 """The ``format`` metadata of every activations file."""
-VERSION = "2"
-"""The version written: 2 adds second moments (``gram/<module>``, ``gram_skipped``, ``samples``)."""
-VERSIONS = ("1", "2")
+VERSION = "3"
+"""The version written: 2 adds second moments (``gram/<module>``, ``gram_skipped``, ``samples``),
+3 the held-out second moments (``holdout/<module>``, ``holdout_samples``)."""
+VERSIONS = ("1", "2", "3")
 """The versions read."""
 GRAM_PREFIX = "gram/"
 """Tensor names of the second moments: ``gram/<module name>``."""
+HOLDOUT_PREFIX = "holdout/"
+"""Tensor names of the held-out part's second moments: ``holdout/<module name>``."""
 MAX_HEADER_BYTES = 100 * 2**20
 """The largest safetensors header read (as for checkpoints)."""
 WRITE_HINT = "Write it with clients.capture_activations(model, batches).save('acts.safetensors')."
@@ -62,6 +73,11 @@ def gram_key(module: str) -> str:
     return GRAM_PREFIX + module
 
 
+def holdout_key(module: str) -> str:
+    """The tensor name of the second moment of ``module``'s input over the held-out part."""
+    return HOLDOUT_PREFIX + module
+
+
 def metadata(
     *,
     layers: Mapping[str, str],
@@ -70,10 +86,12 @@ def metadata(
     seed: int,
     skipped: Mapping[str, str],
     samples: int,
+    holdout_samples: int | None = None,
 ) -> dict[str, str]:
     """The header metadata of a capture (JSON values with sorted keys: the same capture, the
-    same bytes). Arguments as in the module docstring (``skipped``: ``gram_skipped``)."""
-    return {
+    same bytes). Arguments as in the module docstring (``skipped``: ``gram_skipped``;
+    ``holdout_samples``: None for a file without held-out statistics, then not written)."""
+    meta = {
         "format": FORMAT,
         "version": VERSION,
         "layers": json.dumps(dict(layers), sort_keys=True),
@@ -83,6 +101,9 @@ def metadata(
         "gram_skipped": json.dumps(dict(skipped), sort_keys=True),
         "samples": str(samples),
     }
+    if holdout_samples is not None:
+        meta["holdout_samples"] = str(holdout_samples)
+    return meta
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,11 @@ class ActivationsHeader:
     def has_statistics(self) -> bool:
         """Whether the file holds any second moment (``gram/<module>`` tensor)."""
         return any(name.startswith(GRAM_PREFIX) for name in self.tensors)
+
+    @property
+    def has_holdout(self) -> bool:
+        """Whether the file holds held-out statistics (``holdout/<module>`` tensors)."""
+        return any(name.startswith(HOLDOUT_PREFIX) for name in self.tensors)
 
 
 def parse_header(raw: bytes, *, display: str) -> ActivationsHeader:

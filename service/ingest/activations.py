@@ -3,10 +3,11 @@
 The file is what ``clients.capture_activations(...).save(path)`` writes
 (:mod:`graphs.contracts.activations`, the one definition of the format both sides use):
 safetensors with one float tensor (samples, channels, pixels) per capture point and metadata
-``format = prunegraph-activations``, ``version`` (1 or 2) and ``layers`` (layer name -> tensor
-name). Version
-2 adds second-moment statistics per consumer (``gram/<module>``, :mod:`service.ingest.statistics`)
-and may hold only those (no maps). It is parsed by the same validating safetensors reader as
+``format = prunegraph-activations``, ``version`` (1, 2 or 3) and ``layers`` (layer name ->
+tensor name). Version 2 adds second-moment statistics per consumer (``gram/<module>``,
+:mod:`service.ingest.statistics`) and may hold only those (no maps); version 3 adds the
+statistics of a held-out part of the same data (``holdout/<module>``, ``holdout_samples``), for
+cross-fitted error curves. It is parsed by the same validating safetensors reader as
 checkpoints: no pickle, bounded, every offset checked.
 """
 
@@ -26,7 +27,12 @@ from graphs.features import Activations
 from graphs.layers import LayerWeights
 from service.ingest import detect
 from service.ingest.safetensors_file import read_safetensors
-from service.ingest.statistics import check_statistics, read_statistics, skipped_statistics
+from service.ingest.statistics import (
+    check_statistics,
+    read_holdout,
+    read_statistics,
+    skipped_statistics,
+)
 
 
 @dataclass
@@ -39,12 +45,18 @@ class Capture:
         statistics: consumer module name -> S, float64 (c + 1, c + 1), constant last.
         skipped: consumer module name -> why it has no statistics.
         samples: samples the capture read (0 when the file does not say).
+        holdout: consumer module name -> S of a held-out part of the same data, float64
+            (c + 1, c + 1), a strict part of ``statistics`` for each of its consumers; empty
+            when the file holds none (versions 1 and 2, ``holdout_every=0``, one batch).
+        holdout_samples: samples in the held-out part (0 when the file does not say).
     """
 
     maps: Activations
     statistics: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     samples: int = 0
+    holdout: dict[str, np.ndarray] = field(default_factory=dict)
+    holdout_samples: int = 0
 
     @property
     def n_samples(self) -> int:
@@ -52,11 +64,13 @@ class Capture:
 
 
 def read_capture(path: str | os.PathLike[str], *, name: str | None = None) -> Capture:
-    """Maps and statistics of an activations file.
+    """Maps, statistics and held-out statistics of an activations file.
 
     Raises:
         CheckpointError: not a (valid) activations file, maps that are not 3-D finite arrays,
-            statistics that are not second-moment matrices, or neither maps nor statistics.
+            statistics that are not second-moment matrices, held-out statistics that are not a
+            part of them (:func:`service.ingest.statistics.read_holdout`), or neither maps nor
+            statistics.
     """
     p = Path(path)
     display = name or os.fspath(path)
@@ -75,11 +89,19 @@ def read_capture(path: str | os.PathLike[str], *, name: str | None = None) -> Ca
     stats = read_statistics(raw.tensors, display)
     if not maps and not stats:
         raise CheckpointError(f"{display} holds no feature maps and no statistics", hint=WRITE_HINT)
+    holdout = read_holdout(raw.tensors, stats, display)
+    skipped = skipped_statistics(meta, display)
+    return Capture(
+        maps, stats, skipped, _count(meta, "samples"), holdout, _count(meta, "holdout_samples")
+    )
+
+
+def _count(meta: dict[str, str], key: str) -> int:
+    """A sample count of the metadata; 0 when missing or not an integer (it is informative)."""
     try:
-        samples = max(0, int(meta.get("samples", "0")))
+        return max(0, int(meta.get(key, "0")))
     except ValueError:
-        samples = 0
-    return Capture(maps, stats, skipped_statistics(meta, display), samples)
+        return 0
 
 
 def read_activations(path: str | os.PathLike[str], *, name: str | None = None) -> Activations:
@@ -129,9 +151,11 @@ def _maps(tensors: dict[str, np.ndarray], meta: dict[str, str], display: str) ->
 
 def check_capture(capture: Capture, layers: Sequence[LayerWeights]) -> None:
     """:func:`check_activations` on the maps and :func:`service.ingest.statistics.check_statistics`
-    on the statistics."""
+    on the statistics and the held-out statistics (the same names and shapes, when read with
+    :func:`read_capture`; checked again for a Capture built otherwise)."""
     check_activations(capture.maps, layers)
     check_statistics(capture.statistics, layers)
+    check_statistics(capture.holdout, layers)
 
 
 def check_activations(activations: Activations, layers: Sequence[LayerWeights]) -> None:

@@ -37,8 +37,8 @@ class JobInputs:
             info (sha256, format, size, tensor and parameter counts).
         manifest: the given manifest, or the one an ONNX graph gives; None when unknown.
         notes: why there is no manifest (ONNX with symbolic shapes), for the report and the user.
-        capture: the activations file (feature maps and second-moment statistics), checked
-            against the layers; None without one.
+        capture: the activations file (feature maps, second-moment statistics and those of a
+            held-out part), checked against the layers; None without one.
     """
 
     checkpoint: ParsedCheckpoint
@@ -55,6 +55,12 @@ class JobInputs:
     def stats(self) -> dict[str, np.ndarray] | None:
         """Consumer module name -> S (c + 1, c + 1) float64; None when there are none."""
         return (self.capture.statistics or None) if self.capture is not None else None
+
+    @property
+    def holdout(self) -> dict[str, np.ndarray] | None:
+        """Consumer module name -> S (c + 1, c + 1) float64 of a held-out part of the data (a
+        strict part of :attr:`stats`, for cross-fitted plans); None when there are none."""
+        return (self.capture.holdout or None) if self.capture is not None else None
 
 
 def load_inputs(

@@ -126,9 +126,16 @@ def test_wide_linear_layers_and_unused_consumers_are_skipped() -> None:
     assert "did not run" in acts.statistics_skipped["unused"]
     assert {"stem", "grouped", "sub", "fc2"} == set(acts.statistics)
     budget = (3 + 1) ** 2 * 8 + (8 + 1) ** 2 * 8  # stem's and grouped's Grams fit, not sub's
-    acts = capture_activations(net, [_data()], maps=False, max_statistics_bytes=budget)
+    acts = capture_activations(
+        net, [_data()], maps=False, max_statistics_bytes=budget, holdout_every=0
+    )
     assert set(acts.statistics) == {"stem", "grouped"}
     assert "max_statistics_bytes" in acts.statistics_skipped["sub"]
+    # with a held-out part (the default) each consumer takes two Grams of the budget
+    acts = capture_activations(net, [_data()], maps=False, max_statistics_bytes=2 * budget)
+    assert set(acts.statistics) == {"stem", "grouped"}
+    acts = capture_activations(net, [_data()], maps=False, max_statistics_bytes=budget)
+    assert set(acts.statistics) == {"stem"} and "holdout_every=0" in acts.statistics_skipped["sub"]
     with pytest.raises(ValueError, match="nothing to capture"):
         capture_activations(net, [_data()], maps=False, statistics=False)
 
@@ -191,6 +198,40 @@ def _bad_files(net: nn.Module, tmp: Path) -> Iterator[tuple[str, bytes, str]]:
     meta = {**fresh().metadata(), "version": "99"}
     data = safetensors_bytes({GRAM_PREFIX + "stem": good}, meta)
     yield "future version", data, "version 99"
+    yield from _bad_holdouts(net, tmp)
+
+
+def _bad_holdouts(net: nn.Module, tmp: Path) -> Iterator[tuple[str, bytes, str]]:
+    """Files whose held-out statistics (``holdout/<module>``) are unusable."""
+
+    def fresh(**change: torch.Tensor | None) -> Activations:
+        acts = capture_activations(net, [_data(4), _data(4, seed=1)], maps=False)
+        assert set(acts.holdout) == CONSUMERS  # two batches: the second one is held out
+        for name, s in change.items():
+            if s is None:
+                del acts.holdout[name]
+            else:
+                acts.holdout[name] = s
+        return acts
+
+    held, full = fresh().holdout["grouped"], fresh().statistics["grouped"]
+    nan = held.clone()
+    nan[0, 1] = nan[1, 0] = float("nan")
+    skew = held.clone()
+    skew[0, 1] += 1.0
+    no_gram = fresh()
+    del no_gram.statistics["grouped"]
+    cases = {
+        "holdout nan": (fresh(grouped=nan), "held-out statistics of 'grouped' contain NaN"),
+        "holdout asymmetric": (fresh(grouped=skew), "are not symmetric"),
+        "holdout without gram": (no_gram, "without statistics of all the data"),
+        "holdout shape": (fresh(grouped=held[1:, 1:]), "have shape [8, 8], its statistics [9, 9]"),
+        "holdout all rows": (fresh(grouped=full), "are not a part of its statistics"),
+        "holdout too large": (fresh(grouped=held + full), "are not a part of its statistics"),
+        "holdout partial": (fresh(grouped=None), "for every consumer or for none"),
+    }
+    for what, (acts, words) in cases.items():
+        yield what, acts.save(tmp / f"{what}.safetensors").read_bytes(), words
 
 
 def test_bad_statistics_are_refused(tmp_path: Path) -> None:
@@ -250,6 +291,7 @@ def test_metadata_names_the_version_and_skipped_consumers(tmp_path: Path) -> Non
     raw = acts.save(tmp_path / "a.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     meta = header["__metadata__"]
-    assert meta["version"] == VERSION == "2" and meta["samples"] == "8"
+    assert meta["version"] == VERSION == "3" and meta["samples"] == "8"
+    assert "holdout_samples" not in meta and not acts.holdout  # one batch: nothing held out
     assert set(json.loads(meta["gram_skipped"])) == {"fc1"}
     assert all(header[GRAM_PREFIX + n]["dtype"] == "F64" for n in acts.statistics)

@@ -13,11 +13,13 @@ import pytest
 from graphs.contracts.activations import (
     FORMAT,
     GRAM_PREFIX,
+    HOLDOUT_PREFIX,
     MAX_HEADER_BYTES,
     VERSION,
     VERSIONS,
     gram_key,
     has_maps,
+    holdout_key,
     metadata,
     read_header,
 )
@@ -67,6 +69,29 @@ def test_statistics_only(tmp_path: Path) -> None:
     assert not has_maps(path)
 
 
+def test_held_out_statistics_are_named_and_counted(tmp_path: Path) -> None:
+    """Version 3: ``holdout/<module>`` beside ``gram/<module>``, ``holdout_samples`` only when
+    written; without it the metadata is version 2's apart from the version."""
+    assert VERSION == "3" and VERSIONS == ("1", "2", "3")
+    assert holdout_key("conv2") == HOLDOUT_PREFIX + "conv2" != gram_key("conv2")
+    assert "holdout_samples" not in _meta()
+    meta = _meta(**metadata(layers={}, sources={}, shapes={}, seed=3, skipped={}, samples=16,
+                            holdout_samples=8))  # fmt: skip
+    assert meta["holdout_samples"] == "8"
+    names = (gram_key("conv2"), holdout_key("conv2"))
+    header = read_header(_write(tmp_path / "h.safetensors", meta, names))
+    assert header.version == "3" and header.has_statistics and header.has_holdout
+    assert header.metadata["holdout_samples"] == "8" and not header.has_maps
+    assert not read_header(_write(tmp_path / "g.safetensors", _meta(), names[:1])).has_holdout
+
+
+def test_version_2_files_read_as_before(tmp_path: Path) -> None:
+    v2 = _meta(version="2")
+    header = read_header(_write(tmp_path / "v2.safetensors", v2, ("k0", gram_key("fc1"))))
+    assert header.version == "2" and header.metadata == v2
+    assert header.has_maps and header.has_statistics and not header.has_holdout
+
+
 def test_a_file_without_version_is_version_1(tmp_path: Path) -> None:
     meta = {"format": FORMAT, "layers": json.dumps({"conv1": "maps/0"})}
     header = read_header(_write(tmp_path / "v1.safetensors", meta))
@@ -74,8 +99,8 @@ def test_a_file_without_version_is_version_1(tmp_path: Path) -> None:
 
 
 def test_other_versions_are_refused(tmp_path: Path) -> None:
-    path = _write(tmp_path / "v3.safetensors", _meta(version="3"))
-    with pytest.raises(CheckpointError, match="of version 3; this service reads versions 1, 2"):
+    path = _write(tmp_path / "v4.safetensors", _meta(version="4"))
+    with pytest.raises(CheckpointError, match="of version 4; this service reads versions 1, 2, 3"):
         read_header(path, display="activations x")
     assert has_maps(path)  # cannot tell: the reader says why
 

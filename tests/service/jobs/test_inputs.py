@@ -78,6 +78,38 @@ def test_activations_are_read_and_checked_against_the_layers(tmp_path: Path) -> 
         load_inputs(path, activations=_activations(tmp_path, 5))
 
 
+def _statistics(tmp_path: Path, *, holdout: bool, version: str = "3") -> Path:
+    """Statistics of the two convs' inputs (3 and 8 channels), their last 20 rows held out."""
+    rng = np.random.default_rng(1)
+    tensors, held = {}, {}
+    for name, c in (("0", 3), ("2", 8)):
+        z = np.hstack([rng.standard_normal((50, c)), np.ones((50, 1))])
+        tensors[f"gram/{name}"] = z.T @ z
+        held[f"holdout/{name}"] = z[30:].T @ z[30:]
+    meta = metadata(layers={}, sources={}, shapes={}, seed=0, skipped={}, samples=5,
+                    holdout_samples=2 if holdout else None)  # fmt: skip
+    path = tmp_path / f"stats-{holdout}-{version}.safetensors"
+    save_file(
+        {**tensors, **(held if holdout else {})}, str(path), metadata={**meta, "version": version}
+    )
+    return path
+
+
+def test_held_out_statistics_come_with_the_statistics(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path)
+    inputs = load_inputs(path, activations=_statistics(tmp_path, holdout=True))
+    assert inputs.stats is not None and inputs.holdout is not None
+    assert set(inputs.holdout) == set(inputs.stats) == {"0", "2"}
+    for name, h in inputs.holdout.items():
+        s = inputs.stats[name]
+        assert h.shape == s.shape and 0 < h[-1, -1] < s[-1, -1]
+    assert inputs.capture is not None and inputs.capture.holdout_samples == 2
+    # without held-out statistics (a version 2 file, or holdout_every=0): None, as before
+    for version in ("2", "3"):
+        plain = load_inputs(path, activations=_statistics(tmp_path, holdout=False, version=version))
+        assert plain.stats is not None and plain.holdout is None
+
+
 def test_input_shapes_for_a_checkpoint_without_a_graph_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="ONNX models only"):
         load_inputs(_checkpoint(tmp_path), input_shapes=[[1, 3, 8, 8]])
