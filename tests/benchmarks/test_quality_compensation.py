@@ -116,3 +116,16 @@ def test_xfit_smoke(realdata: Path, tmp_path: Path) -> None:
     md = (out / "allocation-xfit-results.md").read_text()
     assert "| functional (BN re-est.) | functional-xfit (BN re-est.) |" in md
     assert re.search(r"- functional-xfit: mean [\d.]+ % over 1 cells \(vs functional", md)
+
+
+def test_first_study_page_unchanged() -> None:
+    """The uniform study's verdict and page, regenerated from its stored rows, are what was
+    committed (the hand-written notes follow the generated part)."""
+    from benchmarks.quality_allocation import allocation_markdown
+
+    folder = BENCHMARKS / "fidelity" / "mnist"
+    doc = json.loads((folder / "allocation.json").read_text())
+    verdict = decide([r for r in doc["rows"] if r["variant"] == "comp"])
+    assert verdict == doc["verdict"]
+    page = allocation_markdown(doc["rows"], doc["meta"], qc.DECISION_RULE, verdict)
+    assert (folder / "allocation.md").read_text().startswith(page + "\n")
