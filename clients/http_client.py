@@ -122,12 +122,14 @@ class PruneGraphClient:
         compensation: bool | None = None,
         allocation: str | None = None,
         epsilon: float | None = None,
+        crossfit: bool | None = None,
     ) -> str:
         """Submit an analysis job (planned too when ``target`` is set); returns the job id.
 
         With activations that hold second-moment statistics (and a manifest) plans are
         compensated unless ``compensation=False``; ``allocation`` and ``epsilon`` are the
-        compensated planner's (see the server's /docs).
+        compensated planner's, ``crossfit=False`` keeps their error curves (and functional
+        redundancy) in-sample where the file has held-out statistics (see the server's /docs).
 
         ``options`` are the methods' parameters (``alpha``, ``min_explained``, ...; see
         :class:`graphs.AnalysisOptions`), ``constraints`` and ``step`` the planner's
@@ -138,21 +140,11 @@ class PruneGraphClient:
         422, as the server would answer).
         """
         request = job_request(
-            checkpoint_id,
-            methods=methods,
-            seed=seed,
-            target=target,
-            plan_method=plan_method,
-            manifest=manifest,
-            options=options,
-            constraints=constraints,
-            step=step,
-            activations_id=activations_id,
-            input_shape=input_shape,
-            compensation=compensation,
-            allocation=allocation,
-            epsilon=epsilon,
-        )
+            checkpoint_id, methods=methods, seed=seed, target=target, plan_method=plan_method,
+            manifest=manifest, options=options, constraints=constraints, step=step,
+            activations_id=activations_id, input_shape=input_shape, compensation=compensation,
+            allocation=allocation, epsilon=epsilon, crossfit=crossfit,
+        )  # fmt: skip
         body = wire_body(request)
         files = multipart_body(body)
         if files is not None:  # a large manifest goes as a file
@@ -296,6 +288,7 @@ class PruneGraphClient:
         progress: bool = False,
         input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
         epsilon: float | None = None,
+        crossfit: bool | None = None,
     ) -> Report:
         """Upload, analyse and return the report.
 
@@ -304,7 +297,8 @@ class PruneGraphClient:
         the job: coupled layers are scored together and the report gains FLOPs.
         ``calibration`` batches (a live model only) or saved ``activations`` add feature maps:
         needed by ``ci``, and compared by the graph methods instead of the weights unless
-        ``options`` set ``vectors``. ``input_shape`` and ``epsilon``: as in :meth:`submit`.
+        ``options`` set ``vectors``. ``input_shape``, ``epsilon``, ``crossfit``: as in
+        :meth:`submit`.
         """
         if calibration is not None:
             if isinstance(model_or_path, (str, os.PathLike, bytes)):
@@ -321,7 +315,7 @@ class PruneGraphClient:
         job_id = self._run(
             model_or_path, activations, options, timeout, progress,
             methods=methods, seed=seed, manifest=manifest, input_shape=input_shape,
-            epsilon=epsilon,
+            epsilon=epsilon, crossfit=crossfit,
         )  # fmt: skip
         return self.report(job_id)
 
@@ -343,18 +337,19 @@ class PruneGraphClient:
         allocation: str | None = None,
         epsilon: float | None = None,
         input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        crossfit: bool | None = None,
     ) -> PruningPlan:
         """Upload, plan for ``target`` (e.g. ``{"flops": 0.5}``) and return the plan
         (``activations``: feature maps for ``ci``, and compared by the graph methods unless
         ``options`` set ``vectors``; their second moments make the plan compensated unless
         ``compensation=False``: the plan then carries its sidecar for apply_plan; ``allocation``,
-        ``epsilon`` and ``input_shape`` as in :meth:`submit`)."""
+        ``epsilon``, ``crossfit`` and ``input_shape`` as in :meth:`submit`)."""
         job_id = self._run(
             model_or_path, activations, options, timeout, progress,
             methods=(method,) if method != "random" else ("l1",), seed=seed, target=target,
             plan_method=method, manifest=manifest, constraints=constraints, step=step,
             compensation=compensation, allocation=allocation, epsilon=epsilon,
-            input_shape=input_shape,
+            input_shape=input_shape, crossfit=crossfit,
         )  # fmt: skip
         return self.plan(job_id)
 

@@ -66,6 +66,7 @@ def job_request(
     compensation: bool | None = None,
     allocation: str | None = None,
     epsilon: float | None = None,
+    crossfit: bool | None = None,
 ) -> JobRequest:
     """The validated job request (arguments as in :meth:`clients.PruneGraphClient.submit`;
     ``None`` leaves a field to the server's default).
@@ -91,6 +92,7 @@ def job_request(
         "compensation": compensation,
         "allocation": allocation,
         "epsilon": epsilon,
+        "crossfit": crossfit,
     }
     given.update({k: v for k, v in optional.items() if v is not None})
     if input_shape is not None:

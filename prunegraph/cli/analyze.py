@@ -19,6 +19,7 @@ from prunegraph.cli.inputs import read_inputs
 from prunegraph.cli.options import (
     ActivationsOpt,
     AlphaOpt,
+    CrossfitOpt,
     EpsilonOpt,
     InputShapeOpt,
     ManifestOpt,
@@ -47,8 +48,11 @@ def analyze_here(
     err: Console,
     input_shape: str | None = None,
     epsilon: float = DEFAULT_EPSILON,
+    crossfit: bool = True,
 ) -> tuple[Report, float]:
-    """Embedded analysis with a progress bar on stderr; returns the report and the read time."""
+    """Embedded analysis with a progress bar on stderr; returns the report and the read time
+    (``crossfit``: the activations file's held-out statistics cross-fit the functional
+    figures, as on the service)."""
     t0 = time.perf_counter()
     inputs = read_inputs(checkpoint, manifest, input_shape, activations)
     parsed, man = inputs.checkpoint, inputs.manifest
@@ -79,10 +83,10 @@ def analyze_here(
             manifest=man,
             activations=inputs.maps,
         )
-    report = comp.add_functional(report, parsed, man, stats, epsilon)
     if inputs.notes:
         report = report.model_copy(update={"notes": inputs.notes})
-    return report, t_read
+    holdout = comp.holdout_for(None, inputs, stats, crossfit)
+    return comp.add_functional(report, parsed, man, stats, epsilon, holdout), t_read
 
 
 def analyze_cmd(
@@ -102,6 +106,7 @@ def analyze_cmd(
     vectors: VectorsOpt = "auto",
     input_shape: InputShapeOpt = None,
     epsilon: EpsilonOpt = DEFAULT_EPSILON,
+    crossfit: CrossfitOpt = True,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -131,14 +136,16 @@ def analyze_cmd(
                 progress=err.is_terminal,
                 input_shape=input_shapes(input_shape, manifest),
                 epsilon=epsilon,
+                crossfit=crossfit,
             )
             emit(report.to_json(), output, as_json, lambda: render_report(report, out), out, err)
             print_notes(report.notes, err)
             err.print(f"[dim]analysed on {server} in {time.perf_counter() - t0:.2f} s[/]")
             return
         report, t_read = analyze_here(
-            checkpoint, manifest, activations, chosen, seed, options, err, input_shape, epsilon
-        )
+            checkpoint, manifest, activations, chosen, seed, options, err, input_shape, epsilon,
+            crossfit,
+        )  # fmt: skip
     except PruneGraphError as e:
         raise fail(err, e) from None
     t_total = time.perf_counter() - t0

@@ -5,6 +5,8 @@ moments of the consumers' inputs (``gram/<module>``), or both. The maps feed ``c
 ``--vectors activations`` as before; the statistics make ``plan`` compensated by default and add
 functional redundancy to ``analyze``'s report. A compensated plan written with ``-o plan.json``
 has its sidecar written next to it (``plan.fold.safetensors``, pinned by sha256 in the plan).
+Held-out statistics (the file's own ``holdout/<module>``, or ``plan --holdout-activations``,
+which wins) cross-fit the error curves of both unless ``--no-crossfit``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from prunegraph.cli.options import existing
 if TYPE_CHECKING:
     from graphs.layers import LayerWeights
     from service.ingest.checkpoint import ParsedCheckpoint
+    from service.jobs.inputs import JobInputs
 
 ALLOCATION_HELP = (
     "compensated plans: how many channels each group loses: functional (SRP on functional "
@@ -110,12 +113,23 @@ HOLDOUT_HINT = (
 
 
 def check_holdout(
-    path: Path | None, activations: Path | None, server: str | None, compensation: bool
+    path: Path | None,
+    activations: Path | None,
+    server: str | None,
+    compensation: bool,
+    crossfit: bool = True,
 ) -> None:
     """``--holdout-activations``: refused before any work without ``--activations``, with
-    ``--server`` (not sent to a service) or with ``--no-compensation`` (nothing to cross-fit)."""
+    ``--server`` (not sent to a service), with ``--no-compensation`` (nothing to cross-fit) or
+    with ``--no-crossfit`` (in-sample curves)."""
     if path is None:
         return
+    if not crossfit:
+        raise InvalidInputError(
+            "--holdout-activations cross-fits the error curves, and --no-crossfit asks for "
+            "in-sample curves",
+            hint="Leave out --no-crossfit, or leave out --holdout-activations.",
+        )
     if activations is None:
         raise InvalidInputError(
             "--holdout-activations cross-fits the error curves of compensated plans: it needs "
@@ -170,21 +184,32 @@ def read_holdout(
     return dict(capture.statistics)
 
 
+def holdout_for(
+    path: Path | None, inputs: JobInputs, stats: dict[str, np.ndarray] | None, crossfit: bool
+) -> dict[str, np.ndarray] | None:
+    """The held-out statistics that cross-fit the curves: ``--holdout-activations`` when given
+    (:func:`read_holdout`), else the activations file's own when ``crossfit`` and ``stats``
+    (the usable statistics) are there, as a job on the service takes them; None: in-sample."""
+    if path is not None:
+        return read_holdout(path, inputs.checkpoint.layers, stats)
+    from service.jobs.compensation import used_holdout
+
+    return used_holdout(inputs, crossfit=crossfit) if stats else None
+
+
 def add_functional(
     report: Report,
     parsed: ParsedCheckpoint,
     manifest: Manifest | None,
     stats: dict[str, np.ndarray] | None,
     epsilon: float = DEFAULT_EPSILON,
+    holdout: dict[str, np.ndarray] | None = None,
 ) -> Report:
-    """``report`` with every group's functional redundancy when there are statistics."""
-    if not stats or manifest is None:
-        return report
-    from graphs.functional_report import functional_figures, with_functional
+    """``report`` with every group's functional redundancy when there are statistics
+    (cross-fitted with ``holdout``: :func:`service.jobs.compensation.with_figures`)."""
+    from service.jobs.compensation import with_figures
 
-    return with_functional(
-        report, functional_figures(parsed.layers, manifest, stats, epsilon=epsilon)
-    )
+    return with_figures(report, parsed.layers, manifest, stats, epsilon, holdout)
 
 
 def write_sidecar(plan: PruningPlan, output: Path | None, err: Console) -> None:

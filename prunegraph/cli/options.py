@@ -70,6 +70,16 @@ HoldoutOpt = Annotated[
         show_default=False,
     ),
 ]
+CrossfitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--crossfit/--no-crossfit",
+        help="with held-out statistics in --activations (captured with "
+        "clients.capture_activations(..., holdout_every=...)): cross-fit the error curves of "
+        "compensated plans and of functional redundancy (folds fitted on one part of the "
+        "calibration data, their error measured on the other); --no-crossfit: in-sample",
+    ),
+]
 TokenOpt = Annotated[
     str | None,
     typer.Option(help="bearer token for --server", envvar="PRUNEGRAPH_TOKEN", show_default=False),

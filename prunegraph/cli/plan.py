@@ -19,6 +19,7 @@ from prunegraph.cli.inputs import read_inputs
 from prunegraph.cli.options import (
     ActivationsOpt,
     AlphaOpt,
+    CrossfitOpt,
     EpsilonOpt,
     HoldoutOpt,
     InputShapeOpt,
@@ -95,11 +96,13 @@ def plan_here(
     err: Console,
     sensitivity: dict[str, Any] | None = None,
     holdout: Path | None = None,
+    crossfit: bool = True,
     **job: Any,
 ) -> PruningPlan:
     """The embedded plan (``job``: the planner's method, target, constraints, options, ...;
     ``sensitivity``: the parsed ``--sensitivity`` table; ``holdout``: the
-    ``--holdout-activations`` file)."""
+    ``--holdout-activations`` file, which wins over the activations file's own held-out
+    statistics; ``crossfit``: whether those cross-fit the curves)."""
     from graphs.planner import plan_layers
 
     inputs = read_inputs(checkpoint, manifest, input_shape, activations)
@@ -114,7 +117,7 @@ def plan_here(
         activations=inputs.maps,
         stats=stats,
         sensitivity=sensitivity,
-        holdout_stats=comp.read_holdout(holdout, parsed.layers, stats),
+        holdout_stats=comp.holdout_for(holdout, inputs, stats, crossfit),
         **job,
     )
 
@@ -158,6 +161,7 @@ def plan_cmd(
     epsilon: EpsilonOpt = DEFAULT_EPSILON,
     sensitivity: SensitivityOpt = None,
     holdout_activations: HoldoutOpt = None,
+    crossfit: CrossfitOpt = True,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -172,7 +176,7 @@ def plan_cmd(
         )
         check_choices(method, allocation)
         table = comp.read_sensitivity(sensitivity, activations, server, allocation)
-        comp.check_holdout(holdout_activations, activations, server, compensation)
+        comp.check_holdout(holdout_activations, activations, server, compensation, crossfit)
         options = analysis_options(
             alpha=alpha,
             min_explained=min_explained,
@@ -195,12 +199,13 @@ def plan_cmd(
                 activations=existing(activations) if activations is not None else None,
                 progress=err.is_terminal,
                 input_shape=input_shapes(input_shape, manifest),
+                crossfit=crossfit,
                 **job,
             )
         else:
             plan = plan_here(
                 checkpoint, manifest, activations, input_shape, err,
-                sensitivity=table, holdout=holdout_activations, **job,
+                sensitivity=table, holdout=holdout_activations, crossfit=crossfit, **job,
             )  # fmt: skip
         emit(plan.to_json(), output, as_json, lambda: render_plan(plan, out), out, err)
         comp.write_sidecar(plan, output, err)

@@ -70,13 +70,15 @@ def remote_report(
     progress: bool = False,
     input_shape: list[list[int]] | None = None,
     epsilon: float | None = None,
+    crossfit: bool = True,
 ) -> Report:
-    """The report of ``checkpoint`` computed by the service at ``server``."""
+    """The report of ``checkpoint`` computed by the service at ``server`` (``crossfit=False``
+    is sent; True is the service's default and left out, so older services are served)."""
     with translated(server), PruneGraphClient(server, token=token) as client:
         return client.analyze(
             checkpoint, methods=methods, seed=seed, options=options, manifest=manifest,
             activations=activations, timeout=timeout, progress=progress,
-            input_shape=input_shape, epsilon=epsilon,
+            input_shape=input_shape, epsilon=epsilon, crossfit=None if crossfit else False,
         )  # fmt: skip
 
 
@@ -99,14 +101,16 @@ def remote_plan(
     compensation: bool | None = None,
     allocation: str | None = None,
     epsilon: float | None = None,
+    crossfit: bool = True,
 ) -> PruningPlan:
     """The plan of ``checkpoint`` computed by the service at ``server`` (a compensated plan
-    with its sidecar, fetched and checked against the sha256 the plan pins)."""
+    with its sidecar, fetched and checked against the sha256 the plan pins; ``crossfit`` as in
+    :func:`remote_report`)."""
     with translated(server), PruneGraphClient(server, token=token) as client:
         return client.plan_for(
             checkpoint, target=target.model_dump(exclude_none=True), method=method,
             manifest=manifest, seed=seed, options=options, constraints=constraints, step=step,
             activations=activations, timeout=timeout, progress=progress,
             compensation=compensation, allocation=allocation, epsilon=epsilon,
-            input_shape=input_shape,
+            input_shape=input_shape, crossfit=None if crossfit else False,
         )  # fmt: skip

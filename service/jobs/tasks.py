@@ -42,7 +42,7 @@ from graphs.options import AnalysisOptions, check_inputs
 from graphs.planner import plan_layers
 from graphs.report import CheckpointInfo, MethodResult, Report, SkippedLayer
 from graphs.strategies import GRAPH_METHODS
-from service.jobs.compensation import store_sidecar, with_figures
+from service.jobs.compensation import store_sidecar, used_holdout, with_figures
 from service.jobs.executors.local import (
     Executor,
     GroupTask,
@@ -228,9 +228,10 @@ def _compute(
         progress=progress,
         job_id=job_id,
     )
-    report = with_figures(report, parsed.layers, manifest, stats, request.epsilon)
     if notes:
         report = report.model_copy(update={"notes": notes})
+    holdout = used_holdout(inputs, crossfit=request.crossfit)
+    report = with_figures(report, parsed.layers, manifest, stats, request.epsilon, holdout)
     plan_json = None
     if request.target is not None:
         cache = FileCache(Path(cache_dir), namespace) if cache_dir is not None else None
@@ -251,6 +252,7 @@ def _compute(
             compensation=request.compensation,
             allocation=request.allocation,
             epsilon=request.epsilon,
+            holdout_stats=holdout,
         )
         store_sidecar(sidecar_dir, plan)
         plan_json = plan.to_json()

@@ -39,7 +39,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     root = tmp_path_factory.mktemp("holdout")
     net, _ = save_net(root)
     batches = [torch.randn(32, 3, 4, 4) for _ in range(4)]
-    every = capture_activations(net, batches, maps=False).save(root / "all.safetensors")
+    # no held-out part of its own (that is tests/prunegraph/test_cli_crossfit.py): the flag's
+    every = capture_activations(net, batches, maps=False, holdout_every=0).save(
+        root / "all.safetensors"
+    )
     part = capture_activations(net, batches[:2], maps=False).save(root / "part.safetensors")
     maps = capture_activations(net, batches[:2], statistics=False).save(root / "maps.safetensors")
     return Files(root / "net.pt", root / "manifest.json", every, part, maps, root)
