@@ -181,3 +181,29 @@ def test_compensated_plan_and_sidecar_are_identical(
     assert outs["local"] == outs["remote"] and "pred. error" in outs["local"]
     for name in ("plan.json", "plan.fold.safetensors"):
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "remote" / name).read_bytes()
+
+
+def test_cross_fitted_plans_and_reports_are_identical(
+    server: Server, files: tuple[Path, Path]
+) -> None:
+    """Held-out statistics in the activations file cross-fit both sides; --no-crossfit is
+    sent as crossfit=false and gives the in-sample plan and report on both."""
+    from clients.activations import capture_activations
+
+    ckpt, manifest = files
+    model = models.digit_cnn()
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 1, 28, 28, generator=gen) for _ in range(4)]
+    acts = capture_activations(model, batches, maps=False).save(ckpt.parent / "held.safetensors")
+    common = ["--json", "--manifest", str(manifest), "--activations", str(acts)]
+    plan = ["plan", str(ckpt), "--method", "l1", "--target-flops", "0.4", *common]
+    crossed, remote = _both(server, *plan)
+    assert crossed == remote and "cross-fitted error curves" in crossed
+    inside, remote = _both(server, *plan, "--no-crossfit")
+    assert inside == remote != crossed and "cross-fitted" not in inside
+    report = ["analyze", str(ckpt), "--methods", "l1", *common]
+    local, remote = _both(server, *report)
+    assert local == remote and '"notes"' in local
+    local, remote = _both(server, *report, "--no-crossfit")
+    assert local == remote and '"notes"' not in local and '"functional"' in local
