@@ -16,6 +16,7 @@ from urllib.parse import quote
 from sqlalchemy import select
 
 from graphs.errors import PruneGraphError
+from graphs.functional_report import CROSSFIT_NOTE
 from graphs.plan import PruningPlan
 from graphs.report import MethodSummary, Report
 from service.api.deps import State
@@ -96,6 +97,7 @@ def report_context(row: JobRow, base: str) -> dict[str, Any]:
         plan=plan,
         plan_chart=plan_chart(plan) if plan is not None and plan.groups else None,
         curves=functional_curves(report),
+        functional_crossfit=CROSSFIT_NOTE in report.notes,
         plan_functional=plan is not None
         and any(g.functional_redundancy is not None for g in plan.groups),
         plan_error=plan is not None and any(g.predicted_error is not None for g in plan.groups),

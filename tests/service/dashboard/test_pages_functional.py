@@ -160,3 +160,14 @@ def test_plan_view_shows_predicted_error_per_group(made: tuple[Report, PruningPl
         }
     )
     assert not any(a.get("data-role") == "predicted-error" for _, a, _ in _page(report, bare))
+
+
+def test_cross_fitted_figures_are_labelled_so(made: tuple[Report, PruningPlan]) -> None:
+    from graphs.functional_report import CROSSFIT_NOTE
+
+    report, _ = made
+    label = [a for tag, a, _ in _page(report, None) if a.get("data-role") == "crossfit"]
+    assert report.notes == [] and label == []  # in-sample: no label
+    crossed = report.model_copy(update={"notes": [CROSSFIT_NOTE]})
+    label = [a for tag, a, _ in _page(crossed, None) if a.get("data-role") == "crossfit"]
+    assert len(label) == 1
