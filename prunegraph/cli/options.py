@@ -66,7 +66,8 @@ HoldoutOpt = Annotated[
         "(clients.capture_activations(model, part_of_the_batches, maps=False).save(...), best "
         "whole source images): the error curves of the compensated plan are cross-fitted (folds "
         "fitted on one part, their error measured on the other), which predicts the harm of "
-        "pruning better; planning takes about 3x longer (needs --activations)",
+        "pruning better; planning takes about 3x longer (needs --activations; wins over the "
+        "held-out statistics --activations may hold itself)",
         show_default=False,
     ),
 ]
