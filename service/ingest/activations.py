@@ -40,7 +40,7 @@ class Capture:
     """Everything an activations file holds, checked on its own.
 
     Attributes:
-        maps: layer name -> feature maps (samples, channels, pixels); may be empty (version 2
+        maps: layer name -> feature maps (samples, channels, pixels); may be empty (version 2 and 3
             files captured with ``maps=False``).
         statistics: consumer module name -> S, float64 (c + 1, c + 1), constant last.
         skipped: consumer module name -> why it has no statistics.

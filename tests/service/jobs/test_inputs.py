@@ -73,7 +73,7 @@ def test_activations_are_read_and_checked_against_the_layers(tmp_path: Path) -> 
     check_capture(want, inputs.checkpoint.layers)
     assert inputs.maps is not None and set(inputs.maps) == set(want.maps) == {"0"}
     np.testing.assert_array_equal(inputs.maps["0"], want.maps["0"])
-    assert inputs.stats is None  # version 2 file without second moments
+    assert inputs.stats is None and inputs.holdout is None  # a file without second moments
     with pytest.raises(InvalidInputError, match="do not fit the checkpoint"):
         load_inputs(path, activations=_activations(tmp_path, 5))
 
