@@ -26,19 +26,27 @@ versa, and average the two.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import scipy.linalg.blas
 
 from graphs.compensated import GroupConsumers
-from graphs.consumers import Consumer, ConsumerStats, Prepared, channel_gram, spd_inverse
+from graphs.consumers import (
+    Consumer,
+    ConsumerStats,
+    Prepared,
+    channel_gram,
+    spd_inverse,
+    spd_solve,
+)
 from graphs.errors import InvalidInputError
 from graphs.functional import ErrorCurve, error_curve
 from graphs.options import DEFAULT_RIDGE
 
 __all__ = ["crossfit_curve", "crossfit_curves", "direction_errors", "split_stats"]
 
-_ger = scipy.linalg.blas.dger
+BLOCK = 32
+"""Channels removed per state update along a cross-fitted curve (any block: the same errors)."""
 
 _HINT = (
     "Pass the statistics of a part of the calibration data (e.g. the second half of the source "
@@ -54,57 +62,101 @@ def _moments_about(evaluate: ConsumerStats, mu: np.ndarray, sd: np.ndarray) -> n
     return (raw + raw.T) / (2 * np.outer(sd, sd))
 
 
+class _Path:
+    """One direction's state along the order since the last rebuild, in the fit half's
+    standardized coordinates. With K the kept channels at the rebuild, the lift L (c, K) gives
+    x̂ = L x_K (identity on K, the fold on the removed), and the metric is M = F Fᵀ (F (c, r)):
+    ``Q`` = (C_KK + ridge I)⁻¹ (K, K), ``NF`` = Lᵀ F (K, r) (so H = Lᵀ M L = NF NFᵀ), and the
+    error tr(M (I − L S_K) G (I − L S_K)ᵀ) = tr(MG) − 2 ``cross`` + ``quad`` with
+    cross = tr(Lᵀ M G_:K), quad = tr(H G_KK). Removed positions have zero rows in Q and NF."""
+
+    def __init__(self, C: np.ndarray, F: np.ndarray, G: np.ndarray, gone: np.ndarray, ridge: float):
+        c = C.shape[0]
+        self.basis = b = np.setdiff1d(np.arange(c), gone)
+        self.Q = spd_inverse(C[np.ix_(b, b)] + ridge * np.eye(b.size))
+        self.NF = F[b] + self.Q @ (C[np.ix_(b, gone)] @ F[gone])  # Lᵀ F
+        self.GkF = G[b] @ F  # (K, r)
+        self.Gkk = G[np.ix_(b, b)]
+        self.cross = float(np.sum(self.NF * self.GkF))
+        self.quad = float(np.sum((self.Gkk @ self.NF) * self.NF))
+
+    def remove(self, J: np.ndarray) -> list[float]:
+        """Remove positions ``J`` (b,) in turn; −2 cross + quad after each of them (b values).
+
+        Removing a set J from the kept set refits the fold: L ← L − L_J P with
+        P = Q_JJ⁻¹ Q_J: (b, K), so NF ← NF − Pᵀ NF_J and Q ← Q − Q_:J P (H ← H + U P + Pᵀ Uᵀ
+        with U = ½ Pᵀ H_JJ − H_:J). The traces after the first i of J need only b×b matrices:
+        with Z = (Q_JJ)_i⁻¹, cross − tr(Z A_i) and quad + tr(H_JJ Z B Z)_i − 2 tr(D_i Z), where
+        A = Q_:Jᵀ G_K: M L_J, B = Q_:Jᵀ G_KK Q_:J, D = H_:Jᵀ G_KK Q_:J.
+        """
+        Q, NF = self.Q, self.NF
+        QJ, NFJ = Q[:, J], NF[J]
+        HJ = NF @ NFJ.T  # (K, b)
+        QJJ, HJJ = QJ[J], HJ[J]
+        V = self.Gkk @ QJ  # (K, b)
+        A = QJ.T @ (self.GkF @ NFJ.T)
+        B, D = QJ.T @ V, HJ.T @ V
+        out = []
+        cross = quad = 0.0
+        for i in range(1, J.size + 1):
+            Z = np.linalg.inv(QJJ[:i, :i])
+            ZB = Z @ B[:i, :i]
+            cross = self.cross - float(np.sum(Z * A[:i, :i].T))
+            quad = self.quad + float(np.sum((HJJ[:i, :i] @ ZB) * Z.T) - 2 * np.sum(D[:i, :i] * Z.T))
+            out.append(quad - 2.0 * cross)
+        P = spd_solve(QJJ, QJ.T)  # (b, K)
+        self.NF = NF - P.T @ NFJ
+        self.Q = Q - QJ @ P
+        self.cross, self.quad = cross, quad
+        return out
+
+
+def _metric_factor(pooled: Prepared, d: np.ndarray) -> np.ndarray:
+    """F (c, r) with F Fᵀ = the pooled metric in fit's coordinates (diag(d) M diag(d))."""
+    rows = pooled.metric_rows
+    if rows is not None and rows.shape[0] < rows.shape[1]:
+        return np.asarray(rows.T * d[:, None])
+    w, V = np.linalg.eigh(pooled.metric * np.outer(d, d))
+    keep = w > 1e-14 * max(float(w.max()), 1e-300)
+    return np.asarray(V[:, keep] * np.sqrt(w[keep]))
+
+
 def direction_errors(
-    fit: Consumer, evaluate: Consumer, pooled: Prepared, order: np.ndarray, *, ridge: float
+    fit: Consumer,
+    evaluate: Consumer,
+    pooled: Prepared,
+    order: np.ndarray,
+    *,
+    ridge: float,
+    block: int = BLOCK,
 ) -> np.ndarray:
     """Output error (pooled metric) on ``evaluate``'s statistics of the folds fitted on
-    ``fit``'s, after removing ``order[:k]`` for k = 0..m: (m+1,), raw (may be non-monotone)."""
+    ``fit``'s, after removing ``order[:k]`` for k = 0..m: (m+1,), raw (may be non-monotone).
+
+    ``block``: channels removed per update of the state (matrix products instead of rank-one
+    updates); every error along the way is exact whatever the block."""
+    if block < 1:
+        raise InvalidInputError(f"block must be at least 1, got {block}")
     pf = fit.prepared
-    c = pf.sd.size
     sd = np.where(pf.sd > 0, pf.sd, np.where(pooled.sd > 0, pooled.sd, 1.0))  # scale-free
     d = sd / np.where(pooled.sd > 0, pooled.sd, 1.0)
-    M = pooled.metric * np.outer(d, d)  # the pooled metric in fit's standardized coordinates
+    F = _metric_factor(pooled, d)  # the pooled metric in fit's standardized coordinates
     G = _moments_about(evaluate.stats, pf.mu, sd)
-    base = float(np.sum(M * G))
-    C = pf.corr
-    gone: list[int] = []
+    base = float(np.sum((G @ F) * F))
+    order = np.asarray(order, dtype=np.int64)
     errors = [0.0]
-    basis = np.zeros(0, dtype=np.int64)  # kept channels at the last rebuild: columns of L, N, H, Q
-    pos = np.zeros(c, dtype=np.int64)
-    live = 0
-    for j_ch in (int(v) for v in order):
-        if basis.size == 0 or (live < 0.5 * basis.size and basis.size > 32):
-            removed = np.asarray(gone, dtype=np.int64)
-            basis = np.setdiff1d(np.arange(c), removed)
-            live = basis.size
-            pos[basis] = np.arange(basis.size)
-            Q = spd_inverse(C[np.ix_(basis, basis)] + ridge * np.eye(basis.size))
-            L = np.zeros((c, basis.size))  # lift: x̂ = L x_K (identity on K, the fold on R)
-            L[basis, np.arange(basis.size)] = 1.0
-            L[removed] = C[np.ix_(removed, basis)] @ Q
-            N = L.T @ M  # (K, c)
-            Gk, Gkk = G[basis], G[np.ix_(basis, basis)]
-            H = N @ L  # (K, K)
-            cross, quad = float(np.sum(N * Gk)), float(np.sum(H * Gkk))
-            # Fortran order: BLAS ger updates in place (no temporaries)
-            Q, H, N = (np.asfortranarray(x) for x in (Q, H, N))
-        # removing position j: L ← L − L_j qᵀ with q = Q_j / Q_jj (the refitted fold), so
-        # N ← N − q N_j, H ← H + u qᵀ + q uᵀ, and the two traces change by rank one
-        j = int(pos[j_ch])
-        qj = Q[:, j].copy()
-        q = qj / qj[j]
-        u = 0.5 * H[j, j] * q - H[:, j]
-        nj = N[j].copy()
-        cross -= float(q @ (Gk @ nj))
-        quad += 2.0 * float(u @ (Gkk @ q))
-        _ger(-1.0, q, nj, a=N, overwrite_a=1)
-        _ger(1.0, u, q, a=H, overwrite_a=1)
-        _ger(1.0, q, u, a=H, overwrite_a=1)
-        _ger(-1.0 / qj[j], qj, qj, a=Q, overwrite_a=1)
-        gone.append(j_ch)
-        live -= 1
-        # tr(M (I − L S_K) G (I − L S_K)ᵀ) = tr(MG) − 2 tr(N G_K:ᵀ) + tr(H G_KK)
-        errors.append(base - 2.0 * cross + quad)
+    pos = np.zeros(pf.sd.size, dtype=np.int64)
+    path: _Path | None = None
+    live = done = 0
+    while done < order.size:
+        if path is None or (live < 0.5 * path.basis.size and path.basis.size > 32):
+            path = _Path(pf.corr, F, G, order[:done], ridge)  # rebuild: rounding stays bounded
+            live = path.basis.size
+            pos[path.basis] = np.arange(live)
+        step = order[done : done + block]
+        errors.extend(base + e for e in path.remove(pos[step]))
+        done += step.size
+        live -= step.size
     return np.asarray(errors)
 
 
@@ -196,19 +248,24 @@ def crossfit_curves(
     *,
     ridge: float = DEFAULT_RIDGE,
     ids: Iterable[int] | None = None,
+    workers: int = 2,
 ) -> dict[int, ErrorCurve]:
     """Cross-fitted curves of the groups of ``pooled`` (or ``ids``) that have consumers.
 
     ``found``: the groups' consumers with the statistics of all the calibration data;
     ``holdout``: consumer module name → the statistics of a part of it (B; A = all − B), raw
     shape as ``found`` was built from; ``pooled``: group id → the curve of all the data (its
-    order is kept).
+    order is kept). ``workers``: threads computing curves side by side (BLAS releases the GIL;
+    the planner runs them under one BLAS thread); each curve is computed alone, so the result
+    does not depend on it.
 
     Raises:
-        InvalidInputError: a consumer without held-out statistics, or statistics that are not a
-            part of the pooled ones.
+        InvalidInputError: a consumer without held-out statistics, statistics that are not a
+            part of the pooled ones, or ``workers`` < 1.
     """
-    out: dict[int, ErrorCurve] = {}
+    if workers < 1:
+        raise InvalidInputError(f"workers must be at least 1, got {workers}")
+    jobs: dict[int, tuple[list[Consumer], list[Consumer]]] = {}
     for gid in pooled if ids is None else ids:
         specs = found.consumers.get(gid)
         if not specs or gid not in pooled:
@@ -222,5 +279,13 @@ def crossfit_curves(
             d = s.data
             half_a.append(Consumer(d.name, ConsumerStats(A), d.weight, d.groups))
             half_b.append(Consumer(d.name, ConsumerStats(B), d.weight, d.groups))
-        out[gid] = crossfit_curve(half_a, half_b, ridge=ridge, pooled=pooled[gid])
-    return out
+        jobs[gid] = half_a, half_b
+
+    def one(gid: int) -> ErrorCurve:
+        return crossfit_curve(*jobs[gid], ridge=ridge, pooled=pooled[gid])
+
+    # the widest groups first; each curve is computed alone, so the bits do not depend on workers
+    todo = sorted(jobs, key=lambda g: -pooled[g].channels)
+    with ThreadPoolExecutor(max_workers=min(workers, max(len(todo), 1))) as pool:
+        done = dict(zip(todo, pool.map(one, todo), strict=True))
+    return {gid: done[gid] for gid in jobs}

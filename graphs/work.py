@@ -89,6 +89,7 @@ class GroupWork:
         self.cache = cache
         self._digests: dict[str, str] = {}
         self._V: np.ndarray | None = None
+        self._act: np.ndarray | None = None  # activation vectors no larger than the maps held
         self._graph: CalibratedGraph | None = None
         self._hsc: HscLayerResult | None = None
         self._ci: CiLayerResult | None = None
@@ -112,10 +113,17 @@ class GroupWork:
         need the vectors, so that a plan holds one group's vectors at a time, not the model's."""
         if self.options.vectors == "weights":
             return self.group.vectors() if self._X is None else self._X
-        return activation_vectors(self._maps("data-aware graphs"))
+        if self._act is not None:
+            return self._act
+        maps = self._maps("data-aware graphs")
+        V = activation_vectors(maps)
+        if V.nbytes <= maps.nbytes:  # kept: it adds no more memory than the maps this holds
+            self._act = V
+        return V
 
     def release(self) -> None:
-        """Drop the vectors (rebuilt on demand); the graph, clustering, CI and digests stay."""
+        """Drop the vectors (rebuilt on demand); the graph, clustering, CI and digests stay, and
+        so do activation vectors no larger than the feature maps this object holds anyway."""
         self._X = self._V = None
 
     def _maps(self, what: str) -> np.ndarray:

@@ -69,6 +69,19 @@ def test_a_long_path_rebuilds_and_still_matches() -> None:
     np.testing.assert_allclose(fast, explicit(a, xb, both, order), rtol=1e-6, atol=1e-10)
 
 
+@pytest.mark.parametrize("block", [1, 2, 7, 32, 1000])
+def test_every_block_size_gives_the_same_exact_errors(block: int) -> None:
+    """Blocks of removals (matrix products) give the definition's error after every channel,
+    across rebuilds, whatever the block."""
+    xa, xb, w = halves(seed=5, c=70)
+    a, b, both = consumers(xa, xb, w)
+    order = error_curve([both], max_remove=65).order
+    got = direction_errors(a, b, both.prepared, order, ridge=DEFAULT_RIDGE, block=block)
+    np.testing.assert_allclose(got, explicit(a, xb, both, order), rtol=1e-6, atol=1e-10)
+    with pytest.raises(InvalidInputError, match="block"):
+        direction_errors(a, b, both.prepared, order, ridge=DEFAULT_RIDGE, block=0)
+
+
 def test_same_halves_give_the_in_sample_error() -> None:
     xa, _, w = halves(seed=1)
     a = Consumer("x", ConsumerStats(gram(xa)), w)
@@ -130,10 +143,25 @@ def test_curves_of_a_model_and_planning_with_held_out_statistics() -> None:
     part = {"b": gram(x[: x.shape[0] // 2]), "fc": full["fc"] / 2}
     found = group_consumers(layers, man, full)
     pooled = found.curves(found.consumers)
+    for workers in (1, 3):  # pooled curves too: the same bits with any number of threads
+        again = found.curves(found.consumers, workers=workers)
+        assert list(again) == list(pooled)
+        for gid, cv in again.items():
+            np.testing.assert_array_equal(cv.errors, pooled[gid].errors)
+            np.testing.assert_array_equal(cv.order, pooled[gid].order)
+    with pytest.raises(InvalidInputError, match="workers"):
+        found.curves(found.consumers, workers=0)
     curves = crossfit_curves(found, part, pooled)
     assert set(curves) == set(pooled)
     for gid, cv in curves.items():
         np.testing.assert_array_equal(cv.order, pooled[gid].order)
+    for workers in (1, 3):  # threads compute whole curves: the same bits
+        again = crossfit_curves(found, part, pooled, workers=workers)
+        assert list(again) == list(curves)
+        for gid, cv in again.items():
+            np.testing.assert_array_equal(cv.errors, curves[gid].errors)
+    with pytest.raises(InvalidInputError, match="workers"):
+        crossfit_curves(found, part, pooled, workers=0)
     with pytest.raises(InvalidInputError, match="no held-out statistics for fc"):
         crossfit_curves(found, {"b": part["b"]}, pooled)
     kw = {"method": "mrp", "target": Target(flops=0.25), "params_total": man.params_total}
