@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -49,8 +50,8 @@ import numpy as np
 import torch
 
 from benchmarks.fidelity_compensation_rows import apply, capture_stats, measure
-from benchmarks.fidelity_harness import Setup, log_probs, setup
-from benchmarks.fidelity_images import SIZE, ImageSet, image_set
+from benchmarks.fidelity_harness import Setup, channels_last, log_probs, setup
+from benchmarks.fidelity_images import SIZE, ImageSet, image_set, normalize
 from benchmarks.support.meta import machine_busy, run_meta
 from benchmarks.support.paths import BENCHMARKS, realdata_dir
 
@@ -91,6 +92,25 @@ def split_calibration(images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
     names = images.info["calib_sources"]
     cut = sum(per[n] for n in names[: len(names) // 2])
     return images.calib_u8[:cut], images.calib_u8[cut:]
+
+
+def product_capture(
+    s: Setup, images: ImageSet
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """Statistics and their held-out part as the product captures them
+    (``capture_activations(..., holdout_every=2)``), with one batch per calibration source image
+    in source order: the held-out part is every second source image (4 of 8)."""
+    from clients import capture_activations
+
+    per = images.info["crops_per_source"]
+    cuts = np.cumsum([0] + [per[n] for n in images.info["calib_sources"]])
+    chunks = [normalize(images.calib_u8[lo:hi]) for lo, hi in itertools.pairwise(cuts)]
+    t = time.perf_counter()
+    model = channels_last(copy.deepcopy(s.model))
+    acts = capture_activations(
+        model, chunks, max_samples=images.calib_u8.shape[0], maps=False, holdout_every=2
+    )
+    return acts.stats(), acts.holdout_stats(), time.perf_counter() - t
 
 
 def sensitivity_tables(
@@ -258,7 +278,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     s = setup(a.realdata or realdata_dir())
     ref = log_probs(copy.deepcopy(s.model), images.eval_u8)
     ref_cal = log_probs(copy.deepcopy(s.model), images.calib_u8)
-    if a.stats is not None:  # a file of these very statistics (checked once with --golden-stats)
+    holdout = None
+    if a.holdout == "product":  # the product's own capture: every second batch held out
+        stats, holdout, capture_s = product_capture(s, images)
+        print(f"statistics and held-out part (one capture, a source per batch): {capture_s:.1f} s")
+    elif a.stats is not None:  # a file of these very statistics (checked with --golden-stats)
         from safetensors.numpy import load_file
 
         stats = {k.removeprefix("gram/"): v for k, v in load_file(str(a.stats)).items()}
@@ -267,21 +291,22 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         stats, capture_s = capture_stats(s, images.calib_u8)
     golden = compare_golden(stats, a.golden_stats)
     print(f"statistics of {len(stats)} consumers in {capture_s:.1f} s; golden: {golden}")
-    kl_table, top_table, sens_s = load_or_measure(a.out_dir, s, images, stats, a.probe)
-    print(f"sensitivity tables ({len(kl_table['rows'])} rows) in {sens_s} s")
-    curves = curves_of(s, stats)
-    channels = {g.id: g.channels for g in s.manifest.groups}
-    weights = {
-        "marginal": None,
-        "marginal-kl": sensitivity_weights(kl_table, curves, channels=channels),
-        "marginal-top1": sensitivity_weights(top_table, curves, channels=channels),
-    }
+    weights: dict[str, Any] = {"marginal": None}
+    sens_s = None
+    if any(r.removesuffix("-cap") in ("marginal-kl", "marginal-top1") for r in a.rules):
+        kl_table, top_table, sens_s = load_or_measure(a.out_dir, s, images, stats, a.probe)
+        print(f"sensitivity tables ({len(kl_table['rows'])} rows) in {sens_s} s")
+        curves = curves_of(s, stats)
+        channels = {g.id: g.channels for g in s.manifest.groups}
+        weights["marginal-kl"] = sensitivity_weights(kl_table, curves, channels=channels)
+        weights["marginal-top1"] = sensitivity_weights(top_table, curves, channels=channels)
     if "marginal-kl-xfit" in a.rules:
+        curves = curves_of(s, stats)
+        channels = {g.id: g.channels for g in s.manifest.groups}
         xkl, _, xs = load_or_measure(a.out_dir, s, images, stats, a.probe, xfit=True)
         print(f"cross-fitted sensitivity table in {xs} s")
         weights["marginal-kl-xfit"] = sensitivity_weights(xkl, curves, channels=channels)
-    holdout = None
-    if any(r in XFIT_CURVES for r in a.rules):
+    if holdout is None and any(r in XFIT_CURVES for r in a.rules):
         holdout, hold_s = capture_stats(s, split_calibration(images)[1])
         print(f"held-out statistics (second half of the sources) in {hold_s:.1f} s")
     rows = []
@@ -304,6 +329,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "targets": list(a.targets),
             "probe_fractions": list(a.probe),
+            "holdout": a.holdout,
             "rules": list(a.rules),
             "method": "mrp, compensated (least-squares folds), default constraints",
             "sensitivity": "clients.sensitivity(order='functional', compensation=(True,)) on "
@@ -333,6 +359,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--golden-stats", type=Path, default=None, help="compare our statistics")
     p.add_argument("--stats", type=Path, default=None, help="use these statistics (no capture)")
     p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "currency")
+    p.add_argument(
+        "--holdout",
+        choices=("halves", "product"),
+        default="halves",
+        help="held-out part of the -xfit rows: the second half of the calibration sources "
+        "(captured apart), or the product's capture (holdout_every=2, one source per batch; "
+        "it also gives the statistics, --stats is then not used)",
+    )
     a = p.parse_args(argv)
     result = run(a)
     (a.out_dir / "currency.json").write_text(json.dumps(result, indent=2) + "\n")
