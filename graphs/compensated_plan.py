@@ -83,6 +83,8 @@ class StatsPlanning:
     epsilon: float
     ridge: float
     compensation: bool
+    note: str = ""
+    """What the rule says of the curves (cross-fitted, weights), for ``method``'s own counts."""
 
     def finish(self, plan: PruningPlan) -> PruningPlan:
         """The strategy's choice from the statistics where it has one (mrp), the parameters
@@ -96,6 +98,8 @@ class StatsPlanning:
         missing = sorted(n for names in found.missing.values() for n in names)
         if missing:
             data["rule"] = plan.rule + f"; no statistics for {', '.join(missing)}"
+        if self.counts is None:  # the method's own counts: the rule still says how curves were
+            data["rule"] += self.note
         by_least_squares = strategy_for(plan.method).least_squares_choice
         for g in data["groups"]:
             specs = found.consumers.get(g["id"])
@@ -202,7 +206,7 @@ def prepare_stats(
         counts = Counts(counts.removed, counts.rule + note)
     return StatsPlanning(
         options=opts, activations=acts, counts=counts, found=found, curves=curves, rule=rule,
-        epsilon=epsilon, ridge=ridge, compensation=compensation,
+        epsilon=epsilon, ridge=ridge, compensation=compensation, note=note,
     )  # fmt: skip
 
 

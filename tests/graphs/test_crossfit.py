@@ -167,6 +167,12 @@ def test_curves_of_a_model_and_planning_with_held_out_statistics() -> None:
     kw = {"method": "mrp", "target": Target(flops=0.25), "params_total": man.params_total}
     plan = plan_layers(layers, manifest=man, stats=full, holdout_stats=part, **kw)  # type: ignore[arg-type]
     assert "cross-fitted error curves" in plan.rule
+    own = plan_layers(
+        layers, manifest=man, stats=full, holdout_stats=part, allocation="method", **kw
+    )  # type: ignore[arg-type]
+    assert "cross-fitted error curves" in own.rule  # the method's own counts say it too
+    plain = plan_layers(layers, manifest=man, stats=full, allocation="method", **kw)  # type: ignore[arg-type]
+    assert "cross-fitted" not in plain.rule
     assert plan.achieved["flops"] >= 0.25
     with pytest.raises(InvalidInputError, match="held-out statistics"):
         plan_layers(layers, manifest=man, holdout_stats=part, **kw)  # type: ignore[arg-type]
