@@ -3,7 +3,9 @@
 
 Prepared once (not timed): the second moments of every consumer input over the 196 calibration
 inputs of :mod:`benchmarks.fidelity` (``clients.capture_activations(..., maps=False).save``) and
-the model's manifest (JSON). Each measurement is a **fresh process** with 2 BLAS/OpenMP threads
+the model's manifest (JSON); the capture holds out every second batch (the default), and
+``--crossfit on`` plans cross-fitted with it (the default path), ``off`` in-sample. Each
+measurement is a **fresh process** with 2 BLAS/OpenMP threads
 doing what the service or ``prunegraph plan --activations`` does: read the checkpoint, the
 manifest and the statistics file (validated), then ``plan_layers(stats=...)`` with compensation
 and the sidecar bytes. Reported: the planning time alone (``plan_s``), everything after the
@@ -47,7 +49,7 @@ def rss(field):
             return int(line.split()[1]) * 1024
     return None
 
-ckpt, manifest, acts, method, target = sys.argv[1:6]
+ckpt, manifest, acts, method, target, xfit = sys.argv[1:7]
 t1 = time.perf_counter()
 parsed = read_checkpoint(ckpt)
 man = Manifest.model_validate_json(Path(manifest).read_text())
@@ -57,12 +59,14 @@ t2 = time.perf_counter()
 before = rss("VmRSS")
 plan = plan_layers(parsed.layers, method=method, target=Target(flops=float(target)),
                    params_total=parsed.info.n_params, manifest=man, seed=0,
-                   checkpoint_sha256=parsed.info.sha256, stats=cap.statistics)
+                   checkpoint_sha256=parsed.info.sha256, stats=cap.statistics,
+                   holdout_stats=(cap.holdout or None) if xfit == "on" else None)
 side = plan_sidecar(plan)
 t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "read_s": t2 - t1, "plan_s": t3 - t2,
                   "total_s": t3 - t1, "rss_before_plan": before, "peak_rss": rss("VmHWM"),
                   "folds": len(plan.compensation.folds), "sidecar_bytes": len(side),
+                  "crossfit": "cross-fitted" in plan.rule,
                   "achieved": plan.achieved}))
 """
 
@@ -92,19 +96,21 @@ def prepare(out: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
         "capture_s": round(capture_s, 2),
         "stats_file_bytes": stats.stat().st_size,
         "consumers": len(acts.statistics),
+        "held_out_consumers": len(acts.holdout),
+        "held_out_samples": acts.holdout_samples,
     }
     return realdata_dir() / WEIGHTS, manifest, stats, info
 
 
 def measure(
-    paths: tuple[Path, Path, Path], method: str, target: float, threads: int
+    paths: tuple[Path, Path, Path], method: str, target: float, threads: int, xfit: str = "on"
 ) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[k] = str(threads)
     t = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, *map(str, paths), method, str(target)],
+        [sys.executable, "-c", CHILD, *map(str, paths), method, str(target), xfit],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -121,37 +127,51 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["mrp", "l1"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.3])
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--crossfit",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on", "off"],
+        help="on: cross-fitted with the file's held-out part (the default path); off: in-sample",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "speed")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/prunegraph-compensation-speed"))
     a = p.parse_args(argv)
     ckpt, manifest, stats, info = prepare(a.work_dir)
     rows = []
-    for method in a.methods:
-        for target in a.targets:
-            for rep in range(a.repeats):
-                busy = machine_busy(1.0)
-                row = {
-                    "method": method,
-                    "target": target,
-                    "repeat": rep,
-                    "machine_busy": busy,
-                    **measure((ckpt, manifest, stats), method, target, a.threads),
-                }
-                rows.append(row)
-                print(
-                    f"{method} {target}: plan {row['plan_s']:.2f} s, read {row['read_s']:.2f} s, "
-                    f"peak {row['peak_rss'] / 2**20:.0f} MiB (before plan "
-                    f"{row['rss_before_plan'] / 2**20:.0f} MiB), busy {busy}"
-                )
+    runs = [
+        (m, t, x, r)
+        for m in a.methods
+        for t in a.targets
+        for x in a.crossfit
+        for r in range(a.repeats)
+    ]
+    for method, target, xfit, rep in runs:
+        busy = machine_busy(1.0)
+        row = {
+            "method": method,
+            "target": target,
+            "repeat": rep,
+            "machine_busy": busy,
+            **measure((ckpt, manifest, stats), method, target, a.threads, xfit),
+        }
+        rows.append(row)
+        print(
+            f"{method} {target} crossfit {xfit}: plan {row['plan_s']:.2f} s, "
+            f"read {row['read_s']:.2f} s, "
+            f"peak {row['peak_rss'] / 2**20:.0f} MiB (before plan "
+            f"{row['rss_before_plan'] / 2**20:.0f} MiB), busy {busy}"
+        )
     lines = [
-        "| method | target | plan s | read s | peak RSS MiB | RSS before plan MiB | "
+        "| method | target | cross-fitted | plan s | read s | peak RSS MiB | RSS before plan MiB | "
         "folds | sidecar KiB | others' load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {100 * r['target']:.0f} % | {r['plan_s']:.2f} | "
+            f"| {r['method']} | {100 * r['target']:.0f} % | {'yes' if r['crossfit'] else 'no'} | "
+            f"{r['plan_s']:.2f} | "
             f"{r['read_s']:.2f} | "
             f"{r['peak_rss'] / 2**20:.0f} | {r['rss_before_plan'] / 2**20:.0f} | {r['folds']} | "
             f"{r['sidecar_bytes'] / 1024:.0f} | {r['machine_busy']} |"
