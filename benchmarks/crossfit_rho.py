@@ -11,7 +11,10 @@ curve — the order the cross-fitted curves keep). Figures, from the calibration
   (:mod:`graphs.crossfit`; halves = the calibration source images split as in
   :func:`benchmarks.fidelity_currency.split_calibration`), at the library's default ε.
 
-Usage:  python -m benchmarks.crossfit_rho [--stats FILE] [--out-dir DIR]
+``--holdout product``: statistics and held-out part from one ``capture_activations(...,
+holdout_every=2)`` with a calibration source image per batch (the product's default path).
+
+Usage:  python -m benchmarks.crossfit_rho [--stats FILE] [--holdout halves|product] [--out-dir DIR]
 Writes DIR/rho.json and DIR/rho.md (default DIR: benchmarks/fidelity/crossfit/).
 """
 
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.fidelity_compensation_rows import capture_stats
-from benchmarks.fidelity_currency import split_calibration
+from benchmarks.fidelity_currency import product_capture, split_calibration
 from benchmarks.fidelity_harness import setup
 from benchmarks.fidelity_images import image_set
 from benchmarks.sensitivity_bench import spearman_ci
@@ -91,13 +94,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     stored = json.loads(a.table.read_text())
     images = image_set(None, None)
     s = setup(a.realdata or realdata_dir())
-    if a.stats is not None:
-        from safetensors.numpy import load_file
-
-        stats = {k.removeprefix("gram/"): v for k, v in load_file(str(a.stats)).items()}
+    if a.holdout == "product":  # the product's capture: every second source image held out
+        stats, holdout, _ = product_capture(s, images)
     else:
-        stats = capture_stats(s, images.calib_u8)[0]
-    holdout = capture_stats(s, split_calibration(images)[1])[0]
+        if a.stats is not None:
+            from safetensors.numpy import load_file
+
+            stats = {k.removeprefix("gram/"): v for k, v in load_file(str(a.stats)).items()}
+        else:
+            stats = capture_stats(s, images.calib_u8)[0]
+        holdout = capture_stats(s, split_calibration(images)[1])[0]
     found = group_consumers(s.parsed.layers, s.manifest, stats)
     by_id = {g.id: g for g in s.manifest.groups}
     names = {g.id: g.producers[0] for g in s.manifest.groups}
@@ -118,6 +124,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "table": str(a.table),
             "table_meta": stored["meta"],
             "n_calib": images.info["n_calib"],
+            "holdout": a.holdout,
         },
         "check_max_functional_diff_vs_stored": check,
         "crossfit_s": round(xfit_s, 1),
@@ -145,6 +152,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--realdata", type=Path, default=None)
     p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "crossfit")
+    p.add_argument(
+        "--holdout",
+        choices=("halves", "product"),
+        default="halves",
+        help="the held-out part: the second half of the calibration sources, or the product's "
+        "capture (holdout_every=2, one source per batch; it also gives the statistics)",
+    )
     a = p.parse_args(argv)
     result = run(a)
     result["markdown"] = markdown(result)
