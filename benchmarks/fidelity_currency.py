@@ -94,6 +94,18 @@ def split_calibration(images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
     return images.calib_u8[:cut], images.calib_u8[cut:]
 
 
+def first_sources(images: ImageSet, k: int | None) -> ImageSet:
+    """The image set with only the first ``k`` calibration sources (all when None); the
+    evaluation inputs are untouched."""
+    names = images.info["calib_sources"]
+    if k is None or k >= len(names):
+        return images
+    per = images.info["crops_per_source"]
+    n = sum(per[name] for name in names[:k])
+    info = {**images.info, "calib_sources": names[:k], "n_calib": n}
+    return ImageSet(images.eval_u8, images.calib_u8[:n], images.eval_sources, info)
+
+
 def product_capture(
     s: Setup, images: ImageSet
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
@@ -274,7 +286,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     busy = machine_busy(1.0)
     torch.set_num_threads(a.threads)
-    images = image_set(None, None)
+    images = first_sources(image_set(None, None), a.calib_sources)
     s = setup(a.realdata or realdata_dir())
     ref = log_probs(copy.deepcopy(s.model), images.eval_u8)
     ref_cal = log_probs(copy.deepcopy(s.model), images.calib_u8)
@@ -330,6 +342,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "targets": list(a.targets),
             "probe_fractions": list(a.probe),
             "holdout": a.holdout,
+            "calib_sources": images.info["calib_sources"],
             "rules": list(a.rules),
             "method": "mrp, compensated (least-squares folds), default constraints",
             "sensitivity": "clients.sensitivity(order='functional', compensation=(True,)) on "
@@ -359,6 +372,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--golden-stats", type=Path, default=None, help="compare our statistics")
     p.add_argument("--stats", type=Path, default=None, help="use these statistics (no capture)")
     p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "currency")
+    p.add_argument(
+        "--calib-sources",
+        type=int,
+        default=None,
+        help="calibrate on the first K of the 8 calibration source images only (how the result "
+        "scales with calibration data; evaluation inputs unchanged)",
+    )
     p.add_argument(
         "--holdout",
         choices=("halves", "product"),
