@@ -25,7 +25,8 @@ them, or let each batch come from other source images than the others (never cro
 spread over every batch).
 
 The result saves to the activations file the service reads, defined once in
-:mod:`graphs.contracts.activations` (safetensors, format version 3): one float32 tensor (samples,
+:mod:`graphs.contracts.activations` (safetensors, format version 3 with a held-out part, else
+version 2, which older readers read): one float32 tensor (samples,
 channels, pixels) per capture point, one float64 tensor ``gram/<module>`` per consumer, its
 held-out part ``holdout/<module>`` and, in the metadata, which layer reads which tensor, its
 original shape, the consumers without statistics (``gram_skipped``) and the numbers of samples

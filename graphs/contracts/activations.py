@@ -10,14 +10,16 @@ A safetensors file: an 8-byte little-endian header length, a JSON header, the te
   ``holdout/<module>`` (:func:`holdout_key`): ``gram − holdout`` is the rest of the data.
   A file holds a ``holdout/`` tensor for every ``gram/`` tensor or none.
 - Header metadata (all strings): ``format`` = :data:`FORMAT`; ``version`` (:data:`VERSION`
-  is written, :data:`VERSIONS` are read; a file without one is version 1); ``layers`` (JSON:
+  is written for a file with held-out statistics, :data:`PLAIN_VERSION` for one without, so
+  that readers of versions 1 and 2 read what holds nothing new; :data:`VERSIONS` are read; a
+  file without one is version 1); ``layers`` (JSON:
   prunable layer name -> capture tensor name; may be empty: a capture with statistics only);
   ``sources``, ``shapes`` (JSON, per capture tensor); ``seed``; ``gram_skipped`` (JSON:
   consumer name -> why it has no statistics); ``samples`` (samples read);
   ``holdout_samples`` (samples in the held-out part; only with ``holdout/`` tensors).
   Version 2 added the statistics, ``gram_skipped`` and ``samples``; version 3 the held-out
-  statistics and ``holdout_samples`` (a version 3 file may have none: older files read as
-  before).
+  statistics and ``holdout_samples`` (a file of version 1 or 2 that holds ``holdout/`` tensors
+  is refused by the reader; a version 3 file without them reads as a version 2 file).
 
 :func:`metadata` writes the header metadata, :func:`read_header` reads and checks it (without
 reading a tensor), :func:`has_maps` tells from the header alone whether a file holds feature maps.
@@ -40,6 +42,7 @@ __all__ = [
     "GRAM_PREFIX",
     "HOLDOUT_PREFIX",
     "MAX_HEADER_BYTES",
+    "PLAIN_VERSION",
     "VERSION",
     "VERSIONS",
     "WRITE_HINT",
@@ -55,8 +58,12 @@ __all__ = [
 FORMAT = "prunegraph-activations"
 """The ``format`` metadata of every activations file."""
 VERSION = "3"
-"""The version written: 2 adds second moments (``gram/<module>``, ``gram_skipped``, ``samples``),
-3 the held-out second moments (``holdout/<module>``, ``holdout_samples``)."""
+"""The version written for a file with held-out statistics: 2 adds second moments
+(``gram/<module>``, ``gram_skipped``, ``samples``), 3 the held-out second moments
+(``holdout/<module>``, ``holdout_samples``)."""
+PLAIN_VERSION = "2"
+"""The version written for a file without held-out statistics (the same bytes as before version
+3 existed, so that readers of versions 1 and 2 still read it)."""
 VERSIONS = ("1", "2", "3")
 """The versions read."""
 GRAM_PREFIX = "gram/"
@@ -90,10 +97,11 @@ def metadata(
 ) -> dict[str, str]:
     """The header metadata of a capture (JSON values with sorted keys: the same capture, the
     same bytes). Arguments as in the module docstring (``skipped``: ``gram_skipped``;
-    ``holdout_samples``: None for a file without held-out statistics, then not written)."""
+    ``holdout_samples``: None for a file without held-out statistics, then not written and the
+    version is :data:`PLAIN_VERSION`, else :data:`VERSION`)."""
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": PLAIN_VERSION if holdout_samples is None else VERSION,
         "layers": json.dumps(dict(layers), sort_keys=True),
         "sources": json.dumps(dict(sources), sort_keys=True),
         "shapes": json.dumps(dict(shapes), sort_keys=True),

@@ -17,7 +17,7 @@ from torch import nn
 
 from clients.activations import Activations, capture_activations
 from clients.gram import is_mixing_consumer, safetensors_bytes
-from graphs.contracts.activations import GRAM_PREFIX, VERSION
+from graphs.contracts.activations import GRAM_PREFIX, PLAIN_VERSION
 from graphs.errors import CheckpointError, InvalidInputError
 from service.ingest.activations import check_capture, read_activations, read_capture
 from service.ingest.checkpoint import read_checkpoint
@@ -291,7 +291,7 @@ def test_metadata_names_the_version_and_skipped_consumers(tmp_path: Path) -> Non
     raw = acts.save(tmp_path / "a.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     meta = header["__metadata__"]
-    assert meta["version"] == VERSION == "3" and meta["samples"] == "8"
+    assert meta["version"] == PLAIN_VERSION == "2" and meta["samples"] == "8"
     assert "holdout_samples" not in meta and not acts.holdout  # one batch: nothing held out
     assert set(json.loads(meta["gram_skipped"])) == {"fc1"}
     assert all(header[GRAM_PREFIX + n]["dtype"] == "F64" for n in acts.statistics)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from clients.activations import Activations, capture_activations
+from clients.gram import safetensors_bytes
 from graphs.contracts.activations import GRAM_PREFIX, HOLDOUT_PREFIX, holdout_key
 from graphs.crossfit import split_stats
 from service.ingest.activations import read_capture
@@ -105,6 +106,7 @@ def test_no_holdout_when_it_is_not_a_strict_part(tmp_path: Path) -> None:
         raw = acts.save(tmp_path / "a.safetensors").read_bytes()
         header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
         assert "holdout_samples" not in header["__metadata__"]
+        assert header["__metadata__"]["version"] == "2"  # nothing new: older readers read it
         assert not any(k.startswith(HOLDOUT_PREFIX) for k in header)
         assert any(k.startswith(GRAM_PREFIX) for k in header)
     gated = _stats([xs[0], _batches(1, size=4)[0], xs[1]])  # gate's rows: all in one part
@@ -145,3 +147,30 @@ def test_the_file_round_trips_through_the_service(tmp_path: Path) -> None:
     header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
     assert header[holdout_key("mix")]["dtype"] == "F64"
     assert header["__metadata__"]["holdout_samples"] == "6"
+    assert header["__metadata__"]["version"] == "3"
+
+
+def test_a_capture_without_a_held_out_part_is_the_version_2_file(tmp_path: Path) -> None:
+    """holdout_every=0 (or one batch): byte for byte what the writer of version 2 wrote, its
+    metadata built here by hand (version 2, no holdout_samples), so services and CLIs that read
+    versions 1 and 2 read it."""
+    for acts in (
+        capture_activations(_net(), _batches(3), sorted(CONSUMERS), max_pixels=8, holdout_every=0),
+        _stats(_batches(1)),
+    ):
+        raw = acts.save(tmp_path / "a.safetensors").read_bytes()
+        meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+        assert meta["version"] == "2" and "holdout_samples" not in meta
+        version_2 = {
+            "format": "prunegraph-activations",
+            "version": "2",
+            "layers": json.dumps(acts.layers, sort_keys=True),
+            "sources": json.dumps(acts.sources, sort_keys=True),
+            "shapes": json.dumps(acts.shapes, sort_keys=True),
+            "seed": str(acts.seed),
+            "gram_skipped": json.dumps(acts.statistics_skipped, sort_keys=True),
+            "samples": str(acts.samples),
+        }
+        grams = {GRAM_PREFIX + n: s.to(torch.float64) for n, s in acts.statistics.items()}
+        assert raw == safetensors_bytes({**acts.tensors, **grams}, version_2)
+        assert read_capture(tmp_path / "a.safetensors").holdout == {}

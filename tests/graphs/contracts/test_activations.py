@@ -15,6 +15,7 @@ from graphs.contracts.activations import (
     GRAM_PREFIX,
     HOLDOUT_PREFIX,
     MAX_HEADER_BYTES,
+    PLAIN_VERSION,
     VERSION,
     VERSIONS,
     gram_key,
@@ -53,7 +54,7 @@ def _meta(**change: Any) -> dict[str, str]:
 def test_written_metadata_reads_back(tmp_path: Path) -> None:
     path = _write(tmp_path / "a.safetensors", _meta(), ("k0", "k1", gram_key("fc1")))
     header = read_header(path)
-    assert header.version == VERSION in VERSIONS
+    assert header.version == PLAIN_VERSION == "2" and PLAIN_VERSION in VERSIONS  # no held-out part
     assert header.metadata == _meta() and header.metadata["format"] == FORMAT
     assert json.loads(header.metadata["layers"]) == {"conv1": "k0", "conv2": "k1"}
     assert header.metadata["layers"].index("conv1") < header.metadata["layers"].index("conv2")
@@ -71,13 +72,15 @@ def test_statistics_only(tmp_path: Path) -> None:
 
 def test_held_out_statistics_are_named_and_counted(tmp_path: Path) -> None:
     """Version 3: ``holdout/<module>`` beside ``gram/<module>``, ``holdout_samples`` only when
-    written; without it the metadata is version 2's apart from the version."""
+    written; without it the metadata is version 2's, version included."""
     assert VERSION == "3" and VERSIONS == ("1", "2", "3")
     assert holdout_key("conv2") == HOLDOUT_PREFIX + "conv2" != gram_key("conv2")
-    assert "holdout_samples" not in _meta()
+    assert "holdout_samples" not in _meta() and _meta()["version"] == "2"
+    assert set(_meta()) == {"format", "version", "layers", "sources", "shapes", "seed",
+                            "gram_skipped", "samples"}  # fmt: skip
     meta = _meta(**metadata(layers={}, sources={}, shapes={}, seed=3, skipped={}, samples=16,
                             holdout_samples=8))  # fmt: skip
-    assert meta["holdout_samples"] == "8"
+    assert meta["holdout_samples"] == "8" and meta["version"] == VERSION
     names = (gram_key("conv2"), holdout_key("conv2"))
     header = read_header(_write(tmp_path / "h.safetensors", meta, names))
     assert header.version == "3" and header.has_statistics and header.has_holdout
