@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.contracts.activations import WRITE_HINT, read_header
+from graphs.contracts.activations import HOLDOUT_PREFIX, VERSION, WRITE_HINT, read_header
 from graphs.errors import CheckpointError, InvalidInputError
 from graphs.features import Activations
 from graphs.layers import LayerWeights
@@ -68,9 +68,9 @@ def read_capture(path: str | os.PathLike[str], *, name: str | None = None) -> Ca
 
     Raises:
         CheckpointError: not a (valid) activations file, maps that are not 3-D finite arrays,
-            statistics that are not second-moment matrices, held-out statistics that are not a
-            part of them (:func:`service.ingest.statistics.read_holdout`), or neither maps nor
-            statistics.
+            statistics that are not second-moment matrices, held-out statistics in a file of
+            version 1 or 2 or that are not a part of the statistics
+            (:func:`service.ingest.statistics.read_holdout`), or neither maps nor statistics.
     """
     p = Path(path)
     display = name or os.fspath(path)
@@ -81,10 +81,18 @@ def read_capture(path: str | os.PathLike[str], *, name: str | None = None) -> Ca
             raise CheckpointError(e.message, hint=WRITE_HINT) from None
         if kind != "safetensors":
             raise CheckpointError(f"{display} is not a safetensors file", hint=WRITE_HINT)
-        meta = read_header(p, display=display).metadata
+        header = read_header(p, display=display)
         raw = read_safetensors(p, display)
     except OSError as e:
         raise CheckpointError(f"{display} cannot be read: {e.strerror or e}.") from e
+    meta = header.metadata
+    if header.has_holdout and header.version in ("1", "2"):
+        raise CheckpointError(
+            f"{display} claims version {header.version} but holds held-out statistics "
+            f"({HOLDOUT_PREFIX}<module> tensors), which version {VERSION} introduced",
+            hint="Capture it again with clients.capture_activations(model, batches)"
+            ".save('acts.safetensors').",
+        )
     maps = _maps(raw.tensors, meta, display)
     stats = read_statistics(raw.tensors, display)
     if not maps and not stats:

@@ -56,7 +56,9 @@ def read_holdout(
 ) -> dict[str, np.ndarray]:
     """Module name -> the held-out S (float64 (c + 1, c + 1)) from the file's
     ``holdout/<module>`` tensors; ``stats``: :func:`read_statistics` of the same file. Empty
-    when the file holds none (versions 1 and 2, or captured with ``holdout_every=0``).
+    when the file holds none (versions 1 and 2, or captured with ``holdout_every=0``). Each is
+    returned as (B + Bᵀ) / 2: exactly symmetric (the same bits when it already is), since the
+    check here allows an asymmetry of 1e-6 and the planner's of 1e-9 only.
 
     Raises:
         CheckpointError: a held-out S checked as :func:`read_statistics` checks S, one without
@@ -91,7 +93,7 @@ def read_holdout(
                 "(statistics − held-out statistics) a non-negative diagonal",
                 hint=_RECAPTURE_HOLDOUT,
             ) from None
-        out[name] = held
+        out[name] = (held + held.T) / 2  # the planner's Grams are symmetric to 1e-9 only
     missing = sorted(set(stats) - set(out)) if out else []
     if missing:
         raise CheckpointError(

@@ -122,3 +122,24 @@ def test_check_capture_checks_held_out_names_against_the_layers() -> None:
     check_capture(Capture({}, stats, {}, 40, held, 15), layers)
     with pytest.raises(InvalidInputError, match="does not have as conv/linear layers: z"):
         check_capture(Capture({}, stats, {}, 40, {**held, "z": held["a"]}, 15), layers)
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_held_out_statistics_in_a_version_1_or_2_file_are_refused(
+    version: str, tmp_path: Path
+) -> None:
+    """Version 3 introduced ``holdout/`` tensors: an older file holding them is not one the
+    writer made (and readers of that version would ignore them)."""
+    meta = metadata(layers={}, sources={}, shapes={}, seed=0, skipped={}, samples=40,
+                    holdout_samples=15)  # fmt: skip
+    old = {**meta, "version": version}
+    if version == "1":
+        del old["version"]  # a file without a version is version 1
+    path = tmp_path / f"v{version}.safetensors"
+    save_file(_tensors(), str(path), metadata=old)
+    words = f"claims version {version} but holds held-out statistics"
+    with pytest.raises(CheckpointError, match=words + r".*which version 3 introduced") as e:
+        read_capture(path, name="upload")
+    assert str(e.value).startswith("upload ") and "clients.capture_activations" in e.value.hint
+    save_file(_tensors(), str(path), metadata={**meta, "version": "3"})
+    assert set(read_capture(path).holdout) == {"a", "b"}  # the same tensors as version 3: read

@@ -8,12 +8,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from clients import PruneGraphClient
 from clients.activations import capture_activations
+from graphs.contracts.activations import HOLDOUT_PREFIX
 from graphs.functional_report import CROSSFIT_NOTE, functional_figures
 from graphs.manifest import Manifest
 from graphs.plan import PruningPlan, Target
@@ -104,3 +108,35 @@ def test_crossfit_false_is_in_sample_as_a_file_without_held_out_statistics(
     # the same request twice: the same bytes
     again = run(client, files, files.own)
     assert client.plan(again).to_json() == direct(files, True).to_json()
+
+
+def test_held_out_statistics_asymmetric_within_the_upload_check_still_plan(
+    files: Files, tmp_path: Path
+) -> None:
+    """Ingest allows an asymmetry of 1e-6 (relative), the planner's Grams 1e-9: a held-out S
+    that passes the upload is made exactly symmetric, so its job plans (cross-fitted) as the
+    file's exactly symmetric original does."""
+    tensors = load_file(files.own)
+    with safe_open(files.own, "np") as f:
+        meta = f.metadata()
+    for key in [k for k in tensors if k.startswith(HOLDOUT_PREFIX)]:
+        h = tensors[key].copy()
+        h[0, 1] += 1e-8 * float(np.abs(h).max())  # between the two tolerances
+        tensors[key] = h
+    skewed = tmp_path / "skewed.safetensors"
+    save_file(tensors, str(skewed), metadata=meta)
+    inputs = load_inputs(files.ckpt, manifest=files.manifest, activations=skewed)
+    assert inputs.holdout is not None and inputs.holdout
+    for name, h in inputs.holdout.items():
+        raw = tensors[HOLDOUT_PREFIX + name]
+        assert np.array_equal(h, h.T) and not np.array_equal(raw, raw.T)
+        assert np.abs(h - raw).max() <= 1e-8 * np.abs(raw).max()
+    parsed = inputs.checkpoint
+    plan = plan_layers(
+        parsed.layers, method="l1", target=Target(**TARGET), params_total=parsed.info.n_params,
+        manifest=inputs.manifest, checkpoint_sha256=parsed.info.sha256, stats=inputs.stats,
+        holdout_stats=inputs.holdout,
+    )  # fmt: skip
+    assert "cross-fitted error curves" in plan.rule
+    want = direct(files, True)
+    assert [g.remove for g in plan.groups] == [g.remove for g in want.groups]
