@@ -73,7 +73,7 @@ class GroupConsumers:
         ridge: float = DEFAULT_RIDGE,
         max_ratio: float = 1.0,
         stop_above: float | None = None,
-        workers: int = 2,
+        workers: int = 1,
     ) -> dict[int, ErrorCurve]:
         """The error curve of every listed group that has consumers with statistics (up to
         ``max_ratio`` of its channels, or the first error above ``stop_above``), computed by
@@ -94,6 +94,16 @@ class GroupConsumers:
         with ThreadPoolExecutor(max_workers=min(workers, max(len(wide), 1))) as pool:
             done = dict(zip(wide, pool.map(one, wide), strict=True))
         return {gid: done[gid] for gid in todo}
+
+
+def curve_workers() -> int:
+    """Threads for computing error curves side by side: the BLAS threads this process may use
+    now (the service limits them per worker; 1 when unknown). Read it before planning drops BLAS
+    to one thread per curve."""
+    from threadpoolctl import threadpool_info
+
+    n = [int(i.get("num_threads") or 1) for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(1, min(n)) if n else 1
 
 
 def group_consumers(

@@ -139,6 +139,7 @@ def prepare_stats(
     weights: Mapping[int, float] | None = None,
     sensitivity: Mapping[str, Any] | None = None,
     holdout_stats: Mapping[str, np.ndarray] | None = None,
+    workers: int = 1,
 ) -> StatsPlanning:
     """Steps 1–3 above for ``groups`` (manifest groups, ids set) of ``layers``; ``stats``:
     consumer module name → input second moment (c + 1, c + 1); ``weights``: per-group currency
@@ -147,7 +148,8 @@ def prepare_stats(
     ``marginal``); ``holdout_stats``: the statistics of a part of the same data (same keys and
     shapes, e.g. the second half of the source images): the error curves are then
     cross-fitted (:func:`graphs.crossfit.crossfit_curves`: folds fitted on one part, their error
-    measured on the other), the folds still fitted on ``stats``. Run it, the plan and
+    measured on the other), the folds still fitted on ``stats``; ``workers``: threads computing
+    the curves side by side (the result does not depend on it). Run it, the plan and
     :meth:`StatsPlanning.finish` with one BLAS thread (``threadpoolctl.threadpool_limits(1)``):
     the same bits on any machine.
 
@@ -174,10 +176,11 @@ def prepare_stats(
         ridge=ridge,
         max_ratio=constraints.max_ratio,
         stop_above=epsilon if rule in ("uniform", "method") and holdout_stats is None else None,
+        workers=workers,
     )
     note = ""
     if holdout_stats is not None:
-        curves = crossfit_curves(found, holdout_stats, curves, ridge=ridge)
+        curves = crossfit_curves(found, holdout_stats, curves, ridge=ridge, workers=workers)
         note = f"; cross-fitted error curves ({len(holdout_stats)} held-out statistics)"
     opts = options or AnalysisOptions()
     acts = activations

@@ -148,8 +148,8 @@ class Prepared:
     regress: bool = True
     groups: int = 1
     metric_rows: np.ndarray | None = field(default=None, repr=False)
-    """(r, c) with ``metric = metric_rowsᵀ metric_rows`` when the consumer has a weight
-    (r = outputs × taps): a factor of the metric, cheaper than it when r < c."""
+    """(r, c) with ``metric = metric_rowsᵀ metric_rows`` when the consumer has a weight and
+    r = outputs × taps < c: a factor of the metric, cheaper than it; None otherwise."""
 
     def inflation(self, kept: int) -> float:
         """Expected out-of-sample / in-sample residual of a least-squares fit on ``kept``
@@ -185,6 +185,8 @@ def prepare(consumer: Consumer) -> Prepared:
         omega = 1.0 / (var_out.size * np.maximum(var_out, floor))
         rows = (wt * np.sqrt(omega)[:, None, None]).reshape(-1, c)
         metric = rows.T @ rows
+        if rows.shape[0] >= c:  # kept only where it is cheaper than the metric itself
+            rows = None
     n = consumer.stats.count
     regress = n > int((~constant).sum()) // consumer.groups + 2
     if not regress:  # fewer rows than predictors: no identifiable fit, mean folds only

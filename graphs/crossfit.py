@@ -18,9 +18,13 @@ versa, and average the two.
   relative to each output channel's pooled variance as in :mod:`graphs.functional`. No
   out-of-sample factor: the measurement is out-of-sample already (for a fold fitted on half the
   data, so slightly pessimistic for the pooled fold).
-* Along the order, removing channel j from the kept set K updates the fold by rank one (the
-  precision-matrix identity of :func:`graphs.functional.error_curve`, exact with the ridge), so a
-  whole curve costs O(c²) per step per consumer and direction.
+* Along the order, removing a block of channels J from the kept set K updates the fold by the
+  precision-matrix identity of :func:`graphs.functional.error_curve` (exact with the ridge) in
+  matrix products, and the error after each channel of the block comes from |J|×|J| matrices;
+  the metric enters through a factor F (M = F Fᵀ, F (c, r) with r = outputs × taps when that is
+  smaller). A whole curve costs O(c³) per consumer and direction (c/32 products of c×c by c×32).
+* Curves of different groups are computed side by side (``workers`` threads), each alone: the
+  result does not depend on the number of threads (under one BLAS thread, as the planner runs).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ __all__ = ["crossfit_curve", "crossfit_curves", "direction_errors", "split_stats
 
 BLOCK = 32
 """Channels removed per state update along a cross-fitted curve (any block: the same errors)."""
+_COND = 1e6  # a block whose Q_JJ is worse conditioned goes one channel at a time (scalar pivots)
 
 _HINT = (
     "Pass the statistics of a part of the calibration data (e.g. the second half of the source "
@@ -87,12 +92,17 @@ class _Path:
         P = Q_JJ⁻¹ Q_J: (b, K), so NF ← NF − Pᵀ NF_J and Q ← Q − Q_:J P (H ← H + U P + Pᵀ Uᵀ
         with U = ½ Pᵀ H_JJ − H_:J). The traces after the first i of J need only b×b matrices:
         with Z = (Q_JJ)_i⁻¹, cross − tr(Z A_i) and quad + tr(H_JJ Z B Z)_i − 2 tr(D_i Z), where
-        A = Q_:Jᵀ G_K: M L_J, B = Q_:Jᵀ G_KK Q_:J, D = H_:Jᵀ G_KK Q_:J.
+        A = Q_:Jᵀ G_K: M L_J, B = Q_:Jᵀ G_KK Q_:J, D = H_:Jᵀ G_KK Q_:J. A block whose Q_JJ is
+        ill-conditioned (nearly collinear channels; never on MobileNetV2, where cond ≤ 500) is
+        removed one channel at a time, which divides by scalar pivots only.
         """
         Q, NF = self.Q, self.NF
         QJ, NFJ = Q[:, J], NF[J]
+        QJJ = QJ[J]
+        if J.size > 1 and np.linalg.cond(QJJ) > _COND:  # nearly collinear: one at a time
+            return [e for j in range(J.size) for e in self.remove(J[j : j + 1])]
         HJ = NF @ NFJ.T  # (K, b)
-        QJJ, HJJ = QJ[J], HJ[J]
+        HJJ = HJ[J]
         V = self.Gkk @ QJ  # (K, b)
         A = QJ.T @ (self.GkF @ NFJ.T)
         B, D = QJ.T @ V, HJ.T @ V
@@ -248,7 +258,7 @@ def crossfit_curves(
     *,
     ridge: float = DEFAULT_RIDGE,
     ids: Iterable[int] | None = None,
-    workers: int = 2,
+    workers: int = 1,
 ) -> dict[int, ErrorCurve]:
     """Cross-fitted curves of the groups of ``pooled`` (or ``ids``) that have consumers.
 
@@ -274,7 +284,15 @@ def crossfit_curves(
         for s in specs:
             if s.consumer not in holdout:
                 raise InvalidInputError(f"no held-out statistics for {s.consumer}", hint=_HINT)
-            raw_b = channel_gram(np.asarray(holdout[s.consumer], np.float64), s.per_channel)
+            raw = np.asarray(holdout[s.consumer], np.float64)
+            width = s.data.stats.channels * s.per_channel + 1
+            if raw.shape != (width, width):
+                raise InvalidInputError(
+                    f"the held-out statistics of {s.consumer} have shape {list(raw.shape)}, "
+                    f"not {[width, width]} like its statistics",
+                    hint=_HINT,
+                )
+            raw_b = channel_gram(raw, s.per_channel)
             A, B = split_stats(s.data.stats.gram, raw_b, s.consumer)
             d = s.data
             half_a.append(Consumer(d.name, ConsumerStats(A), d.weight, d.groups))

@@ -36,6 +36,7 @@ from threadpoolctl import threadpool_limits
 
 from graphs.allocation import Allocation, Budget, group_limit
 from graphs.cache import Cache
+from graphs.compensated import curve_workers
 from graphs.compensated_plan import prepare_stats
 from graphs.cost import CostModel, infer_consumers
 from graphs.error_allocation import Counts
@@ -299,12 +300,14 @@ def plan_layers(
             step=step, seed=seed, checkpoint_sha256=checkpoint_sha256, prunable=prunable,
             param_shapes=shapes, cache=cache, activations=activations,
         )  # fmt: skip
+    workers = curve_workers()  # the BLAS threads allowed, as threads of whole curves
     with threadpool_limits(limits=1):  # one BLAS thread: the same bits on any machine
         stat = prepare_stats(
             layers, groups, manifest, stats, method=method, target=target, cost=cost,
             constraints=c, prunable=prunable, options=options, activations=activations,
             compensation=compensation, allocation=allocation, epsilon=epsilon, ridge=ridge,
             weights=group_weights, sensitivity=sensitivity, holdout_stats=holdout_stats,
+            workers=workers,
         )  # fmt: skip
         plan = make_plan(
             groups, method=method, target=target, cost=cost, constraints=c, options=stat.options,

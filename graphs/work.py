@@ -109,8 +109,10 @@ class GroupWork:
         return self._V
 
     def fresh_vectors(self) -> np.ndarray:
-        """:attr:`V` built anew and not kept: planning's per-group states call it when they
-        need the vectors, so that a plan holds one group's vectors at a time, not the model's."""
+        """:attr:`V` for planning's per-group states, which call it when they need the vectors:
+        weight vectors are built anew and not kept (a plan holds one group's at a time, not the
+        model's); activation vectors are kept when no larger than the maps held anyway
+        (read-only)."""
         if self.options.vectors == "weights":
             return self.group.vectors() if self._X is None else self._X
         if self._act is not None:
@@ -118,6 +120,7 @@ class GroupWork:
         maps = self._maps("data-aware graphs")
         V = activation_vectors(maps)
         if V.nbytes <= maps.nbytes:  # kept: it adds no more memory than the maps this holds
+            V.setflags(write=False)  # shared by later calls: nobody may change it in place
             self._act = V
         return V
 

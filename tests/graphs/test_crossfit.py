@@ -18,12 +18,16 @@ from tests.graphs.stats_case import planted_maps, planted_stats
 from tests.graphs.test_functional import gram
 
 
-def halves(seed: int = 0, c: int = 10, weight: bool = True) -> tuple[np.ndarray, ...]:
-    """Rows of two halves (different sizes, shifted means) of the same 5-factor model."""
+def halves(
+    seed: int = 0, c: int = 10, weight: bool = True, rows: tuple[int, int] = (60, 45)
+) -> tuple[np.ndarray, ...]:
+    """Rows of two halves (different sizes, shifted means) of the same 5-factor model (more rows
+    than channels: real least-squares folds, not mean folds)."""
     rng = np.random.default_rng(seed)
     mix = rng.normal(size=(5, c))
-    xa = rng.normal(size=(60, 5)) @ mix + 0.4 * rng.normal(size=(60, c)) + 1.0
-    xb = rng.normal(size=(45, 5)) @ mix + 0.4 * rng.normal(size=(45, c)) + 1.3
+    na, nb = rows
+    xa = rng.normal(size=(na, 5)) @ mix + 0.4 * rng.normal(size=(na, c)) + 1.0
+    xb = rng.normal(size=(nb, 5)) @ mix + 0.4 * rng.normal(size=(nb, c)) + 1.3
     w = rng.normal(size=(4, c, 3)) if weight else None
     return xa, xb, w  # type: ignore[return-value]
 
@@ -62,8 +66,9 @@ def test_matches_the_explicit_fold_and_residual(weight: bool) -> None:
 
 
 def test_a_long_path_rebuilds_and_still_matches() -> None:
-    xa, xb, w = halves(seed=3, c=70)
+    xa, xb, w = halves(seed=3, c=70, rows=(300, 200))
     a, b, both = consumers(xa, xb, w)
+    assert a.prepared.regress and b.prepared.regress  # real folds, not mean folds
     order = error_curve([both], max_remove=60).order
     fast = direction_errors(a, b, both.prepared, order, ridge=DEFAULT_RIDGE)
     np.testing.assert_allclose(fast, explicit(a, xb, both, order), rtol=1e-6, atol=1e-10)
@@ -73,8 +78,9 @@ def test_a_long_path_rebuilds_and_still_matches() -> None:
 def test_every_block_size_gives_the_same_exact_errors(block: int) -> None:
     """Blocks of removals (matrix products) give the definition's error after every channel,
     across rebuilds, whatever the block."""
-    xa, xb, w = halves(seed=5, c=70)
+    xa, xb, w = halves(seed=5, c=70, rows=(300, 200))
     a, b, both = consumers(xa, xb, w)
+    assert a.prepared.regress and b.prepared.regress
     order = error_curve([both], max_remove=65).order
     got = direction_errors(a, b, both.prepared, order, ridge=DEFAULT_RIDGE, block=block)
     np.testing.assert_allclose(got, explicit(a, xb, both, order), rtol=1e-6, atol=1e-10)
@@ -162,6 +168,9 @@ def test_curves_of_a_model_and_planning_with_held_out_statistics() -> None:
             np.testing.assert_array_equal(cv.errors, curves[gid].errors)
     with pytest.raises(InvalidInputError, match="workers"):
         crossfit_curves(found, part, pooled, workers=0)
+    for bad in (part["b"][:-1], part["b"][0], np.zeros((3, 3))):  # a raw shape that is not S's
+        with pytest.raises(InvalidInputError, match="have shape"):
+            crossfit_curves(found, {**part, "b": bad}, pooled)
     with pytest.raises(InvalidInputError, match="no held-out statistics for fc"):
         crossfit_curves(found, {"b": part["b"]}, pooled)
     kw = {"method": "mrp", "target": Target(flops=0.25), "params_total": man.params_total}
@@ -176,3 +185,42 @@ def test_curves_of_a_model_and_planning_with_held_out_statistics() -> None:
     assert plan.achieved["flops"] >= 0.25
     with pytest.raises(InvalidInputError, match="held-out statistics"):
         plan_layers(layers, manifest=man, holdout_stats=part, **kw)  # type: ignore[arg-type]
+
+
+def test_nearly_collinear_channels_keep_the_precision_of_single_steps() -> None:
+    """Channels that are linear combinations of others up to 1e-6 noise make Q_JJ of a block
+    ill-conditioned: the blocked path must still agree with single removals and the
+    definition."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(400, 30))
+    x = np.concatenate(
+        [base, base @ rng.normal(size=(30, 30)) + 1e-6 * rng.normal(size=(400, 30))], 1
+    )
+    xa, xb = x[:240], x[240:]
+    w = rng.normal(size=(5, 60, 1))
+    a, b, both = consumers(xa, xb, w)
+    order = error_curve([both], max_remove=50).order
+    one = direction_errors(a, b, both.prepared, order, ridge=DEFAULT_RIDGE, block=1)
+    blocked = direction_errors(a, b, both.prepared, order, ridge=DEFAULT_RIDGE)
+    np.testing.assert_allclose(blocked, one, rtol=1e-7, atol=1e-15)
+    np.testing.assert_allclose(blocked, explicit(a, xb, both, order), rtol=1e-5, atol=1e-9)
+
+
+def test_curve_workers_follow_the_blas_threads_allowed() -> None:
+    from threadpoolctl import threadpool_limits
+
+    from graphs.compensated import curve_workers
+
+    with threadpool_limits(limits=1):
+        assert curve_workers() == 1  # a service worker limited to one thread runs one curve
+    assert curve_workers() >= 1
+
+
+def test_the_metric_factor_is_kept_only_where_it_is_smaller() -> None:
+    xa, _, _ = halves(seed=8, c=12, rows=(200, 150))
+    narrow = Consumer("x", ConsumerStats(gram(xa)), np.ones((3, 12, 1)))  # 3 rows < 12 inputs
+    wide = Consumer("x", ConsumerStats(gram(xa)), np.ones((4, 12, 9)))  # 36 rows >= 12
+    rows = narrow.prepared.metric_rows
+    assert rows is not None and rows.shape == (3, 12)
+    np.testing.assert_allclose(rows.T @ rows, narrow.prepared.metric, rtol=1e-12, atol=1e-15)
+    assert wide.prepared.metric_rows is None
