@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from graphs.compensated import group_consumers
+from graphs.compensated import curve_workers, group_consumers
 from graphs.crossfit import crossfit_curves
 from graphs.errors import InvalidInputError
 from graphs.grouping import build_groups
@@ -43,7 +43,6 @@ CROSSFIT_NOTE = (
 """The report's note when its functional figures are cross-fitted."""
 
 
-@threadpool_limits.wrap(limits=1)  # one BLAS thread: the same curves on any machine
 def functional_figures(
     layers: Sequence[LayerWeights],
     manifest: Manifest | None,
@@ -77,13 +76,30 @@ def functional_figures(
     for name, v in (("epsilon", epsilon), ("ridge", ridge)):
         if not (np.isfinite(v) and v >= 0):
             raise InvalidInputError(f"{name} must be a finite number >= 0, got {v}")
+    return _figures(layers, manifest, stats, epsilon, ridge, holdout, workers=curve_workers())
+
+
+@threadpool_limits.wrap(limits=1)  # one BLAS thread per curve: the same curves on any machine
+def _figures(
+    layers: Sequence[LayerWeights],
+    manifest: Manifest,
+    stats: Mapping[str, np.ndarray],
+    epsilon: float,
+    ridge: float,
+    holdout: Mapping[str, np.ndarray] | None,
+    *,
+    workers: int,
+) -> dict[str, FunctionalFigure]:
+    """:func:`functional_figures` after its checks; ``workers`` threads compute whole curves
+    side by side (the BLAS threads the caller was allowed)."""
     adapted = adapt_manifest(layers, manifest)
     groups, _ = build_groups(layers, adapted)
     name_of = {g.group_id: g.name for g in groups if g.group_id is not None}
     found = group_consumers(layers, adapted, stats)
-    curves = found.curves(sorted(gid for gid in found.consumers if gid in name_of), ridge=ridge)
+    ids = sorted(gid for gid in found.consumers if gid in name_of)
+    curves = found.curves(ids, ridge=ridge, workers=workers)
     if holdout is not None:  # the whole pooled path: the cross-fitted ε crossing may be anywhere
-        curves = crossfit_curves(found, holdout, curves, ridge=ridge)
+        curves = crossfit_curves(found, holdout, curves, ridge=ridge, workers=workers)
     out: dict[str, FunctionalFigure] = {}
     for gid, curve in curves.items():
         out[name_of[gid]] = FunctionalFigure(
