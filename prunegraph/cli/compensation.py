@@ -113,15 +113,12 @@ HOLDOUT_HINT = (
 
 
 def check_holdout(
-    path: Path | None,
-    activations: Path | None,
-    server: str | None,
-    compensation: bool,
-    crossfit: bool = True,
+    path: Path | None, activations: Path | None, server: str | None, crossfit: bool = True
 ) -> None:
     """``--holdout-activations``: refused before any work without ``--activations``, with
-    ``--server`` (not sent to a service), with ``--no-compensation`` (nothing to cross-fit) or
-    with ``--no-crossfit`` (in-sample curves)."""
+    ``--server`` (not sent to a service) or with ``--no-crossfit`` (in-sample curves). With
+    ``--no-compensation`` it cross-fits the curves as the file's own held-out part does: the
+    channels of the compensated plan with it, without folds."""
     if path is None:
         return
     if not crossfit:
@@ -141,12 +138,6 @@ def check_holdout(
         raise InvalidInputError(
             "--holdout-activations is not sent to a service",
             hint="Plan embedded: leave out --server.",
-        )
-    if not compensation:
-        raise InvalidInputError(
-            "--holdout-activations cross-fits the error curves of compensated plans, and "
-            "--no-compensation plans without them",
-            hint="Leave out --no-compensation, or leave out --holdout-activations.",
         )
     existing(path)
 

@@ -176,7 +176,7 @@ def plan_cmd(
         )
         check_choices(method, allocation)
         table = comp.read_sensitivity(sensitivity, activations, server, allocation)
-        comp.check_holdout(holdout_activations, activations, server, compensation, crossfit)
+        comp.check_holdout(holdout_activations, activations, server, crossfit)
         options = analysis_options(
             alpha=alpha,
             min_explained=min_explained,

@@ -100,6 +100,22 @@ def test_the_holdout_file_cross_fits_the_plan_as_the_planner_does(files: Files) 
     assert "cross-fitted" not in PruningPlan.model_validate_json(plain).rule
 
 
+def test_no_compensation_plans_the_channels_of_the_cross_fitted_compensated_plan(
+    files: Files,
+) -> None:
+    """The explicit part cross-fits a --no-compensation plan as the file's own part does
+    (tests/prunegraph/test_cli_crossfit.py): the compensated plan's channels, no folds."""
+    args = ("--activations", str(files.all), "--holdout-activations", str(files.part))
+    code, out, err = plan(files, *args)
+    code2, plain, err2 = plan(files, *args, "--no-compensation")
+    assert code == code2 == 0, (err, err2)
+    folded, bare = PruningPlan.model_validate_json(out), PruningPlan.model_validate_json(plain)
+    assert folded.compensation is not None and bare.compensation is None
+    assert [g.remove for g in bare.groups] == [g.remove for g in folded.groups]
+    assert "cross-fitted error curves" in bare.rule
+    assert [g.remove for g in bare.groups] == [g.remove for g in direct(files, files.part).groups]
+
+
 def test_bad_files_and_flags_exit_2_saying_what_to_do(files: Files) -> None:
     acts = ("--activations", str(files.all))
     part = ("--holdout-activations", str(files.part))
@@ -107,7 +123,6 @@ def test_bad_files_and_flags_exit_2_saying_what_to_do(files: Files) -> None:
     cases = [
         ((*part,), {}, "needs --activations"),
         ((*acts, *part, "--server", "http://x"), {}, "not sent to a service"),
-        ((*acts, *part, "--no-compensation"), {}, "--no-compensation"),
         ((*acts, "--holdout-activations", str(files.maps)), {}, "no second-moment statistics"),
         ((*acts, "--holdout-activations", str(files.root / "nope")), {}, "not found"),
         (
