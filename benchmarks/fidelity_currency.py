@@ -286,7 +286,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     busy = machine_busy(1.0)
     torch.set_num_threads(a.threads)
-    images = first_sources(image_set(None, None), a.calib_sources)
+    images = first_sources(image_set(None, None, dense_calib=a.dense_calib), a.calib_sources)
     s = setup(a.realdata or realdata_dir())
     ref = log_probs(copy.deepcopy(s.model), images.eval_u8)
     ref_cal = log_probs(copy.deepcopy(s.model), images.calib_u8)
@@ -343,6 +343,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "probe_fractions": list(a.probe),
             "holdout": a.holdout,
             "calib_sources": images.info["calib_sources"],
+            "dense_calib": a.dense_calib,
             "rules": list(a.rules),
             "method": "mrp, compensated (least-squares folds), default constraints",
             "sensitivity": "clients.sensitivity(order='functional', compensation=(True,)) on "
@@ -372,6 +373,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--golden-stats", type=Path, default=None, help="compare our statistics")
     p.add_argument("--stats", type=Path, default=None, help="use these statistics (no capture)")
     p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "currency")
+    p.add_argument(
+        "--dense-calib",
+        action="store_true",
+        help="more crops of the same calibration sources (5 scales × 3×3 positions, flipped): "
+        "calibration augmentation; evaluation inputs unchanged",
+    )
     p.add_argument(
         "--calib-sources",
         type=int,

@@ -62,13 +62,17 @@ def load_source(name: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def crops_of(name: str, h: int, w: int) -> list[Crop]:
+DENSE_SCALES = (1.0, 0.85, 0.7, 0.55, 0.4)
+DENSE_POSITIONS = tuple((y, x) for y in (0.0, 0.5, 1.0) for x in (0.0, 0.5, 1.0))
+
+
+def crops_of(name: str, h: int, w: int, *, dense: bool = False) -> list[Crop]:
     """Deterministic square crops of one source (scales × positions, duplicates dropped), each
-    unflipped and flipped."""
+    unflipped and flipped; ``dense``: 5 scales × a 3×3 grid (calibration augmentation)."""
     boxes: list[tuple[int, int, int]] = []
-    for scale in SCALES:
+    for scale in DENSE_SCALES if dense else SCALES:
         side = round(scale * min(h, w))
-        for fy, fx in POSITIONS:
+        for fy, fx in DENSE_POSITIONS if dense else POSITIONS:
             box = (round(fy * (h - side)), round(fx * (w - side)), side)
             if box not in boxes:
                 boxes.append(box)
@@ -103,11 +107,16 @@ class ImageSet:
     info: dict[str, Any]
 
 
-def image_set(n_eval: int | None, n_calib: int | None) -> ImageSet:
+def image_set(n_eval: int | None, n_calib: int | None, *, dense_calib: bool = False) -> ImageSet:
+    """Evaluation and calibration crops; ``dense_calib``: more crops of the same calibration
+    sources (:func:`crops_of` ``dense``), the evaluation crops unchanged."""
     t = time.perf_counter()
     names = [*EVAL_SOURCES, *CALIB_SOURCES]
     sources = {n: load_source(n) for n in names}
-    crops = {n: crops_of(n, *sources[n].shape[:2]) for n in names}
+    crops = {
+        n: crops_of(n, *sources[n].shape[:2], dense=dense_calib and n in CALIB_SOURCES)
+        for n in names
+    }
     ev = [c for n in EVAL_SOURCES for c in crops[n]]
     ca = [c for n in CALIB_SOURCES for c in crops[n]]
     ev = [ev[i] for i in spread(len(ev), n_eval)]
@@ -119,7 +128,12 @@ def image_set(n_eval: int | None, n_calib: int | None) -> ImageSet:
         "n_calib": len(ca),
         "crops_per_source": {n: len(crops[n]) for n in names},
         "crops": f"square, scales {list(SCALES)} of the short side at the centre and the four "
-        "corners (duplicates dropped), each also flipped; 224×224 bilinear antialias",
+        "corners (duplicates dropped), each also flipped; 224×224 bilinear antialias"
+        + (
+            f"; calibration: scales {list(DENSE_SCALES)} on a 3×3 grid of positions"
+            if dense_calib
+            else ""
+        ),
     }
     out = ImageSet(materialize(ev, sources), materialize(ca, sources), [c.source for c in ev], info)
     out.info["prepare_s"] = round(time.perf_counter() - t, 2)
