@@ -31,16 +31,10 @@ from graphs.grouping import build_groups
 from graphs.layers import LayerWeights
 from graphs.manifest import Manifest
 from graphs.options import DEFAULT_EPSILON, DEFAULT_RIDGE
-from graphs.report import FunctionalFigure, Report
+from graphs.report import CROSSFIT_NOTE, FunctionalFigure, Report
 from graphs.transformer import adapt_manifest
 
-__all__ = ["CROSSFIT_NOTE", "functional_figures", "with_functional"]
-
-CROSSFIT_NOTE = (
-    "functional redundancy: cross-fitted error curves (folds fitted on one part of the "
-    "calibration data, their error measured on the held-out part)"
-)
-"""The report's note when its functional figures are cross-fitted."""
+__all__ = ["CROSSFIT_NOTE", "functional_figures", "with_functional"]  # CROSSFIT_NOTE: re-exported
 
 
 def functional_figures(

@@ -22,6 +22,13 @@ ALL_METHODS: tuple[Method, ...] = ("mrp", "srr", "hsc", "l1", "fpgm")
 DATA_METHODS: tuple[Method, ...] = ("ci",)
 """Methods that need feature maps (captured activations)."""
 METHODS: tuple[Method, ...] = ALL_METHODS + DATA_METHODS
+CROSSFIT_NOTE = (
+    "functional redundancy: cross-fitted error curves (folds fitted on one part of the "
+    "calibration data, their error measured on the held-out part)"
+)
+"""The report's note (:attr:`Report.notes`) when its functional figures are cross-fitted
+(:func:`graphs.functional_report.with_functional`); here, in the light module, so that readers
+of reports (the dashboard) need not import the heavy one."""
 
 
 class MrpResult(Frozen):

@@ -16,9 +16,8 @@ from urllib.parse import quote
 from sqlalchemy import select
 
 from graphs.errors import PruneGraphError
-from graphs.functional_report import CROSSFIT_NOTE
 from graphs.plan import PruningPlan
-from graphs.report import MethodSummary, Report
+from graphs.report import CROSSFIT_NOTE, MethodSummary, Report
 from service.api.deps import State
 from service.api.jobs import recent_jobs
 from service.api.schemas import job_status

@@ -163,7 +163,7 @@ def test_plan_view_shows_predicted_error_per_group(made: tuple[Report, PruningPl
 
 
 def test_cross_fitted_figures_are_labelled_so(made: tuple[Report, PruningPlan]) -> None:
-    from graphs.functional_report import CROSSFIT_NOTE
+    from graphs.report import CROSSFIT_NOTE
 
     report, _ = made
     label = [a for tag, a, _ in _page(report, None) if a.get("data-role") == "crossfit"]
