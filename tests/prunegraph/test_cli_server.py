@@ -3,6 +3,7 @@ the same stdout as the embedded command, byte for byte, and clear errors (exit 2
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from graphs.report import CROSSFIT_NOTE
 from prunegraph.cli import app
 from tests.clients import models
 from tests.server_process import Server
@@ -204,6 +206,6 @@ def test_cross_fitted_plans_and_reports_are_identical(
     assert inside == remote != crossed and "cross-fitted" not in inside
     report = ["analyze", str(ckpt), "--methods", "l1", *common]
     local, remote = _both(server, *report)
-    assert local == remote and '"notes"' in local
+    assert local == remote and json.loads(local)["notes"] == [CROSSFIT_NOTE]
     local, remote = _both(server, *report, "--no-crossfit")
     assert local == remote and '"notes"' not in local and '"functional"' in local
