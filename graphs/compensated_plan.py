@@ -171,16 +171,20 @@ def prepare_stats(
         for gid, g in zip(ids, groups, strict=True)
     }
     # uniform and the method's own counts need each curve only up to epsilon (the figure)
-    curves = found.curves(
-        [gid for gid in ids if limit[gid]],
-        ridge=ridge,
-        max_ratio=constraints.max_ratio,
-        stop_above=epsilon if rule in ("uniform", "method") and holdout_stats is None else None,
-        workers=workers,
-    )
+    todo = [gid for gid in ids if limit[gid]]
     note = ""
-    if holdout_stats is not None:
-        curves = crossfit_curves(found, holdout_stats, curves, ridge=ridge, workers=workers)
+    if holdout_stats is None:
+        curves = found.curves(
+            todo,
+            ridge=ridge,
+            max_ratio=constraints.max_ratio,
+            stop_above=epsilon if rule in ("uniform", "method") else None,
+        )
+    else:  # pooled curves in this thread, cross-fitted ones in ``workers`` threads meanwhile
+        curves = crossfit_curves(
+            found, holdout_stats, ids=todo, ridge=ridge, max_ratio=constraints.max_ratio,
+            workers=workers,
+        )  # fmt: skip
         note = f"; cross-fitted error curves ({len(holdout_stats)} held-out statistics)"
     opts = options or AnalysisOptions()
     acts = activations

@@ -9,7 +9,6 @@ turns both into standardized coordinates (correlations and the output metric) us
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,10 +127,16 @@ class Consumer:
         if self.groups < 1 or c % self.groups:
             raise InvalidInputError(f"consumer {self.name}: {self.groups} groups do not split {c}")
 
-    @functools.cached_property
+    @property
     def prepared(self) -> Prepared:
-        """The standardized form (:func:`prepare`), computed once."""
-        return prepare(self)
+        """The standardized form (:func:`prepare`), computed once. No lock (Python 3.11's
+        ``cached_property`` holds one for all instances, which made curve threads wait on each
+        other): two threads may both compute it, with the same result."""
+        got: Prepared | None = self.__dict__.get("_prepared")
+        if got is None:
+            got = prepare(self)
+            self.__dict__["_prepared"] = got
+        return got
 
 
 @dataclass(frozen=True)

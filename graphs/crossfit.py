@@ -210,6 +210,26 @@ def crossfit_curve(
         InvalidInputError: halves that do not describe the same consumers, a bad ``max_remove``
             or ridge.
     """
+    directions, curve = _directions(
+        half_a, half_b, ridge=ridge, max_remove=max_remove, pooled=pooled
+    )
+    return _combine([direction_errors(*d, ridge=ridge) for d in directions], curve)
+
+
+Direction = tuple[Consumer, Consumer, Prepared, np.ndarray]
+"""(fit, evaluate, pooled, order): the arguments of one :func:`direction_errors`."""
+
+
+def _directions(
+    half_a: Sequence[Consumer],
+    half_b: Sequence[Consumer],
+    *,
+    ridge: float,
+    max_remove: int | None,
+    pooled: ErrorCurve | None,
+) -> tuple[list[Direction], ErrorCurve]:
+    """The two directions of every consumer (in the order their errors are summed), and the
+    pooled curve."""
     _check_pair(half_a, half_b)
     both = [
         Consumer(x.name, ConsumerStats(x.stats.gram + y.stats.gram), x.weight, x.groups)
@@ -220,12 +240,20 @@ def crossfit_curve(
     elif pooled.channels != half_a[0].stats.channels:
         raise InvalidInputError("the pooled curve is of another group (channel count differs)")
     order = np.asarray(pooled.order, dtype=np.int64)
-    total = np.zeros(order.size + 1)
+    out: list[Direction] = []
     for x, y, p in zip(half_a, half_b, both, strict=True):
-        total += direction_errors(x, y, p.prepared, order, ridge=ridge)
-        total += direction_errors(y, x, p.prepared, order, ridge=ridge)
-    errors = np.maximum.accumulate(np.maximum(total / 2.0, 0.0))
-    return ErrorCurve(order=order, errors=errors, channels=pooled.channels)
+        out += [(x, y, p.prepared, order), (y, x, p.prepared, order)]
+    return out, pooled
+
+
+def _combine(errors: Sequence[np.ndarray], pooled: ErrorCurve) -> ErrorCurve:
+    """The mean of the directions' errors (summed in order), clipped and non-decreasing."""
+    total = np.zeros(pooled.order.size + 1)
+    for e in errors:
+        total += e
+    errors_ = np.maximum.accumulate(np.maximum(total / 2.0, 0.0))
+    return ErrorCurve(order=np.asarray(pooled.order, dtype=np.int64), errors=errors_,
+                      channels=pooled.channels)  # fmt: skip
 
 
 def split_stats(pooled: np.ndarray, part: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -251,59 +279,66 @@ def split_stats(pooled: np.ndarray, part: np.ndarray, name: str) -> tuple[np.nda
     return A, B
 
 
+def _halves(
+    found: GroupConsumers, holdout: Mapping[str, np.ndarray], gid: int
+) -> tuple[list[Consumer], list[Consumer]]:
+    """The group's consumers with the statistics of each part (A = all − held-out, B)."""
+    half_a, half_b = [], []
+    for s in found.consumers[gid]:
+        if s.consumer not in holdout:
+            raise InvalidInputError(f"no held-out statistics for {s.consumer}", hint=_HINT)
+        raw = np.asarray(holdout[s.consumer], np.float64)
+        width = s.data.stats.channels * s.per_channel + 1
+        if raw.shape != (width, width):
+            raise InvalidInputError(
+                f"the held-out statistics of {s.consumer} have shape {list(raw.shape)}, "
+                f"not {[width, width]} like its statistics",
+                hint=_HINT,
+            )
+        A, B = split_stats(s.data.stats.gram, channel_gram(raw, s.per_channel), s.consumer)
+        d = s.data
+        half_a.append(Consumer(d.name, ConsumerStats(A), d.weight, d.groups))
+        half_b.append(Consumer(d.name, ConsumerStats(B), d.weight, d.groups))
+    return half_a, half_b
+
+
 def crossfit_curves(
     found: GroupConsumers,
     holdout: Mapping[str, np.ndarray],
-    pooled: Mapping[int, ErrorCurve],
+    pooled: Mapping[int, ErrorCurve] | None = None,
     *,
     ridge: float = DEFAULT_RIDGE,
     ids: Iterable[int] | None = None,
     workers: int = 1,
+    max_ratio: float = 1.0,
 ) -> dict[int, ErrorCurve]:
     """Cross-fitted curves of the groups of ``pooled`` (or ``ids``) that have consumers.
 
     ``found``: the groups' consumers with the statistics of all the calibration data;
     ``holdout``: consumer module name → the statistics of a part of it (B; A = all − B), raw
     shape as ``found`` was built from; ``pooled``: group id → the curve of all the data (its
-    order is kept). ``workers``: threads computing curves side by side (BLAS releases the GIL;
-    the planner runs them under one BLAS thread); each curve is computed alone, so the result
-    does not depend on it.
+    order is kept); None: computed here (``found.curves(ids, ridge=..., max_ratio=...)``), each
+    in this thread while other threads cross-fit the groups already done. ``workers``: threads
+    computing cross-fitted curves side by side (BLAS releases the GIL; the planner runs them
+    under one BLAS thread); each curve is computed alone, so the result does not depend on it.
 
     Raises:
         InvalidInputError: a consumer without held-out statistics, statistics that are not a
-            part of the pooled ones, or ``workers`` < 1.
+            part of the pooled ones, ``workers`` < 1, or neither ``pooled`` nor ``ids``.
     """
     if workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
-    jobs: dict[int, tuple[list[Consumer], list[Consumer]]] = {}
-    for gid in pooled if ids is None else ids:
-        specs = found.consumers.get(gid)
-        if not specs or gid not in pooled:
-            continue
-        half_a, half_b = [], []
-        for s in specs:
-            if s.consumer not in holdout:
-                raise InvalidInputError(f"no held-out statistics for {s.consumer}", hint=_HINT)
-            raw = np.asarray(holdout[s.consumer], np.float64)
-            width = s.data.stats.channels * s.per_channel + 1
-            if raw.shape != (width, width):
-                raise InvalidInputError(
-                    f"the held-out statistics of {s.consumer} have shape {list(raw.shape)}, "
-                    f"not {[width, width]} like its statistics",
-                    hint=_HINT,
-                )
-            raw_b = channel_gram(raw, s.per_channel)
-            A, B = split_stats(s.data.stats.gram, raw_b, s.consumer)
-            d = s.data
-            half_a.append(Consumer(d.name, ConsumerStats(A), d.weight, d.groups))
-            half_b.append(Consumer(d.name, ConsumerStats(B), d.weight, d.groups))
-        jobs[gid] = half_a, half_b
-
-    def one(gid: int) -> ErrorCurve:
-        return crossfit_curve(*jobs[gid], ridge=ridge, pooled=pooled[gid])
-
-    # the widest groups first; each curve is computed alone, so the bits do not depend on workers
-    todo = sorted(jobs, key=lambda g: -pooled[g].channels)
-    with ThreadPoolExecutor(max_workers=min(workers, max(len(todo), 1))) as pool:
-        done = dict(zip(todo, pool.map(one, todo), strict=True))
-    return {gid: done[gid] for gid in jobs}
+    if pooled is None and ids is None:
+        raise InvalidInputError("cross-fitting needs the pooled curves or the group ids")
+    wanted = list(pooled if ids is None and pooled is not None else ids or [])
+    todo = [g for g in wanted if found.consumers.get(g) and (pooled is None or g in pooled)]
+    todo.sort(key=lambda g: -found.consumers[g][0].data.stats.channels)  # the widest first
+    futures, bases = {}, {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for gid in todo:  # each direction computed alone: the bits do not depend on workers
+            halves = _halves(found, holdout, gid)
+            base = (pooled or found.curves([gid], ridge=ridge, max_ratio=max_ratio))[gid]
+            runs, bases[gid] = _directions(*halves, ridge=ridge, max_remove=None, pooled=base)
+            futures[gid] = [pool.submit(direction_errors, *d, ridge=ridge) for d in runs]
+        done = {gid: _combine([f.result() for f in fs], bases[gid]) for gid, fs in futures.items()}
+    return {gid: done[gid] for gid in wanted if gid in done}

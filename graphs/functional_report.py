@@ -91,9 +91,10 @@ def _figures(
     name_of = {g.group_id: g.name for g in groups if g.group_id is not None}
     found = group_consumers(layers, adapted, stats)
     ids = sorted(gid for gid in found.consumers if gid in name_of)
-    curves = found.curves(ids, ridge=ridge, workers=workers)
-    if holdout is not None:  # the whole pooled path: the cross-fitted ε crossing may be anywhere
-        curves = crossfit_curves(found, holdout, curves, ridge=ridge, workers=workers)
+    if holdout is None:
+        curves = found.curves(ids, ridge=ridge)
+    else:  # the whole pooled path: the cross-fitted ε crossing may be anywhere
+        curves = crossfit_curves(found, holdout, ids=ids, ridge=ridge, workers=workers)
     out: dict[str, FunctionalFigure] = {}
     for gid, curve in curves.items():
         out[name_of[gid]] = FunctionalFigure(
