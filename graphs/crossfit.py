@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import scipy.linalg.lapack
 
 from graphs.compensated import GroupConsumers
 from graphs.consumers import (
@@ -67,6 +68,20 @@ def _moments_about(evaluate: ConsumerStats, mu: np.ndarray, sd: np.ndarray) -> n
     return (raw + raw.T) / (2 * np.outer(sd, sd))
 
 
+def _spd_inverse(A: np.ndarray, ridge: float) -> np.ndarray:
+    """(A + ridge I)⁻¹ of a symmetric positive (semi)definite A (a fresh copy, changed in
+    place): Cholesky and its inverse (LAPACK potrf + potri, half the work of solving for the
+    identity), else :func:`graphs.consumers.spd_inverse`."""
+    A[np.diag_indices_from(A)] += ridge
+    L, info = scipy.linalg.lapack.dpotrf(A, lower=1, clean=0)
+    if info == 0:
+        inv, info = scipy.linalg.lapack.dpotri(L, lower=1)
+        if info == 0:
+            low = np.tril(inv)
+            return low + np.tril(inv, -1).T
+    return spd_inverse(A)
+
+
 class _Path:
     """One direction's state along the order since the last rebuild, in the fit half's
     standardized coordinates. With K the kept channels at the rebuild, the lift L (c, K) gives
@@ -78,7 +93,7 @@ class _Path:
     def __init__(self, C: np.ndarray, F: np.ndarray, G: np.ndarray, gone: np.ndarray, ridge: float):
         c = C.shape[0]
         self.basis = b = np.setdiff1d(np.arange(c), gone)
-        self.Q = spd_inverse(C[np.ix_(b, b)] + ridge * np.eye(b.size))
+        self.Q = _spd_inverse(C[np.ix_(b, b)], ridge)
         self.NF = F[b] + self.Q @ (C[np.ix_(b, gone)] @ F[gone])  # Lᵀ F
         self.GkF = G[b] @ F  # (K, r)
         self.Gkk = G[np.ix_(b, b)]
