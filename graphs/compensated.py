@@ -19,7 +19,6 @@ so comparisons isolate the choice of the removed channels.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,27 +72,21 @@ class GroupConsumers:
         ridge: float = DEFAULT_RIDGE,
         max_ratio: float = 1.0,
         stop_above: float | None = None,
-        workers: int = 1,
     ) -> dict[int, ErrorCurve]:
         """The error curve of every listed group that has consumers with statistics (up to
-        ``max_ratio`` of its channels, or the first error above ``stop_above``), computed by
-        ``workers`` threads side by side (each curve alone: the result does not depend on it)."""
-        if workers < 1:
-            raise InvalidInputError(f"workers must be at least 1, got {workers}")
-        todo = [gid for gid in ids if self.consumers.get(gid)]
-
-        def one(gid: int) -> ErrorCurve:
-            specs = self.consumers[gid]
-            c = specs[0].data.stats.channels
-            steps = min(c - 1, int(np.floor(max_ratio * c)))
-            return error_curve(
-                [s.data for s in specs], ridge=ridge, max_remove=steps, stop_above=stop_above
-            )
-
-        wide = sorted(todo, key=lambda g: -self.consumers[g][0].data.stats.channels)
-        with ThreadPoolExecutor(max_workers=min(workers, max(len(wide), 1))) as pool:
-            done = dict(zip(wide, pool.map(one, wide), strict=True))
-        return {gid: done[gid] for gid in todo}
+        ``max_ratio`` of its channels, or the first error above ``stop_above``). One thread:
+        the greedy steps hold the GIL, so threads only slowed them (cross-fitting, whose
+        matrix products do not, runs beside them: :func:`graphs.crossfit.crossfit_curves`)."""
+        out: dict[int, ErrorCurve] = {}
+        for gid in ids:
+            specs = self.consumers.get(gid)
+            if specs:
+                c = specs[0].data.stats.channels
+                steps = min(c - 1, int(np.floor(max_ratio * c)))
+                out[gid] = error_curve(
+                    [s.data for s in specs], ridge=ridge, max_remove=steps, stop_above=stop_above
+                )
+        return out
 
 
 def curve_workers() -> int:

@@ -23,7 +23,8 @@ versa, and average the two.
   matrix products, and the error after each channel of the block comes from |J|×|J| matrices;
   the metric enters through a factor F (M = F Fᵀ, F (c, r) with r = outputs × taps when that is
   smaller). A whole curve costs O(c³) per consumer and direction (c/32 products of c×c by c×32).
-* Curves of different groups are computed side by side (``workers`` threads), each alone: the
+* The two directions of every consumer are computed side by side (``workers`` threads), each
+  alone, while the pooled curves of the next groups are computed in the calling thread: the
   result does not depend on the number of threads (under one BLAS thread, as the planner runs).
 """
 
@@ -138,8 +139,8 @@ class _Path:
 
 def _metric_factor(pooled: Prepared, d: np.ndarray) -> np.ndarray:
     """F (c, r) with F Fᵀ = the pooled metric in fit's coordinates (diag(d) M diag(d))."""
-    rows = pooled.metric_rows
-    if rows is not None and rows.shape[0] < rows.shape[1]:
+    rows = pooled.metric_rows  # kept only where it has fewer rows than columns
+    if rows is not None:
         return np.asarray(rows.T * d[:, None])
     w, V = np.linalg.eigh(pooled.metric * np.outer(d, d))
     keep = w > 1e-14 * max(float(w.max()), 1e-300)
@@ -334,8 +335,9 @@ def crossfit_curves(
     shape as ``found`` was built from; ``pooled``: group id → the curve of all the data (its
     order is kept); None: computed here (``found.curves(ids, ridge=..., max_ratio=...)``), each
     in this thread while other threads cross-fit the groups already done. ``workers``: threads
-    computing cross-fitted curves side by side (BLAS releases the GIL; the planner runs them
-    under one BLAS thread); each curve is computed alone, so the result does not depend on it.
+    computing the two directions of every consumer side by side (BLAS releases the GIL; the
+    planner runs them under one BLAS thread); each direction is computed alone and they are
+    summed in a fixed order, so the result does not depend on it.
 
     Raises:
         InvalidInputError: a consumer without held-out statistics, statistics that are not a

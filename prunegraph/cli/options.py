@@ -66,7 +66,7 @@ HoldoutOpt = Annotated[
         "(clients.capture_activations(model, part_of_the_batches, maps=False).save(...), best "
         "whole source images): the error curves of the compensated plan are cross-fitted (folds "
         "fitted on one part, their error measured on the other), which predicts the harm of "
-        "pruning better; planning takes about 3x longer (needs --activations; wins over the "
+        "pruning better; planning takes about 1.6x longer (needs --activations; wins over the "
         "held-out statistics --activations may hold itself; with --no-compensation: the same "
         "channels, no folds)",
         show_default=False,

@@ -149,23 +149,20 @@ def test_curves_of_a_model_and_planning_with_held_out_statistics() -> None:
     part = {"b": gram(x[: x.shape[0] // 2]), "fc": full["fc"] / 2}
     found = group_consumers(layers, man, full)
     pooled = found.curves(found.consumers)
-    for workers in (1, 3):  # pooled curves too: the same bits with any number of threads
-        again = found.curves(found.consumers, workers=workers)
-        assert list(again) == list(pooled)
-        for gid, cv in again.items():
-            np.testing.assert_array_equal(cv.errors, pooled[gid].errors)
-            np.testing.assert_array_equal(cv.order, pooled[gid].order)
-    with pytest.raises(InvalidInputError, match="workers"):
-        found.curves(found.consumers, workers=0)
     curves = crossfit_curves(found, part, pooled)
     assert set(curves) == set(pooled)
     for gid, cv in curves.items():
         np.testing.assert_array_equal(cv.order, pooled[gid].order)
-    for workers in (1, 3):  # threads compute whole curves: the same bits
+    for workers in (1, 3):  # threads compute whole directions: the same bits
         again = crossfit_curves(found, part, pooled, workers=workers)
-        assert list(again) == list(curves)
+        inside = crossfit_curves(found, part, ids=list(pooled), workers=workers)  # pooled here
+        assert list(again) == list(curves) == list(inside)
         for gid, cv in again.items():
             np.testing.assert_array_equal(cv.errors, curves[gid].errors)
+            np.testing.assert_array_equal(inside[gid].errors, curves[gid].errors)
+            np.testing.assert_array_equal(inside[gid].order, curves[gid].order)
+    with pytest.raises(InvalidInputError, match="pooled curves or the group ids"):
+        crossfit_curves(found, part)
     with pytest.raises(InvalidInputError, match="workers"):
         crossfit_curves(found, part, pooled, workers=0)
     for bad in (part["b"][:-1], part["b"][0], np.zeros((3, 3))):  # a raw shape that is not S's
