@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.fidelity_calibration import product_capture, split_calibration
 from benchmarks.fidelity_compensation_rows import capture_stats
-from benchmarks.fidelity_currency import product_capture, split_calibration
 from benchmarks.fidelity_harness import setup
 from benchmarks.fidelity_images import image_set
 from benchmarks.sensitivity_bench import spearman_ci

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -49,9 +48,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.fidelity_calibration import (
+    compare_golden,
+    first_sources,
+    product_capture,
+    split_calibration,
+)
 from benchmarks.fidelity_compensation_rows import apply, capture_stats, measure
-from benchmarks.fidelity_harness import Setup, channels_last, log_probs, setup
-from benchmarks.fidelity_images import SIZE, ImageSet, image_set, normalize
+from benchmarks.fidelity_harness import Setup, log_probs, setup
+from benchmarks.fidelity_images import SIZE, ImageSet, image_set
 from benchmarks.support.meta import machine_busy, run_meta
 from benchmarks.support.paths import BENCHMARKS, realdata_dir
 
@@ -61,68 +66,6 @@ RULES = ("uniform", "functional", "marginal", "marginal-kl", "marginal-top1")
 CAPPED = ("marginal-cap", "marginal-kl-cap")  # no group loses more than the largest probe
 XFIT_CURVES = ("functional-xfit", "marginal-xfit")  # cross-fitted error curves, no table
 ALL_RULES = (*RULES, *CAPPED, "marginal-kl-xfit", *XFIT_CURVES)
-
-
-def compare_golden(stats: dict[str, np.ndarray], path: Path | None) -> dict[str, Any] | None:
-    """Largest relative difference between our calibration statistics and a cached file."""
-    if path is None or not path.exists():
-        return None
-    from safetensors.numpy import load_file
-
-    cached = load_file(str(path))
-    common = [k for k in stats if f"gram/{k}" in cached or k in cached]
-    worst = 0.0
-    for k in common:
-        other = cached.get(f"gram/{k}", cached.get(k))
-        assert other is not None
-        d = np.abs(other.astype(np.float64) - stats[k]).max() / max(np.abs(stats[k]).max(), 1e-30)
-        worst = max(worst, float(d))
-    return {
-        "file": str(path),
-        "consumers_compared": len(common),
-        "of": len(stats),
-        "max_rel": worst,
-    }
-
-
-def split_calibration(images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibration inputs of the first half of the calibration source images, and of the
-    second half (crops are in source order)."""
-    per = images.info["crops_per_source"]
-    names = images.info["calib_sources"]
-    cut = sum(per[n] for n in names[: len(names) // 2])
-    return images.calib_u8[:cut], images.calib_u8[cut:]
-
-
-def first_sources(images: ImageSet, k: int | None) -> ImageSet:
-    """The image set with only the first ``k`` calibration sources (all when None); the
-    evaluation inputs are untouched."""
-    names = images.info["calib_sources"]
-    if k is None or k >= len(names):
-        return images
-    per = images.info["crops_per_source"]
-    n = sum(per[name] for name in names[:k])
-    info = {**images.info, "calib_sources": names[:k], "n_calib": n}
-    return ImageSet(images.eval_u8, images.calib_u8[:n], images.eval_sources, info)
-
-
-def product_capture(
-    s: Setup, images: ImageSet
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
-    """Statistics and their held-out part as the product captures them
-    (``capture_activations(..., holdout_every=2)``), with one batch per calibration source image
-    in source order: the held-out part is every second source image (4 of 8)."""
-    from clients import capture_activations
-
-    per = images.info["crops_per_source"]
-    cuts = np.cumsum([0] + [per[n] for n in images.info["calib_sources"]])
-    chunks = [normalize(images.calib_u8[lo:hi]) for lo, hi in itertools.pairwise(cuts)]
-    t = time.perf_counter()
-    model = channels_last(copy.deepcopy(s.model))
-    acts = capture_activations(
-        model, chunks, max_samples=images.calib_u8.shape[0], maps=False, holdout_every=2
-    )
-    return acts.stats(), acts.holdout_stats(), time.perf_counter() - t
 
 
 def sensitivity_tables(
@@ -229,6 +172,15 @@ def markdown(rows: list[dict[str, Any]], targets: Sequence[float]) -> str:
         if got:
             cells = [cell(got[t]) if t in got else "–" for t in targets]
             out.append(f"| {rule} | " + " | ".join(cells) + " |")
+    bare = [r for r in rows if "without_folds" in r]
+    if bare:
+        out += ["", "The same plans without their folds (the same channels removed):", ""]
+        out += [head.replace("comp", "no folds") + " |", "|---|" + "---:|" * len(targets)]
+        for rule in ALL_RULES:
+            got = {r["target"]: r["without_folds"] for r in bare if r["rule"] == rule}
+            if got:
+                cells = [cell(got[t]) if t in got else "–" for t in targets]
+                out.append(f"| {rule} | " + " | ".join(cells) + " |")
     out += [
         "",
         "Achieved FLOPs / params reduction (%), planning time, agreement / KL on the "
@@ -334,6 +286,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             row["removed"] = {g.name: len(g.remove) for g in plan.groups if g.remove}
             row.update(measure(s, pruned, images, ref, bn=False))
             row.update(calib_fidelity(ref_cal, log_probs(pruned, images.calib_u8)))
+            if a.without_folds:  # the same channels removed, no folds: what compensation adds
+                bare = measure(s, apply(s, plan, folds=False), images, ref, bn=False)
+                row["without_folds"] = {k: bare[k] for k in ("agreement", "agreement_ci95", "kl")}
             rows.append(row)
             print(f"{target} {rule:14s} FLOPs -{100 * row['flops_reduction']:.1f} % {cell(row)}")
     return {
@@ -342,6 +297,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "targets": list(a.targets),
             "probe_fractions": list(a.probe),
             "holdout": a.holdout,
+            "without_folds": a.without_folds,
             "calib_sources": images.info["calib_sources"],
             "dense_calib": a.dense_calib,
             "rules": list(a.rules),
@@ -373,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--golden-stats", type=Path, default=None, help="compare our statistics")
     p.add_argument("--stats", type=Path, default=None, help="use these statistics (no capture)")
     p.add_argument("--out-dir", type=Path, default=BENCHMARKS / "fidelity" / "currency")
+    p.add_argument(
+        "--without-folds",
+        action="store_true",
+        help="also measure every plan applied without its folds (the same channels removed)",
+    )
     p.add_argument(
         "--dense-calib",
         action="store_true",
